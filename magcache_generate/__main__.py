@@ -1,0 +1,3 @@
+from magcache_generate.cli import main
+
+main()

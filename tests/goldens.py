@@ -1,0 +1,66 @@
+"""The golden-test contract shared by every golden test.
+
+A golden set is a folder with ``manifest.json`` and one ``<name>.safetensors`` per golden, made by
+running the official code on tiny random weights. Tests read the set named by the environment
+variable ``MAGCACHE_GOLDEN_DIR`` (default: the copy in ``tests/golden``), discover goldens through the
+manifest, use the golden names as test ids and carry the ``golden`` marker, so any golden set of
+this format (other seeds, dims or step counts) can be checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+DEFAULT_DIR = Path(__file__).parent / "golden"
+
+
+def golden_dir() -> Path:
+    return Path(os.environ.get("MAGCACHE_GOLDEN_DIR", DEFAULT_DIR))
+
+
+@cache
+def manifest() -> dict:
+    path = golden_dir() / "manifest.json"
+    if not path.is_file():
+        return {"goldens": {}}
+    return json.loads(path.read_text())
+
+
+def golden_params(prefix: str) -> list:
+    """pytest params, one per golden whose name starts with ``prefix``, id = golden name."""
+    names = sorted(n for n in manifest()["goldens"] if n.startswith(prefix))
+    return [pytest.param(n, id=n, marks=pytest.mark.golden) for n in names]
+
+
+def entry(name: str) -> dict:
+    return manifest()["goldens"][name]
+
+
+def tensors(name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(golden_dir() / entry(name)["file"])
+
+
+def weights_entry(name: str) -> dict:
+    return manifest()["weights"][name]
+
+
+def weights_path(name: str) -> Path:
+    w = weights_entry(name)
+    if "folder" in w:
+        return golden_dir() / w["folder"]
+    return golden_dir() / w["files"][0]
+
+
+def indexed(tensor_dict: dict, prefix: str) -> list:
+    """Collect ``prefix.0``, ``prefix.1``, ... in order."""
+    out = []
+    while f"{prefix}.{len(out)}" in tensor_dict:
+        out.append(tensor_dict[f"{prefix}.{len(out)}"])
+    return out

@@ -1,0 +1,5 @@
+"""Error types for user-facing problems: each message is one line naming the bad input and the fix."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder is missing, corrupt or of the wrong kind."""

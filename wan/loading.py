@@ -1,0 +1,237 @@
+"""Transformer checkpoint I/O: official diffusers-style folders or single safetensors files.
+
+The model is built on the meta device and filled tensor by tensor from memory-mapped safetensors,
+each tensor converted to the target dtype on arrival, so peak host memory stays near one copy of
+the model in the target dtype (upstream materialises the float32 model first: ~57 GB per A14B expert).
+Every check (files, keys, shapes) runs on the headers before any tensor data is read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from wan.errors import CheckpointError
+from wan.modules.transformer import TransformerConfig, WanTransformer
+
+INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
+SINGLE_FILE = "diffusion_pytorch_model.safetensors"
+CONFIG_FILE = "config.json"
+MODEL_TYPES = {16: "t2v", 36: "i2v", 48: "ti2v"}  # in_dim -> model_type, when config.json is absent
+
+
+@dataclass(frozen=True)
+class TransformerFiles:
+    """The files of one transformer checkpoint: its config.json (if any) and its safetensors shards."""
+
+    config: Path | None
+    shards: tuple[Path, ...]
+    index: Path | None = None
+
+
+def locate_transformer_files(path: str | Path) -> TransformerFiles:
+    """Find config and shards; raise CheckpointError naming what is missing. Reads no tensor data."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(
+                f"{path}: transformer weights must be a .safetensors file or a checkpoint folder"
+            )
+        config = path.parent / CONFIG_FILE
+        return TransformerFiles(config if config.is_file() else None, (path,))
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path}: transformer checkpoint not found (expected a folder with {CONFIG_FILE})"
+        )
+    config = path / CONFIG_FILE
+    if not config.is_file():
+        raise CheckpointError(
+            f"{path}: missing {CONFIG_FILE}; is this the right folder (e.g. high_noise_model/)?"
+        )
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{index}: unreadable index ({err}); re-download it") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{path / missing[0]}: shard named in {INDEX_FILE} is missing; re-download it"
+            )
+        return TransformerFiles(config, tuple(path / n for n in names), index)
+    single = path / SINGLE_FILE
+    if single.is_file():
+        return TransformerFiles(config, (single,))
+    raise CheckpointError(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}; the download looks incomplete")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); re-download it") from None
+
+
+def read_shapes(files: TransformerFiles) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """Key -> (shape, shard) from the shard headers; duplicates and index mismatches are errors."""
+    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for shard in files.shards:
+        with _open(shard) as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                if key in shapes:
+                    raise CheckpointError(f"{shard}: tensor {key!r} also appears in {shapes[key][1].name}")
+                shapes[key] = (tuple(f.get_slice(key).get_shape()), shard)
+    if files.index is not None:
+        weight_map = json.loads(files.index.read_text())["weight_map"]
+        for key, name in weight_map.items():
+            if key not in shapes or shapes[key][1].name != name:
+                raise CheckpointError(
+                    f"{files.index.parent / name}: tensor {key!r} listed in the index is not in it"
+                )
+    return shapes
+
+
+def config_from_checkpoint(
+    raw: dict, shapes: dict[str, tuple[tuple[int, ...], Path]], where: Path
+) -> TransformerConfig:
+    """Official config.json values, plus what it omits (text_dim, patch_size: upstream's
+    ignore_for_config) read off tensor shapes; with no config.json everything comes from shapes."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise CheckpointError(
+                f"{where}: tensor {key!r} is missing; is this a Wan transformer checkpoint?"
+            )
+        return shapes[key][0]
+
+    dim, in_dim, *patch = shape("patch_embedding.weight")
+    num_layers = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")), default=-1)
+    out_features = shape("head.head.weight")[0]
+    patch_size = tuple(patch)
+    defaults = {
+        "model_type": MODEL_TYPES.get(in_dim, "t2v"),
+        "in_dim": in_dim,
+        "dim": dim,
+        "ffn_dim": shape("blocks.0.ffn.0.weight")[0] if num_layers else 4 * dim,
+        "freq_dim": shape("time_embedding.0.weight")[1],
+        "num_layers": num_layers,
+        "out_dim": out_features // max(1, patch[0] * patch[1] * patch[2]),
+        "text_len": 512,
+        "eps": 1e-6,
+    }
+    merged = {**defaults, **{k: raw[k] for k in defaults if k in raw}}
+    num_heads = raw.get("num_heads", max(1, dim // 128))
+    for key in ("dim", "in_dim", "num_layers"):
+        if merged[key] != defaults[key]:
+            raise CheckpointError(
+                f"{where}: config.json says {key}={merged[key]} but the weights have {defaults[key]}"
+            )
+    return TransformerConfig(
+        model_type=merged["model_type"],
+        in_dim=merged["in_dim"],
+        out_dim=merged["out_dim"],
+        dim=merged["dim"],
+        ffn_dim=merged["ffn_dim"],
+        num_heads=num_heads,
+        num_layers=merged["num_layers"],
+        text_len=merged["text_len"],
+        text_dim=shape("text_embedding.0.weight")[1],
+        freq_dim=merged["freq_dim"],
+        patch_size=patch_size,
+        eps=merged["eps"],
+    )
+
+
+def read_transformer_config(path: str | Path) -> TransformerConfig:
+    """The architecture of a transformer checkpoint, from its headers only (no tensor data)."""
+    files = locate_transformer_files(path)
+    raw = _read_json(files.config) if files.config else {}
+    return config_from_checkpoint(raw, read_shapes(files), Path(path))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{path}: invalid JSON ({err}); re-download it") from None
+
+
+def check_state_shapes(
+    model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], Path]], where: Path
+) -> None:
+    """Strict key and shape check: missing, unexpected and mis-shaped tensors are errors."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        raise CheckpointError(f"{where}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    unexpected = sorted(set(shapes) - set(expected))
+    if unexpected:
+        key = unexpected[0]
+        raise CheckpointError(
+            f"{shapes[key][1]}: unexpected tensor {key!r} ({len(unexpected)} unexpected in all)"
+        )
+    for key, shape in expected.items():
+        if shapes[key][0] != shape:
+            raise CheckpointError(
+                f"{shapes[key][1]}: tensor {key!r} has shape {list(shapes[key][0])}, expected {list(shape)}"
+            )
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[name] = value
+
+
+def iter_shard_tensors(files: TransformerFiles) -> Iterator[tuple[Path, str, Callable[[], torch.Tensor]]]:
+    for shard in files.shards:
+        with _open(shard) as f:
+            for key in f.keys():  # noqa: SIM118
+                yield shard, key, lambda f=f, key=key: f.get_tensor(key)
+
+
+def load_transformer(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    on_shard: Callable[[Path], None] | None = None,
+) -> WanTransformer:
+    """Load a Wan 2.2 transformer (folder with config.json + shards, or one .safetensors file).
+
+    `on_shard(path)` is called after each shard is loaded (progress reporting).
+    """
+    path = Path(path)
+    files = locate_transformer_files(path)
+    shapes = read_shapes(files)
+    raw = _read_json(files.config) if files.config else {}
+    cfg = config_from_checkpoint(raw, shapes, path)
+    with torch.device("meta"):
+        model = WanTransformer(cfg)
+    check_state_shapes(model, shapes, path)
+    current = None
+    for shard, key, read in iter_shard_tensors(files):
+        if current is not None and shard != current and on_shard:
+            on_shard(current)
+        current = shard
+        try:
+            tensor = read()
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(
+                f"{shard}: tensor {key!r} could not be read ({err}); re-download it"
+            ) from None
+        _set_tensor(model, key, tensor.to(device=device, dtype=dtype))
+    if current is not None and on_shard:
+        on_shard(current)
+    return model.eval().requires_grad_(False)

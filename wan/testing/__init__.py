@@ -1,0 +1,1 @@
+"""Tiny random-weight checkpoints in the exact official layout, for tests and ``--demo``."""
