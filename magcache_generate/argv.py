@@ -1,0 +1,184 @@
+"""Command-line normalisation, applied before typer parses: upstream spellings become ours.
+
+Upstream Wan's ``generate.py`` and the MagCache script are argparse programs with underscore options
+(``--frame_num 81 --offload_model True --sample_guide_scale 3.0``). ``normalize_argv`` rewrites such
+command lines into this CLI's kebab-case form, so existing scripts keep working unchanged. Options it
+does not know are left alone for typer to reject with its usual "No such option" message.
+"""
+
+from __future__ import annotations
+
+from magcache_generate.request import UserError
+
+# Options that take one value. Their value is copied verbatim, even when it looks like an option.
+VALUE_OPTIONS = frozenset(
+    {
+        "--task",
+        "--size",
+        "--frame-num",
+        "--ckpt-dir",
+        "--save-file",
+        "--prompt",
+        "--negative-prompt",
+        "--base-seed",
+        "--image",
+        "--sample-solver",
+        "--sample-steps",
+        "--sample-shift",
+        "--sample-guide-scale",
+        "--save-frames",
+        "--crf",
+        "--device",
+        "--prompt-file",
+        "--magcache-thresh",
+        "--magcache-K",
+        "--magcache-k",
+        "--retention-ratio",
+        "--magcache-mode",
+        "--magcache-ratios",
+        "--magcache-calibrate",
+        "--magcache-speedup",
+    }
+)
+FLAG_OPTIONS = frozenset(
+    {
+        "--offload-model",
+        "--no-offload-model",
+        "--convert-model-dtype",
+        "--t5-cpu",
+        "--overwrite",
+        "--vae-tiled",
+        "--debug",
+        "--demo",
+        "--use-magcache",
+        "--magcache-plan",
+        "--json",
+        "--help",
+        "--version",
+    }
+)
+KNOWN_OPTIONS = VALUE_OPTIONS | FLAG_OPTIONS
+
+# Upstream parses --offload_model with str2bool; these are the words it accepts.
+TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
+FALSE_WORDS = frozenset({"false", "f", "no", "n", "0"})
+
+# Upstream-only options that have a meaning we can map, or none on a single device.
+ULYSSES = "--ulysses-size"
+DISTRIBUTED_FLAGS = frozenset({"--t5-fsdp", "--dit-fsdp"})
+PROMPT_EXTEND_FLAG = "--use-prompt-extend"
+# Only read by upstream when --use_prompt_extend is given, so dropping them changes nothing.
+PROMPT_EXTEND_VALUE_OPTIONS = frozenset(
+    {"--prompt-extend-method", "--prompt-extend-model", "--prompt-extend-target-lang"}
+)
+# The MagCache script's --magcache_calibration is a flag that writes the ratios into the current folder.
+UPSTREAM_CALIBRATION_FLAG = "--magcache-calibration"
+UPSTREAM_CALIBRATION_FILE = "mag_ratios.json"
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Rewrite upstream spellings into this CLI's options; raise ``UserError`` for unusable ones.
+
+    * ``--frame_num 81`` / ``--frame_num=81`` -> ``--frame-num 81`` (our known options only);
+    * ``--offload_model True|False`` (any str2bool word) -> ``--offload-model`` / ``--no-offload-model``;
+    * ``--sample_guide_scale 3.0 4.0`` -> ``--sample-guide-scale 3.0,4.0`` (low-noise, high-noise);
+    * ``--ulysses_size 1`` and the prompt-extension settings are dropped (no effect on one device);
+    * ``--magcache_calibration`` -> ``--magcache-calibrate mag_ratios.json``.
+
+    Everything after a bare ``--`` is left untouched.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token == "--":
+            out.extend(argv[i - 1 :])
+            break
+        if not token.startswith("--"):
+            out.append(token)
+            continue
+        name, has_inline, inline_value = token.partition("=")
+        name = _canonical_name(name)
+        value = inline_value if has_inline else None
+
+        if name in ("--offload-model", "--no-offload-model"):
+            i, word = _take_bool_word(argv, i, name, value)
+            if name == "--no-offload-model":
+                word = not word
+            out.append("--offload-model" if word else "--no-offload-model")
+        elif name == "--sample-guide-scale":
+            if value is None:
+                value, i = _take_value(argv, i, name)
+            if i < len(argv) and _is_number(argv[i]) and _is_number(value):
+                value, i = f"{value},{argv[i]}", i + 1  # upstream-style pair: low-noise then high-noise
+            out.append(f"{name}={value}")
+        elif name in VALUE_OPTIONS:
+            if value is None:
+                value, i = _take_value(argv, i, name)
+            out.append(
+                f"{name}={value}"
+            )  # the '=' form keeps values such as '-1' or '--x' from being read as options
+        elif name == ULYSSES:
+            if value is None:
+                value, i = _take_value(argv, i, name)
+            if value.strip() != "1":
+                raise UserError(
+                    f"--ulysses_size {value}: sequence parallelism over several GPUs is not supported; "
+                    "this runs on one device, so drop the option"
+                )
+        elif name in DISTRIBUTED_FLAGS:
+            raise UserError(
+                f"{token}: FSDP over several GPUs is not supported; this runs on one device, so drop the option"
+            )
+        elif name == PROMPT_EXTEND_FLAG:
+            raise UserError(
+                f"{token}: prompt extension (Qwen/DashScope) is not supported; write the full prompt in --prompt"
+            )
+        elif name in PROMPT_EXTEND_VALUE_OPTIONS:
+            if value is None:
+                _, i = _take_value(argv, i, name)
+        elif name == UPSTREAM_CALIBRATION_FLAG and value is None:
+            out.append(f"--magcache-calibrate={UPSTREAM_CALIBRATION_FILE}")
+        elif name in FLAG_OPTIONS:
+            out.append(name if value is None else f"{name}={value}")  # typer rejects a value on a flag
+        else:
+            out.append(token)  # unknown: typer reports it
+    return out
+
+
+def _canonical_name(name: str) -> str:
+    """``--frame_num`` -> ``--frame-num`` when that is an option we know (or map); otherwise unchanged."""
+    kebab = "--" + name[2:].replace("_", "-")
+    mapped = KNOWN_OPTIONS | DISTRIBUTED_FLAGS | PROMPT_EXTEND_VALUE_OPTIONS
+    mapped |= {ULYSSES, PROMPT_EXTEND_FLAG, UPSTREAM_CALIBRATION_FLAG}
+    return kebab if kebab in mapped else name
+
+
+def _take_value(argv: list[str], i: int, name: str) -> tuple[str, int]:
+    if i >= len(argv):
+        raise UserError(f"{name} needs a value; see --help")
+    return argv[i], i + 1
+
+
+def _take_bool_word(argv: list[str], i: int, name: str, inline: str | None) -> tuple[int, bool]:
+    """Read the optional true/false word after --offload-model (bare flag = true)."""
+    word = inline
+    if word is None and i < len(argv) and not argv[i].startswith("-"):
+        # We take no positional arguments, so a bare word here can only be meant as the flag's value.
+        word, i = argv[i], i + 1
+    if word is None:
+        return i, True
+    if word.lower() in TRUE_WORDS:
+        return i, True
+    if word.lower() in FALSE_WORDS:
+        return i, False
+    raise UserError(f"{name} takes true or false, got {word!r}; e.g. --offload-model false")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

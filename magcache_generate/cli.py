@@ -1,0 +1,420 @@
+"""The ``magcache-generate`` command: upstream ``generate.py``'s options (both spellings) plus MagCache.
+
+Importing this module stays cheap (typer, rich, the torch-free configs): torch, transformers and the
+models load only inside the command, after every input has been validated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+from magcache_generate import __version__
+from magcache_generate.argv import normalize_argv
+from magcache_generate.atomic import OutputPathError
+from magcache_generate.request import Request, UserError
+from magcache_generate.validate import (
+    GenerateOptions,
+    PlanSettings,
+    build_request,
+    plan_settings,
+    task_config,
+)
+from wan.configs import TASKS
+from wan.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from magcache_generate.magcache.plan import Plan
+
+try:  # typer >= 0.16 ships its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import ClickException
+
+PROG = "magcache-generate"
+EXIT_USAGE = 2  # bad input (found before loading: nothing was loaded or written)
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+# Errors that are the user's to fix, also when raised while running: one line, exit 2, no traceback
+# (unless --debug). FileExistsError: an output appeared while we generated.
+USER_ERRORS = (UserError, CheckpointError, FileExistsError, OutputPathError)
+
+# Options grouped into rich help panels.
+InTask = functools.partial(typer.Option, rich_help_panel="Task")
+InSampling = functools.partial(typer.Option, rich_help_panel="Sampling")
+InMemory = functools.partial(typer.Option, rich_help_panel="Memory")
+InOutput = functools.partial(typer.Option, rich_help_panel="Output")
+InMagCache = functools.partial(typer.Option, rich_help_panel="MagCache")
+InBatch = functools.partial(typer.Option, rich_help_panel="Batch")
+
+
+class Task(str, Enum):
+    t2v_a14b = "t2v-A14B"
+    i2v_a14b = "i2v-A14B"
+    ti2v_5b = "ti2v-5B"
+
+
+class Solver(str, Enum):
+    unipc = "unipc"
+    dpmpp = "dpm++"
+
+
+class MagCacheMode(str, Enum):
+    aligned = "aligned"
+    official = "official"
+
+
+app = typer.Typer(
+    name=PROG,
+    help="Generate a video with Wan 2.2 (t2v-A14B, i2v-A14B, ti2v-5B), optionally with MagCache step skipping.\n\n"
+    "Upstream generate.py spellings (--frame_num, --offload_model True, ...) are accepted too.",
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,  # our own one-line errors; tracebacks only with --debug
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"{PROG} {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def generate(
+    task: Annotated[Task, InTask(help="What to generate.")] = Task.t2v_a14b,
+    ckpt_dir: Annotated[Path | None, InTask(help="Folder with the task's official weights.")] = None,
+    prompt: Annotated[
+        str | None, InTask(help="Text prompt", show_default="upstream's example prompt")
+    ] = None,
+    negative_prompt: Annotated[
+        str | None, InTask(help="Negative prompt", show_default="the official one")
+    ] = None,
+    image: Annotated[
+        Path | None, InTask(help="First frame: required by i2v-A14B, optional for ti2v-5B.")
+    ] = None,
+    size: Annotated[
+        str | None, InTask(help="W*H (or WxH)", show_default="1280*720; ti2v-5B 1280*704")
+    ] = None,
+    frame_num: Annotated[int | None, InTask(help="Frames, 4n+1", show_default="81; ti2v-5B 121")] = None,
+    demo: Annotated[
+        bool, InTask("--demo", help="Use tiny random weights (no download; the video is noise).")
+    ] = False,
+    sample_solver: Annotated[Solver, InSampling(help="Sampler.")] = Solver.unipc,
+    sample_steps: Annotated[int | None, InSampling(help="Steps", show_default="40; ti2v-5B 50")] = None,
+    sample_shift: Annotated[
+        float | None, InSampling(help="Sigma shift", show_default="12 t2v; 5 i2v, ti2v")
+    ] = None,
+    sample_guide_scale: Annotated[
+        str | None,
+        InSampling(
+            help="CFG scale: one value, or two 'LOW HIGH' for the low- and high-noise experts",
+            show_default="3.0 4.0 t2v; 3.5 i2v; 5.0 ti2v",
+        ),
+    ] = None,
+    base_seed: Annotated[int, InSampling(help="Seed; -1 draws a random one (printed).")] = -1,
+    device: Annotated[str, InMemory(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    offload_model: Annotated[
+        bool | None,
+        InMemory(
+            "--offload-model/--no-offload-model",
+            help="Move models off the GPU when idle",
+            show_default="on, as upstream on one GPU",
+        ),
+    ] = None,
+    convert_model_dtype: Annotated[
+        bool, InMemory("--convert-model-dtype", help="Keep the DiT weights in bf16 (upstream's flag).")
+    ] = False,
+    t5_cpu: Annotated[bool, InMemory("--t5-cpu", help="Run the text encoder on the CPU.")] = False,
+    vae_tiled: Annotated[
+        bool, InMemory("--vae-tiled", help="Decode the VAE in tiles (less memory).")
+    ] = False,
+    save_file: Annotated[
+        Path | None, InOutput(help="Output video", show_default="upstream's name pattern, shell-safe")
+    ] = None,
+    save_frames: Annotated[
+        Path | None, InOutput(help="Also write every frame as PNG into this folder.")
+    ] = None,
+    overwrite: Annotated[bool, InOutput("--overwrite", help="Replace existing outputs.")] = False,
+    crf: Annotated[int, InOutput(help="H.264 quality, 0 (lossless) to 51.")] = 10,
+    use_magcache: Annotated[
+        bool, InMagCache("--use-magcache", help="Skip DiT block stacks whose output MagCache predicts.")
+    ] = False,
+    magcache_thresh: Annotated[
+        float | None, InMagCache(help="Error budget", show_default="0.06 preset")
+    ] = None,
+    magcache_k: Annotated[
+        int | None,
+        InMagCache("--magcache-K", "--magcache-k", help="Most consecutive skips", show_default="2"),
+    ] = None,
+    retention_ratio: Annotated[
+        float | None, InMagCache(help="Share of steps that always compute first", show_default="per task")
+    ] = None,
+    magcache_mode: Annotated[
+        MagCacheMode | None,
+        InMagCache(
+            help="aligned (defects fixed) or official (upstream call for call)", show_default="aligned"
+        ),
+    ] = None,
+    magcache_ratios: Annotated[
+        Path | None, InMagCache(help="Calibrated ratios JSON", show_default="the official curve")
+    ] = None,
+    magcache_calibrate: Annotated[
+        Path | None, InMagCache(help="Dense run that records the ratios into this JSON file.")
+    ] = None,
+    magcache_speedup: Annotated[
+        float | None, InMagCache(help="Pick the smallest threshold reaching this ideal speedup.")
+    ] = None,
+    magcache_plan: Annotated[
+        bool,
+        InMagCache(
+            "--magcache-plan", help="Print which steps MagCache would skip, then exit (loads nothing)."
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, InMagCache("--json", help="With --magcache-plan: print one JSON object.")
+    ] = False,
+    prompt_file: Annotated[
+        Path | None, InBatch(help="One prompt (or JSON object) per line; models load once.")
+    ] = None,
+    debug: Annotated[bool, InBatch("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version and exit."),
+    ] = False,
+) -> None:
+    """Generate a video with Wan 2.2, optionally with MagCache step skipping."""
+    # The parameters carry GenerateOptions' field names; enums become their plain string values.
+    given = locals()
+    options = GenerateOptions(**{f.name: _plain(given[f.name]) for f in dataclasses.fields(GenerateOptions)})
+    with _reported_errors(debug):
+        code = run_command(
+            options, prompt_file=prompt_file, demo=demo, plan=magcache_plan, as_json=as_json, debug=debug
+        )
+    if code:
+        raise typer.Exit(code)
+
+
+def _plain(value: object) -> object:
+    return value.value if isinstance(value, Enum) else value
+
+
+def run_command(
+    options: GenerateOptions,
+    *,
+    prompt_file: Path | None = None,
+    demo: bool = False,
+    plan: bool = False,
+    as_json: bool = False,
+    debug: bool = False,
+) -> int:
+    """Validate everything, then plan (``plan``) or generate; returns the exit code."""
+    console = Console(highlight=False)
+    if as_json and not plan:
+        raise UserError("--json only applies to --magcache-plan; drop it or add --magcache-plan")
+    if plan:
+        print_plan(plan_settings(options), as_json=as_json)
+        return 0
+    if demo and options.ckpt_dir is not None:
+        raise UserError("--demo builds its own tiny checkpoint; drop --ckpt-dir (or --demo)")
+    if demo:
+        options = _with_demo_defaults(options)
+    if prompt_file is not None:
+        requests, random_seeds = _batch_requests(options, prompt_file)
+    else:
+        requests = [build_request(options, check_checkpoint=False)]
+        random_seeds = [options.base_seed == -1]
+        check_magcache_plan(requests[0])
+
+    cfg = task_config(options.task)
+    if demo:
+        from magcache_generate.demo import demo_checkpoint
+
+        message = "[yellow]--demo: tiny RANDOM weights; the video will be noise, not a real generation[/]"
+        console.print(message, soft_wrap=True)
+        ckpt_dir = demo_checkpoint(cfg.name)
+    else:
+        ckpt_dir = options.ckpt_dir
+    from magcache_generate.validate import check_checkpoint_dir
+
+    ckpt_dir = check_checkpoint_dir(ckpt_dir, cfg)
+    requests = [dataclasses.replace(r, ckpt_dir=ckpt_dir) for r in requests]
+    for request, was_random in zip(requests, random_seeds, strict=True):
+        if was_random:
+            console.print(
+                f"seed {request.base_seed} (random; --base-seed {request.base_seed} repeats it) "
+                f"for {request.save_file}",
+                markup=False,
+                soft_wrap=True,
+            )
+
+    from magcache_generate.run import run_requests  # torch and the models: only now
+
+    results = run_requests(requests, console=console, debug=debug)
+    failed = [r for r in results if isinstance(r, dict) and r.get("error")]
+    return EXIT_FAILURE if failed else 0
+
+
+def _with_demo_defaults(options: GenerateOptions) -> GenerateOptions:
+    """The demo's small size, frame count and step count, where the user gave none."""
+    from magcache_generate.demo import DEMO_OVERRIDES, DEMO_SIZES
+
+    defaults = {k: v for k, v in DEMO_OVERRIDES.items() if getattr(options, k) is None}
+    if options.size is None and options.task in DEMO_SIZES:
+        defaults["size"] = DEMO_SIZES[options.task]
+    return dataclasses.replace(options, **defaults)
+
+
+def _batch_requests(options: GenerateOptions, prompt_file: Path) -> tuple[list[Request], list[bool]]:
+    from magcache_generate.batch import BatchProblem, build_batch
+
+    if options.prompt is not None:
+        raise UserError("--prompt and --prompt-file exclude each other; put the prompt into the file")
+    if options.magcache_calibrate is not None:
+        raise UserError("--magcache-calibrate records one run; use --prompt instead of --prompt-file")
+    if options.save_file is not None:
+        raise UserError("--save-file names one video; with --prompt-file set save_file per line (JSON Lines)")
+    batch = build_batch(options, prompt_file)
+    entries, problems = [], list(batch.problems)
+    for entry in batch.entries:
+        try:
+            check_magcache_plan(entry.request)
+        except UserError as err:
+            problems.append(BatchProblem(entry.line, str(err)))
+            continue
+        entries.append(entry)
+    for problem in sorted(problems, key=lambda p: p.line):
+        typer.echo(f"skipped: {prompt_file} {problem}", err=True)
+    if not entries:
+        raise UserError(f"--prompt-file '{prompt_file}' has no valid item; fix the lines reported above")
+    return [e.request for e in entries], [e.random_seed for e in entries]
+
+
+# ---------------------------------------------------------------------------------------------------
+# --magcache-plan
+
+
+def plan_settings_for(request: Request) -> PlanSettings:
+    cfg = TASKS[request.task]
+    has_image = request.image is not None or cfg.image == "required"
+    return PlanSettings(
+        cfg, request.sample_solver, request.sample_steps, request.sample_shift, has_image, request.magcache
+    )
+
+
+def check_magcache_plan(request: Request) -> None:
+    """Plan a MagCache run before loading anything, so an unreachable --magcache-speedup (or a setting the
+    plan refuses) fails in a second rather than after the models are loaded."""
+    if request.magcache.enabled:
+        build_plan(plan_settings_for(request))
+
+
+def build_plan(settings: PlanSettings) -> Plan:
+    """The MagCache schedule these settings give: the official curve (or --magcache-ratios), the task's
+    preset with the given overrides, on the loop's real timesteps. Loads no weights. The run builds its
+    plan with the same function (magcache.settings.make_plan)."""
+    from magcache_generate.magcache.plan import UnreachableSpeedupError
+    from magcache_generate.magcache.policy import MagCacheConfigError
+    from magcache_generate.magcache.settings import make_plan
+    from wan.schedule import make_schedule
+
+    schedule = make_schedule(settings.sample_solver, settings.sample_steps, settings.sample_shift)
+    timesteps = [int(t) for t in schedule.timesteps[: len(schedule)]]
+    try:
+        return make_plan(
+            settings.task.name,
+            timesteps,
+            settings.sample_shift,
+            settings.magcache,
+            settings.has_image,
+            log=lambda _message: None,
+        )
+    except (MagCacheConfigError, UnreachableSpeedupError) as err:
+        raise UserError(str(err)) from None
+
+
+def print_plan(settings: PlanSettings, *, as_json: bool) -> None:
+    from magcache_generate.magcache.plan import plan_json, render_plan
+
+    p = build_plan(settings)
+    if not as_json:
+        typer.echo(render_plan(p))
+        return
+    speedup = p.ideal_speedup
+    data = {
+        **plan_json(p),
+        "thresh": p.config.thresh,
+        "K": p.config.K,
+        "retention": p.config.retention,
+        "curve": p.curve_key,
+        "ideal_speedup": round(speedup, 6) if math.isfinite(speedup) else None,
+        "warnings": list(p.warnings),
+    }
+    typer.echo(json.dumps(data))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors and the entry point
+
+
+def error_line(err: BaseException) -> str:
+    """The one line shown for an error: its message, newlines folded."""
+    if isinstance(err, ClickException):
+        message = err.format_message()
+    else:
+        message = str(err) or type(err).__name__
+    return " ".join(message.split())
+
+
+def exit_code_for(err: BaseException, debug: bool) -> int:
+    """Print ``err`` as one ``error:`` line on stderr (plus the traceback with --debug); its exit code."""
+    if isinstance(err, (KeyboardInterrupt, typer.Abort)):
+        typer.echo("error: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    if debug:
+        traceback.print_exception(err)
+    if isinstance(err, ClickException):
+        typer.echo(f"error: {error_line(err)} (see {PROG} --help)", err=True)
+        return err.exit_code
+    if isinstance(err, USER_ERRORS):
+        typer.echo(f"error: {error_line(err)}", err=True)
+        return EXIT_USAGE
+    hint = "" if debug else "; rerun with --debug for the traceback"
+    typer.echo(f"error: unexpected {type(err).__name__}: {error_line(err)}{hint}", err=True)
+    return EXIT_FAILURE
+
+
+@contextmanager
+def _reported_errors(debug: bool) -> Iterator[None]:
+    """Inside the command: turn exceptions into one-line messages and exit codes (also under CliRunner)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (Exception, KeyboardInterrupt) as err:
+        raise typer.Exit(exit_code_for(err, debug)) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: normalise upstream spellings, run the app, exit with its code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=normalize_argv(argv), prog_name=PROG, standalone_mode=False)
+    except (Exception, KeyboardInterrupt) as err:
+        code = exit_code_for(err, debug)
+    sys.exit(code or 0)

@@ -1,0 +1,56 @@
+"""What one generation asks for: frozen, fully resolved (task defaults applied) and validated records.
+
+The CLI builds these; `magcache_generate.run` executes them. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class UserError(ValueError):
+    """A bad input: the message is one line naming the input and how to fix it (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class MagCacheOptions:
+    enabled: bool = False
+    mode: str = "aligned"  # "aligned" (default, defects fixed) | "official" (upstream script exactly)
+    thresh: float | None = None  # None: the task preset
+    K: int | None = None
+    retention_ratio: float | None = None
+    ratios_file: Path | None = None
+    calibrate_file: Path | None = None  # dense run that records ratios into this JSON file
+    speedup: float | None = None  # pick the smallest threshold reaching this ideal speedup
+
+
+@dataclass(frozen=True)
+class Request:
+    task: str
+    ckpt_dir: Path
+    prompt: str
+    size: str
+    frame_num: int
+    sample_solver: str
+    sample_steps: int
+    sample_shift: float
+    guide_scale: tuple[float, float]  # (low-noise, high-noise), upstream order
+    base_seed: int
+    save_file: Path
+    negative_prompt: str | None = None  # None: the official Chinese negative prompt
+    image: Path | None = None
+    offload_model: bool = True
+    convert_model_dtype: bool = False
+    t5_cpu: bool = False
+    device: str = "auto"  # "auto" -> cuda if available else cpu
+    save_frames: Path | None = None
+    overwrite: bool = False
+    crf: int = 10
+    sidecar: bool = True
+    vae_tiled: bool = False
+    magcache: MagCacheOptions = field(default_factory=MagCacheOptions)
+
+    @property
+    def sidecar_file(self) -> Path:
+        return self.save_file.with_suffix(".json")

@@ -1,0 +1,332 @@
+"""Orchestration only: load components once, then per request encode -> sample -> decode -> write.
+
+Heavy imports (torch, transformers, wan.modules) happen here, never at CLI import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+import wan
+from magcache_generate import __version__
+from magcache_generate.magcache.calibration import CalibrationRecorder
+from magcache_generate.magcache.session import CalibrationCollector, build_cache, finish_cache
+from magcache_generate.progress import Reporter, batch_table, magcache_table, summary_table
+from magcache_generate.request import Request
+from magcache_generate.video_io import read_image, to_uint8_frames, write_frames_png, write_mp4, write_sidecar
+from wan.conditioning import Conditioning, i2v_mask, i2v_video
+from wan.configs import SIZES, TASKS, TaskConfig, max_area
+from wan.experts import ExpertPool
+from wan.image_prep import i2v_first_frame, ti2v_first_frame
+from wan.loading import read_transformer_config
+from wan.sampling import StepInfo, sample
+from wan.schedule import make_schedule
+from wan.tokenizer import load_tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class Components:
+    """Models shared by every request of a batch (same task and checkpoint), loaded lazily."""
+
+    def __init__(self, first: Request, reporter: Reporter, *, batch: bool):
+        self.task: TaskConfig = TASKS[first.task]
+        self.ckpt = Path(first.ckpt_dir)
+        self.device = resolve_device(first.device)
+        # --convert-model-dtype: bf16 parameters (upstream regime b). Otherwise float32 parameters, run
+        # under bf16 autocast on CUDA (upstream regime a) and in plain float32 on CPU (the goldens' regime).
+        self.dtype = torch.bfloat16 if first.convert_model_dtype else torch.float32
+        self.t5_device = torch.device("cpu") if first.t5_cpu else self.device
+        self.offload = first.offload_model
+        self.reporter = reporter
+        paths = (
+            {"single": self.ckpt}
+            if not self.task.two_experts
+            else {
+                "high": self.ckpt / self.task.high_noise_checkpoint,
+                "low": self.ckpt / self.task.low_noise_checkpoint,
+            }
+        )
+        self.dit_config = read_transformer_config(next(iter(paths.values())))
+        self.experts = ExpertPool(
+            paths,
+            dtype=self.dtype,
+            device=self.device,
+            offload=self.offload,
+            keep_inactive=batch,
+            on_load=lambda expert, path: reporter.log(f"loading {expert} transformer from {path}"),
+        )
+        self._text_encoder = None
+        self._tokenizer = None
+        self._vae = None
+        self.load_seconds = 0.0
+
+    def text_encoder(self):
+        if self._text_encoder is None:
+            start = time.perf_counter()
+            with self.reporter.stage("loading text encoder"):
+                # upstream runs the umT5 encoder in bf16, on CPU too (--t5_cpu)
+                self._text_encoder = wan.load_text_encoder(
+                    self.ckpt / self.task.t5_checkpoint, dtype=torch.bfloat16, device=self.t5_device
+                )
+                self._tokenizer = load_tokenizer(self.ckpt / self.task.t5_tokenizer)
+            self.load_seconds += time.perf_counter() - start
+        return self._text_encoder, self._tokenizer
+
+    def vae(self):
+        if self._vae is None:
+            start = time.perf_counter()
+            with self.reporter.stage("loading VAE"):
+                self._vae = wan.load_vae(self.ckpt / self.task.vae_checkpoint, device=self.device)
+            self.load_seconds += time.perf_counter() - start
+        return self._vae
+
+    def park_text_encoder(self, keep: bool) -> None:
+        """upstream offload_model: the T5 leaves the accelerator after encoding."""
+        if self._text_encoder is None or not self.offload or self.t5_device.type == "cpu":
+            return
+        if keep:
+            self._text_encoder.to("cpu")
+        else:
+            self._text_encoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def encode_prompts(components: Components, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
+    encoder, tokenizer = components.text_encoder()
+    if components._text_encoder is not None and encoder.device != components.t5_device:
+        encoder.to(components.t5_device)
+    text_len = components.dit_config.text_len
+    # two separate batch-1 calls, as upstream
+    context = encoder.encode([prompt], tokenizer, text_len)[0]
+    context_null = encoder.encode([negative], tokenizer, text_len)[0]
+    return context[None].to(components.device), context_null[None].to(components.device)
+
+
+def prepare_latents(
+    components: Components, request: Request, generator: torch.Generator
+) -> tuple[torch.Tensor, Conditioning, tuple[int, int]]:
+    """Initial noise [1, C, T, H, W], the task's conditioning and the output (width, height)."""
+    task, device = components.task, components.device
+    z_dim = components.dit_config.out_dim
+    t_lat = (request.frame_num - 1) // task.vae_stride[0] + 1
+    stride = task.vae_stride[1]
+    if request.image is None:
+        width, height = SIZES[request.size]
+        shape = (z_dim, t_lat, height // stride, width // stride)
+        noise = torch.randn(shape, dtype=torch.float32, generator=generator, device=device)[None]
+        return noise, Conditioning(), (width, height)
+    image = read_image(request.image)
+    vae = components.vae()
+    if task.name == "i2v-A14B":
+        frame = i2v_first_frame(image, max_area(request.size), stride)
+        h, w = frame.shape[1:]
+        noise = torch.randn(
+            (16, t_lat, h // stride, w // stride), dtype=torch.float32, generator=generator, device=device
+        )
+        z = vae.encode(i2v_video(frame, request.frame_num)[None].to(device))
+        y = torch.cat([i2v_mask(request.frame_num, z.shape[3], z.shape[4]).to(device)[None], z], dim=1)
+        return noise[None], Conditioning(y=y), (w, h)
+    frame = ti2v_first_frame(image, max_area(request.size), multiple=stride * 2)
+    h, w = frame.shape[1:]
+    noise = torch.randn(
+        (z_dim, t_lat, h // stride, w // stride), dtype=torch.float32, generator=generator, device=device
+    )
+    z = vae.encode(frame[None, :, None].to(device))
+    return noise[None], Conditioning(first_frame=z), (w, h)
+
+
+def peak_memory(device: torch.device) -> dict[str, float | None]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"host_rss_gib": round(rss, 3), "gpu_allocated_gib": None if gpu is None else round(gpu, 3)}
+
+
+def package_versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "magcache_generate": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def generate_one(
+    components: Components,
+    request: Request,
+    reporter: Reporter,
+    *,
+    batch: bool,
+    calibration: CalibrationCollector | None = None,
+) -> dict[str, Any]:
+    """One video: returns the result record (also written as the JSON sidecar)."""
+
+    timings: dict[str, float] = {}
+    task = components.task
+    device = components.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    negative = request.negative_prompt if request.negative_prompt is not None else task.negative_prompt
+
+    start = time.perf_counter()
+    generator = torch.Generator(device=device).manual_seed(request.base_seed)
+    with reporter.stage("encoding text"):
+        context, context_null = encode_prompts(components, request.prompt, negative)
+    components.park_text_encoder(keep=batch)
+    timings["encode_text"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    noise, conditioning, (width, height) = prepare_latents(components, request, generator)
+    if request.image is not None:
+        timings["encode_image"] = time.perf_counter() - start
+
+    schedule = make_schedule(request.sample_solver, request.sample_steps, request.sample_shift)
+    cache = build_cache(request, schedule, components.dit_config, reporter)
+    denoise = reporter.task("denoising", total=len(schedule))
+
+    def on_step(info: StepInfo) -> None:
+        reporter.advance(denoise, detail=f"t={info.timestep} {info.expert} cfg {info.guide_scale:g}")
+
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and components.dtype == torch.float32
+        else nullcontext()
+    )
+    load_before = components.experts.load_seconds
+    start = time.perf_counter()
+    with autocast:
+        latent = sample(
+            noise,
+            schedule,
+            components.experts,
+            context,
+            context_null,
+            guide_scale=request.guide_scale,
+            boundary=task.boundary,
+            conditioning=conditioning,
+            cache=cache,
+            on_step=on_step,
+        )
+    expert_load = components.experts.load_seconds - load_before
+    timings["load_transformer"] = expert_load
+    timings["denoise"] = time.perf_counter() - start - expert_load
+
+    if components.offload:
+        components.experts.offload_all()
+    start = time.perf_counter()
+    with reporter.stage("decoding video"):
+        video = components.vae().decode(latent, tiled=request.vae_tiled)[0]
+    timings["decode"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    frames = to_uint8_frames(video.cpu())
+    with reporter.stage("writing video"):
+        write_mp4(frames, request.save_file, fps=task.fps, crf=request.crf, overwrite=request.overwrite)
+        if request.save_frames is not None:
+            write_frames_png(frames, request.save_frames, overwrite=request.overwrite)
+    timings["write"] = time.perf_counter() - start
+
+    result: dict[str, Any] = {
+        "task": task.name,
+        "seed": request.base_seed,
+        "save_file": str(request.save_file),
+        "frames": list(frames.shape),
+        "size_wh": [width, height],
+        "fps": task.fps,
+        "device": str(device),
+        "dtype": str(components.dtype).replace("torch.", ""),
+        "steps_run": len(schedule),
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "peak_memory": peak_memory(device),
+        "request": _jsonable(dataclasses.asdict(request)),
+        "negative_prompt_used": negative,
+        "versions": package_versions(),
+    }
+    magcache_report = finish_cache(cache, request, timings["denoise"])
+    if magcache_report is not None:
+        result["magcache"] = magcache_report
+    if calibration is not None and cache is not None and isinstance(cache.inner, CalibrationRecorder):
+        calibration.recordings.append(cache.inner.recording())
+        calibration.prompts.append(request.prompt)
+        calibration.provenance = {
+            "task": task.name,
+            "steps": len(schedule),
+            "shift": request.sample_shift,
+            "size": request.size,
+            "solver": request.sample_solver,
+            "dtype": result["dtype"],
+            "has_image": request.image is not None,
+            "boundary": task.boundary,
+        }
+    if request.sidecar:
+        write_sidecar(request.save_file, result, overwrite=request.overwrite)
+    return result
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def run_requests(requests: list[Request], *, console: Console, debug: bool = False) -> list[dict[str, Any]]:
+    """Generate every request with models loaded once; a failing item is reported and skipped."""
+    if not requests:
+        return []
+    batch = len(requests) > 1
+    results: list[dict[str, Any]] = []
+    with Reporter(console) as reporter:
+        components = Components(requests[0], reporter, batch=batch)
+        calibrate_file = requests[0].magcache.calibrate_file
+        calibration = CalibrationCollector(calibrate_file) if calibrate_file is not None else None
+        for request in requests:
+            reporter.log(f"[bold]{request.task}[/] seed {request.base_seed}: {request.prompt[:80]!r}")
+            start = time.perf_counter()
+            try:
+                result = generate_one(components, request, reporter, batch=batch, calibration=calibration)
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:
+                if debug or not batch:
+                    raise
+                message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                reporter.log(f"[red]item failed[/]: {message}")
+                result = {"task": request.task, "seed": request.base_seed, "error": message}
+            result["total_s"] = time.perf_counter() - start
+            results.append(result)
+            if result.get("error") is None:
+                console.print(summary_table(result))
+                if "magcache" in result and result["magcache"].get("calls"):
+                    console.print(magcache_table(result["magcache"]))
+        if calibration is not None and calibration.recordings:
+            calibration.save()
+            reporter.log(
+                f"MagCache calibration over {len(calibration.recordings)} prompt(s) written to {calibration.path}; "
+                f"use it with --use-magcache --magcache-ratios {calibration.path}"
+            )
+    if batch:
+        console.print(batch_table(results))
+    return results

@@ -1,0 +1,444 @@
+"""From command-line values to a validated ``Request``: task defaults applied, every check that can run
+before a single weight is loaded, each failure a one-line ``UserError`` naming the input and the fix.
+
+Nothing here reads tensor data: the checkpoint check only looks at which files exist (and reads the
+DiT index json). The file checks import ``wan.loading`` and ``video_io`` (both import torch) lazily, so
+setting errors stay instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from magcache_generate.atomic import check_writable
+from magcache_generate.magcache.policy import MODES, MagCacheConfig, MagCacheConfigError
+from magcache_generate.naming import default_save_file
+from magcache_generate.request import MagCacheOptions, Request, UserError
+from wan.configs import SIZES, TASKS, TaskConfig
+
+# Upstream generate.py EXAMPLE_PROMPT: the prompt used when --prompt is not given.
+CATS_PROMPT = (
+    "Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely on a spotlighted stage."
+)
+BEACH_CAT_PROMPT = (
+    "Summer beach vacation style, a white cat wearing sunglasses sits on a surfboard. The fluffy-furred "
+    "feline gazes directly at the camera with a relaxed expression. Blurred beach scenery forms the "
+    "background featuring crystal-clear waters, distant green hills, and a blue sky dotted with white "
+    "clouds. The cat assumes a naturally relaxed posture, as if savoring the sea breeze and warm sunlight. "
+    "A close-up shot highlights the feline's intricate details and the refreshing atmosphere of the seaside."
+)
+EXAMPLE_PROMPTS = {"t2v-A14B": CATS_PROMPT, "i2v-A14B": BEACH_CAT_PROMPT, "ti2v-5B": CATS_PROMPT}
+
+SOLVERS = ("unipc", "dpm++")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+MAX_CRF = 51  # libx264's range for 8-bit video is 0..51
+MAX_SEED = sys.maxsize  # upstream draws random seeds from [0, sys.maxsize]
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "spiece.model")  # as wan.tokenizer.VOCAB_FILES (torch-free here)
+
+# MagCache tuning options and their flags: they only mean something with --use-magcache (or --magcache-plan).
+MAGCACHE_TUNING_FLAGS = {
+    "magcache_thresh": "--magcache-thresh",
+    "magcache_k": "--magcache-K",
+    "retention_ratio": "--retention-ratio",
+    "magcache_mode": "--magcache-mode",
+    "magcache_ratios": "--magcache-ratios",
+    "magcache_speedup": "--magcache-speedup",
+}
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """The generation options as given on the command line; ``None`` means "not given" (task default)."""
+
+    task: str = "t2v-A14B"
+    size: str | None = None
+    frame_num: int | None = None
+    ckpt_dir: Path | None = None
+    offload_model: bool | None = None
+    convert_model_dtype: bool = False
+    t5_cpu: bool = False
+    save_file: Path | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    base_seed: int = -1
+    image: Path | None = None
+    sample_solver: str = "unipc"
+    sample_steps: int | None = None
+    sample_shift: float | None = None
+    sample_guide_scale: str | float | Sequence[float] | None = None
+    save_frames: Path | None = None
+    overwrite: bool = False
+    crf: int = 10
+    device: str = "auto"
+    vae_tiled: bool = False
+    use_magcache: bool = False
+    magcache_thresh: float | None = None
+    magcache_k: int | None = None
+    retention_ratio: float | None = None
+    magcache_mode: str | None = None
+    magcache_ratios: Path | None = None
+    magcache_calibrate: Path | None = None
+    magcache_speedup: float | None = None
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What ``--magcache-plan`` needs: no prompt, no checkpoint, no output paths."""
+
+    task: TaskConfig
+    sample_solver: str
+    sample_steps: int
+    sample_shift: float
+    has_image: bool
+    magcache: MagCacheOptions
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building requests
+
+
+def build_request(
+    options: GenerateOptions,
+    *,
+    now: datetime | None = None,
+    item_index: int | None = None,
+    check_checkpoint: bool = True,
+    rng: random.Random | None = None,
+) -> Request:
+    """Apply task defaults to ``options`` and validate everything that needs no weights.
+
+    ``item_index`` (1-based position in a prompt file) keeps default output names of a batch apart.
+    With ``check_checkpoint=False`` the checkpoint is left to the caller (checked once for a whole
+    batch, or built by --demo); a missing --ckpt-dir then becomes ``Path()``.
+    """
+    cfg = task_config(options.task)
+    size = resolve_size(options.size, cfg)
+    frame_num = check_frame_num(cfg.frame_num if options.frame_num is None else options.frame_num)
+    solver, steps, shift = check_sampling(
+        cfg, options.sample_solver, options.sample_steps, options.sample_shift
+    )
+    magcache = magcache_options(options)
+    prompt = EXAMPLE_PROMPTS[cfg.name] if options.prompt is None else options.prompt
+    if not prompt.strip():
+        raise UserError("the prompt is empty; pass --prompt 'what the video shows'")
+    if not DEVICE_PATTERN.fullmatch(options.device):
+        raise UserError(f"--device {options.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if not 0 <= options.crf <= MAX_CRF:
+        raise UserError(
+            f"--crf {options.crf} is out of range; use 0 (lossless) to {MAX_CRF} (10 is upstream's)"
+        )
+    seed = _resolve_seed(options.base_seed, rng)
+    image = check_image(options.image, cfg)
+
+    save_file = options.save_file
+    if save_file is None:
+        name = default_save_file(cfg.name, size, prompt, now or datetime.now())
+        if item_index is not None:
+            name = f"{Path(name).stem}_{item_index:03d}.mp4"
+        save_file = Path(name)
+    save_frames = options.save_frames
+    if save_frames is not None and item_index is not None:
+        save_frames = save_frames / save_file.stem  # one frames folder per batch item
+
+    ckpt_dir = options.ckpt_dir
+    if check_checkpoint:
+        ckpt_dir = check_checkpoint_dir(ckpt_dir, cfg)
+    request = Request(
+        task=cfg.name,
+        ckpt_dir=ckpt_dir if ckpt_dir is not None else Path(),
+        prompt=prompt,
+        size=size,
+        frame_num=frame_num,
+        sample_solver=solver,
+        sample_steps=steps,
+        sample_shift=shift,
+        guide_scale=resolve_guide_scale(options.sample_guide_scale, cfg),
+        base_seed=seed,
+        save_file=save_file,
+        # Upstream quirk kept: an empty negative prompt means the official one.
+        negative_prompt=options.negative_prompt or None,
+        image=image,
+        offload_model=True
+        if options.offload_model is None
+        else options.offload_model,  # one device: upstream's True
+        convert_model_dtype=options.convert_model_dtype,
+        t5_cpu=options.t5_cpu,
+        device=options.device,
+        save_frames=save_frames,
+        overwrite=options.overwrite,
+        crf=options.crf,
+        vae_tiled=options.vae_tiled,
+        magcache=magcache,
+    )
+    check_outputs(request)
+    return request
+
+
+def plan_settings(options: GenerateOptions) -> PlanSettings:
+    """Validate only what ``--magcache-plan`` uses: task, solver, steps, shift and the MagCache options."""
+    cfg = task_config(options.task)
+    solver, steps, shift = check_sampling(
+        cfg, options.sample_solver, options.sample_steps, options.sample_shift
+    )
+    magcache = magcache_options(dataclasses.replace(options, use_magcache=True), plan=True)
+    has_image = options.image is not None or cfg.image == "required"
+    return PlanSettings(cfg, solver, steps, shift, has_image, magcache)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Task and sampling settings
+
+
+def task_config(task: str) -> TaskConfig:
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    return TASKS[task]
+
+
+def resolve_size(size: str | None, cfg: TaskConfig) -> str:
+    """``W*H`` (``WxH`` accepted, since ``*`` needs quoting in a shell) among the task's supported sizes."""
+    if size is None:
+        return cfg.default_size
+    key = re.sub(r"\s*[xX×]\s*", "*", size.strip())
+    if key not in cfg.supported_sizes:
+        problem = f"is not supported by {cfg.name}" if key in SIZES else "is not a size"
+        note = (
+            ""
+            if cfg.image == "refused"
+            else " (with --image it is an area budget; the image sets the aspect ratio)"
+        )
+        raise UserError(f"--size {size!r} {problem}; use one of {', '.join(cfg.supported_sizes)}{note}")
+    return key
+
+
+def check_frame_num(frame_num: int) -> int:
+    if frame_num < 1 or (frame_num - 1) % 4:
+        nearest = max(1, 4 * round((frame_num - 1) / 4) + 1)
+        raise UserError(
+            f"--frame-num {frame_num} is not of the form 4n+1 (the VAE packs 4 frames per latent); try {nearest}"
+        )
+    return frame_num
+
+
+def check_sampling(
+    cfg: TaskConfig, solver: str, steps: int | None, shift: float | None
+) -> tuple[str, int, float]:
+    if solver not in SOLVERS:
+        raise UserError(f"unknown --sample-solver {solver!r}; use one of {', '.join(SOLVERS)}")
+    steps = cfg.sample_steps if steps is None else steps
+    if steps < 1:
+        raise UserError(f"--sample-steps {steps} must be at least 1 (the task default is {cfg.sample_steps})")
+    shift = cfg.sample_shift if shift is None else float(shift)
+    if not (math.isfinite(shift) and shift > 0):
+        raise UserError(
+            f"--sample-shift {shift} must be a number > 0 (the task default is {cfg.sample_shift})"
+        )
+    return solver, steps, shift
+
+
+def resolve_guide_scale(value: str | float | Sequence[float] | None, cfg: TaskConfig) -> tuple[float, float]:
+    """One value g -> (g, g); two values -> (low-noise, high-noise), upstream's tuple order."""
+    if value is None:
+        return cfg.guide_scale
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[,\s]+", value.strip()) if p]
+    elif isinstance(value, (int, float)):
+        parts = [value]
+    else:
+        parts = list(value)
+    try:
+        scales = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        scales = []
+    if len(scales) not in (1, 2) or not all(math.isfinite(g) and g >= 0 for g in scales):
+        raise UserError(
+            f"--sample-guide-scale {value!r} must be one number or two (low-noise, high-noise), "
+            "each >= 0, e.g. 5.0 or 3.0 4.0"
+        )
+    if len(scales) == 2 and not cfg.two_experts:
+        raise UserError(
+            f"--sample-guide-scale {value!r}: {cfg.name} has one model, so give one number (e.g. 5.0)"
+        )
+    return (scales[0], scales[-1])
+
+
+def _resolve_seed(seed: int, rng: random.Random | None) -> int:
+    if seed == -1:
+        return (rng or random).randint(0, MAX_SEED)  # upstream: random.randint(0, sys.maxsize)
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--base-seed {seed} is out of range; use 0..{MAX_SEED}, or -1 for a random seed")
+    return seed
+
+
+# ---------------------------------------------------------------------------------------------------
+# MagCache options
+
+
+def magcache_options(options: GenerateOptions, *, plan: bool = False) -> MagCacheOptions:
+    """Validated MagCache settings; tuning flags without --use-magcache are refused rather than ignored."""
+    given = [flag for field, flag in MAGCACHE_TUNING_FLAGS.items() if getattr(options, field) is not None]
+    calibrate = options.magcache_calibrate
+    if calibrate is not None and options.use_magcache and not plan:
+        raise UserError(
+            "--magcache-calibrate records ratios in a dense run, so it cannot be combined with --use-magcache; "
+            "drop one of them"
+        )
+    if given and calibrate is not None and not plan:
+        raise UserError(f"{given[0]} does not apply to --magcache-calibrate (a dense run); drop it")
+    if given and not options.use_magcache:
+        raise UserError(f"{given[0]} has no effect without --use-magcache; add --use-magcache (or drop it)")
+
+    thresh, k, retention = options.magcache_thresh, options.magcache_k, options.retention_ratio
+    mode = "aligned" if options.magcache_mode is None else options.magcache_mode
+    if thresh is not None and not (math.isfinite(thresh) and thresh > 0):
+        raise UserError(
+            f"--magcache-thresh {thresh} must be > 0; upstream's tuned value is 0.06 (larger skips more)"
+        )
+    if k is not None and k < 1:
+        raise UserError(f"--magcache-K {k} must be >= 1 (the most consecutive skips); upstream uses 2")
+    if retention is not None and not 0 <= retention < 1:
+        raise UserError(
+            f"--retention-ratio {retention} must be in [0, 1): the fraction of steps that always compute first"
+        )
+    if mode not in MODES:
+        raise UserError(f"unknown --magcache-mode {mode!r}; use aligned (default) or official")
+    speedup = options.magcache_speedup
+    if speedup is not None and thresh is not None:
+        raise UserError(
+            "--magcache-speedup picks the threshold itself; drop --magcache-thresh or --magcache-speedup"
+        )
+    if speedup is not None and not (math.isfinite(speedup) and speedup > 1):
+        raise UserError(
+            f"--magcache-speedup {speedup} must be > 1 (the ideal speedup over a dense run, e.g. 1.5)"
+        )
+
+    defaults = MagCacheConfig()
+    try:  # cross-field rules (official mode and retention 0) live in the policy
+        MagCacheConfig(
+            thresh=defaults.thresh if thresh is None else thresh,
+            K=defaults.K if k is None else k,
+            retention=defaults.retention if retention is None else retention,
+            mode=mode,
+        )
+    except MagCacheConfigError as err:
+        raise UserError(str(err)) from None
+    if options.magcache_ratios is not None:
+        check_ratios_file(options.magcache_ratios)
+    return MagCacheOptions(
+        enabled=options.use_magcache,
+        mode=mode,
+        thresh=thresh,
+        K=k,
+        retention_ratio=retention,
+        ratios_file=options.magcache_ratios,
+        calibrate_file=calibrate,
+        speedup=speedup,
+    )
+
+
+def check_ratios_file(path: Path) -> None:
+    from magcache_generate.magcache.ratios import RatiosFileError, load_ratios_file  # numpy: lazily
+
+    try:
+        load_ratios_file(path)
+    except RatiosFileError as err:
+        raise UserError(f"--magcache-ratios {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input image, checkpoint, outputs
+
+
+def check_image(image: Path | None, cfg: TaskConfig) -> Path | None:
+    """Image presence per task (required / optional / refused) and that the file decodes as an image."""
+    if image is None:
+        if cfg.image == "required":
+            raise UserError(f"{cfg.name} needs an input image; pass --image first_frame.jpg")
+        return None
+    if cfg.image == "refused":
+        raise UserError(f"{cfg.name} takes no --image; drop it, or use --task i2v-A14B or ti2v-5B")
+    image = Path(image)
+    if not image.is_file():
+        what = "is a folder, not an image file" if image.is_dir() else "not found"
+        raise UserError(f"--image '{image}' {what}; check the path")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as opened:
+            opened.verify()  # reads the headers and checks integrity without decoding the pixels
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(
+            f"--image '{image}' is not a readable image ({reason}); pass a PNG or JPEG file"
+        ) from None
+    return image
+
+
+def check_checkpoint_dir(ckpt_dir: Path | None, cfg: TaskConfig) -> Path:
+    """Every file the task loads is present: DiT folder(s), umT5 encoder, VAE, tokenizer. Reads no tensors."""
+    from wan.errors import CheckpointError
+    from wan.loading import locate_transformer_files  # imports torch; only reached by real runs
+
+    if ckpt_dir is None:
+        raise UserError(
+            f"--ckpt-dir is required: the folder with the {cfg.name} weights (or --demo for tiny random ones)"
+        )
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        what = "is a file, not a folder" if ckpt_dir.exists() else "not found"
+        raise UserError(f"--ckpt-dir '{ckpt_dir}' {what}; pass the folder with the {cfg.name} weights")
+    incomplete = f"checkpoint '{ckpt_dir}' is incomplete for {cfg.name}"
+    for folder in cfg.dit_folders:
+        try:
+            locate_transformer_files(ckpt_dir / folder if folder else ckpt_dir)
+        except CheckpointError as err:
+            raise UserError(f"{incomplete}: {err}") from None
+    for name, what in ((cfg.t5_checkpoint, "umT5 text encoder"), (cfg.vae_checkpoint, "VAE")):
+        if not (ckpt_dir / name).is_file():
+            raise UserError(f"{incomplete}: {name} (the {what}) is missing; download it into that folder")
+    tokenizer = ckpt_dir / cfg.t5_tokenizer
+    if not any((tokenizer / name).is_file() for name in TOKENIZER_VOCAB_FILES):
+        raise UserError(
+            f"{incomplete}: tokenizer folder {cfg.t5_tokenizer}/ with tokenizer.json or spiece.model is missing"
+        )
+    return ckpt_dir
+
+
+def check_outputs(request: Request) -> None:
+    """The video, its JSON sidecar, the frames folder and the calibration file can all be written."""
+    from magcache_generate.atomic import OutputExistsError, OutputPathError
+    from magcache_generate.video_io import FRAME_NAME_PATTERN, VIDEO_SUFFIXES  # torch: lazily
+
+    if request.save_file.suffix.lower() not in VIDEO_SUFFIXES:
+        raise UserError(
+            f"--save-file '{request.save_file}' must end in {', '.join(VIDEO_SUFFIXES)} "
+            "(ffmpeg picks the container from it)"
+        )
+    if (
+        request.magcache.calibrate_file is not None
+        and request.sidecar
+        and (request.magcache.calibrate_file.resolve() == request.sidecar_file.resolve())
+    ):
+        raise UserError(
+            f"--magcache-calibrate '{request.magcache.calibrate_file}' is the video's sidecar file; choose another name"
+        )
+    checks = [(request.save_file, False, None)]
+    if request.sidecar:
+        checks.append((request.sidecar_file, False, None))
+    if request.save_frames is not None:
+        checks.append((request.save_frames, True, FRAME_NAME_PATTERN))
+    if request.magcache.calibrate_file is not None:
+        checks.append((request.magcache.calibrate_file, False, None))
+    for path, folder, replaceable in checks:
+        try:
+            check_writable(path, request.overwrite, folder=folder, replaceable=replaceable)
+        except (OutputExistsError, OutputPathError) as err:
+            raise UserError(str(err)) from None
