@@ -90,7 +90,9 @@ def bench(args: argparse.Namespace, layers: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=PRESETS)
     parser.add_argument("--dim", type=int)
     parser.add_argument("--heads", type=int)
@@ -114,7 +116,12 @@ def main() -> None:
     if len(results) >= 2:
         a, b = results[0], results[-1]
         per_layer = (b["forward_s_median"] - a["forward_s_median"]) / (b["layers"] - a["layers"])
-        results.append({"per_layer_s": round(per_layer, 4), "fixed_s": round(a["forward_s_median"] - per_layer * a["layers"], 4)})
+        results.append(
+            {
+                "per_layer_s": round(per_layer, 4),
+                "fixed_s": round(a["forward_s_median"] - per_layer * a["layers"], 4),
+            }
+        )
     print(json.dumps(results, indent=None if args.json else 2))
 
 

@@ -72,7 +72,10 @@ def test_magcache_official_matches_script(name):
             conditioning = Conditioning(first_frame=z)
         close(z[0], data["vae.encode_output.0"])
     config = MagCacheConfig(
-        thresh=args["magcache_thresh"], K=args["magcache_K"], retention=args["retention_ratio"], mode="official"
+        thresh=args["magcache_thresh"],
+        K=args["magcache_K"],
+        retention=args["retention_ratio"],
+        mode="official",
     )
     timesteps = [int(t) for t in sched.timesteps[: len(sched)]]
     curve = official_curve(task.name, args.get("image") is not None)
