@@ -303,9 +303,11 @@ def test_no_skip_reason_at_four_steps():
     assert "skips nothing at 4 steps" in p.no_skip_reason
     forced_only = make_plan("t2v-A14B", 4, mode="aligned", retention=0.9)
     assert "are forced to compute" in forced_only.no_skip_reason
-    # t2v does skip at 4 steps with the 40-step curve: flagged as optimistic instead
-    t2v = make_plan("t2v-A14B", 4, mode="aligned")
-    assert t2v.no_skip_reason is None and any("far fewer than the curve's 40" in w for w in t2v.warnings)
+    ti2v = make_plan("ti2v-5B", 4, mode="aligned")
+    assert ti2v.forwards == 8 and "skips nothing at 4 steps" in ti2v.no_skip_reason
+    # official mode resamples by nearest index, which keeps one-calibration-step ratios: flagged
+    official = make_plan("t2v-A14B", 4, mode="official")
+    assert any("far fewer than the curve's 40" in w for w in official.warnings)
 
 
 def test_plan_errors():

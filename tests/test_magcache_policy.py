@@ -19,6 +19,7 @@ from magcache_generate.magcache.ratios import (
     nearest_interp,
     official_curve,
     official_curves,
+    resample_magnitude,
 )
 
 
@@ -150,7 +151,23 @@ def test_per_expert_interpolation_keeps_dip_on_the_switch(key, steps):
     assert find_dip(out) == high
     dip = 2 * curve.high_noise_steps
     assert out[2 * high : 2 * high + 2] == curve.padded[dip : dip + 2]  # the measured cross-expert pair
-    assert out[:2] == [1.0, 1.0] and out[-2:] == curve.padded[-2:]
+    assert out[:2] == [1.0, 1.0]
+    # magnitude resampling keeps each phase's total change per branch (product of gammas after its start)
+    for branch in (0, 1):
+        for ours, theirs in (
+            (out[branch : 2 * high : 2], curve.padded[branch:dip:2]),
+            (out[2 * high + branch :: 2], curve.padded[dip + branch :: 2]),
+        ):
+            assert math.isclose(math.prod(ours[1:]), math.prod(theirs[1:]), rel_tol=1e-9)
+
+
+def test_magnitude_resampling_compounds_ratios_over_skipped_calibration_steps():
+    column = [1.0, 0.9, 0.9, 0.9, 0.9]
+    assert resample_magnitude(column, 5) == column
+    halved = resample_magnitude(column, 3)  # each new step spans two calibration steps
+    assert halved[0] == 1.0 and all(math.isclose(g, 0.81) for g in halved[1:])
+    doubled = resample_magnitude(column, 9)
+    assert all(math.isclose(g, 0.9**0.5) for g in doubled[1:])
 
 
 def test_whole_interpolation_misplaces_the_dip_as_upstream():

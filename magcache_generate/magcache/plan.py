@@ -42,6 +42,7 @@ from magcache_generate.magcache.ratios import (
     find_dip,
     interpolate_per_expert,
     interpolate_whole,
+    resample_magnitude_whole,
 )
 
 BRANCHES: tuple[str, ...] = ("cond", "uncond")
@@ -169,7 +170,7 @@ def _phases(experts: Sequence[str]) -> list[tuple[str, int, int]]:
 
 
 def _curve_warnings(
-    task: str, curve: MagCurve, steps: int, shift: float | None, has_image: bool | None
+    task: str, curve: MagCurve, steps: int, shift: float | None, has_image: bool | None, mode: str
 ) -> list[str]:
     out = []
     if curve.task is not None and curve.task != task:
@@ -183,8 +184,8 @@ def _curve_warnings(
         out.append(
             f"curve {curve.key} was calibrated for {curve.steps} steps, this run has {steps}: resampling it"
         )
-    if 2 * steps < curve.steps:
-        # A resampled ratio still measures one calibration step, not the much longer gap between two
+    if 2 * steps < curve.steps and mode == "official":
+        # Upstream's nearest resampling: a ratio still measures one calibration step, not the much longer gap between two
         # steps of this run, so the rule sees too little change and skips optimistically.
         out.append(
             f"{steps} steps is far fewer than the curve's {curve.steps}: its ratios underestimate the change per "
@@ -202,7 +203,7 @@ def _aligned_gammas(curve: MagCurve, experts: list[str], warnings: list[str]) ->
         return interpolate_per_expert(padded, switch, high, steps - high)
     if two_phase and len(padded) != 2 * steps:
         warnings.append(f"curve {curve.key} has no known expert switch: resampling it as a whole")
-    return interpolate_whole(padded, steps)
+    return resample_magnitude_whole(padded, steps)
 
 
 def _layout(
@@ -326,7 +327,7 @@ def plan(
         raise ValueError(f"branches must be 'cond', 'uncond' or both, in that order; got {tuple(branches)}")
     if (boundary is None) != (task == "ti2v-5B"):
         raise ValueError(f"task {task} {'has no' if task == 'ti2v-5B' else 'needs an'} expert boundary")
-    warnings = _curve_warnings(task, curve, len(timesteps), shift, has_image)
+    warnings = _curve_warnings(task, curve, len(timesteps), shift, has_image, config.mode)
     slots = _layout(task, timesteps, boundary, config, curve, shift, branches, warnings)
     calls = _decide_all(slots, config)
     if config.mode == "official":

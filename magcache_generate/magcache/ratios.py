@@ -96,12 +96,44 @@ def interpolate_whole(padded: Sequence[float], steps: int) -> list[float]:
     return _interleave(nearest_interp(padded[0::2], steps), nearest_interp(padded[1::2], steps))
 
 
-def _resample_segment(column: Sequence[float], n: int) -> list[float]:
-    if n == 0:
+def resample_magnitude(column: Sequence[float], n: int) -> list[float]:
+    """Aligned mode: resample one branch's gamma column (entry 0 = the phase's first call) to n steps
+    so that each new step's gamma is the magnitude change over the stretch of calibration steps it
+    spans: the cumulative log-magnitude M(s) = sum_{u<=s} log(gamma_u) is interpolated linearly at
+    positions j*(P-1)/(n-1) and gamma'_j = exp(M(x_j) - M(x_{j-1})). Fewer steps give larger changes
+    per step (a 4-step run no longer looks like 4 tiny steps, as nearest resampling makes it), more
+    steps give proportionally smaller ones; the first entry and the total change are kept."""
+    if n == len(column):
+        return list(column)
+    if n <= 0:
         return []
     if n == 1:
         return [column[0]]  # keep the phase's first value (the switch), unlike upstream's last
-    return nearest_interp(column, n)
+    logs = [0.0]
+    for gamma in column[1:]:
+        logs.append(logs[-1] + math.log(gamma))
+    last = len(logs) - 1
+    scale = last / (n - 1)
+
+    def magnitude(x: float) -> float:
+        i = min(int(x), last)
+        if i >= last:
+            return logs[last]
+        frac = x - i
+        return logs[i] * (1 - frac) + logs[i + 1] * frac
+
+    return [column[0]] + [math.exp(magnitude(j * scale) - magnitude((j - 1) * scale)) for j in range(1, n)]
+
+
+def resample_magnitude_whole(padded: Sequence[float], steps: int) -> list[float]:
+    """resample_magnitude on the cond and uncond columns of a padded curve, re-interleaved."""
+    if len(padded) == 2 * steps:
+        return list(padded)
+    return _interleave(resample_magnitude(padded[0::2], steps), resample_magnitude(padded[1::2], steps))
+
+
+def _resample_segment(column: Sequence[float], n: int) -> list[float]:
+    return resample_magnitude(column, n)
 
 
 def interpolate_per_expert(
