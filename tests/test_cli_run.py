@@ -1,0 +1,149 @@
+"""Complete CLI runs on tiny random checkpoints: outputs, no overwrite, interruption, batch, MagCache."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio
+import numpy as np
+import pytest
+from PIL import Image
+
+from magcache_generate import cli
+from magcache_generate.magcache.ratios import load_ratios_file
+from wan.testing.checkpoint import write_tiny_checkpoint
+
+BASE = ["--size", "832*480", "--frame-num", "5", "--sample-steps", "4", "--base-seed", "7", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def t2v_ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "Wan2.2-T2V-A14B", "t2v-A14B", seed=3)
+
+
+def run_cli(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    return exit_info.value.code
+
+
+def frames(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
+
+
+def test_console_script_writes_video_frames_and_sidecar(t2v_ckpt, tmp_path):
+    script = Path(sys.executable).parent / "magcache-generate"
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "magcache_generate"]
+    out = tmp_path / "clip.mp4"
+    argv = ["--ckpt_dir", str(t2v_ckpt), "--offload_model", "True", "--save-file", str(out)]
+    argv += ["--save-frames", str(tmp_path / "frames"), *BASE]
+    proc = subprocess.run(cmd + argv, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reader = imageio.get_reader(out)
+    meta = reader.get_meta_data()
+    decoded = [f for f in reader]
+    reader.close()
+    assert len(decoded) == 5 and decoded[0].shape == (480, 832, 3) and meta["fps"] == 16
+    pngs = frames(tmp_path / "frames")
+    assert pngs.shape == (5, 480, 832, 3) and pngs.dtype == np.uint8
+    assert (
+        np.abs(np.stack(decoded).astype(int) - pngs.astype(int)).mean() < 8
+    )  # lossy h264 of the same frames
+    sidecar = json.loads((tmp_path / "clip.json").read_text())
+    assert sidecar["seed"] == 7 and sidecar["request"]["sample_steps"] == 4
+    assert {"encode_text", "denoise", "decode", "write"} <= set(sidecar["timings_s"])
+    assert sidecar["peak_memory"]["host_rss_gib"] > 0 and "torch" in sidecar["versions"]
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_existing_output_is_never_overwritten(t2v_ckpt, tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    out.write_bytes(b"precious")
+    code = run_cli(["--ckpt-dir", str(t2v_ckpt), "--save-file", str(out), *BASE])
+    assert code == 2 and out.read_bytes() == b"precious"
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_interrupted_run_leaves_nothing(t2v_ckpt, tmp_path, monkeypatch, capsys):
+    import wan.sampling
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wan.sampling, "step", interrupt)
+    code = run_cli(["--ckpt-dir", str(t2v_ckpt), "--save-file", str(tmp_path / "clip.mp4"), *BASE])
+    assert code == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_batch_with_one_failing_item(t2v_ckpt, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    items = [
+        {"prompt": "a red ball", "save_file": str(tmp_path / "a.mp4")},
+        {"prompt": "no such size", "size": "1*1", "save_file": str(tmp_path / "bad.mp4")},
+        {"prompt": "a blue ball", "seed": 11, "save_file": str(tmp_path / "b.mp4")},
+    ]
+    prompts.write_text("\n".join(json.dumps(i) for i in items) + "\n")
+    argv = ["--ckpt-dir", str(t2v_ckpt), "--prompt-file", str(prompts)]
+    code = run_cli(argv + BASE)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (tmp_path / "a.mp4").is_file() and (tmp_path / "b.mp4").is_file()
+    assert not (tmp_path / "bad.mp4").exists()
+    assert "line 2" in captured.err + captured.out
+    assert json.loads((tmp_path / "b.json").read_text())["seed"] == 11
+
+
+def test_never_skipping_magcache_equals_dense(t2v_ckpt, tmp_path):
+    dense = [
+        "--ckpt-dir",
+        str(t2v_ckpt),
+        "--save-file",
+        str(tmp_path / "d.mp4"),
+        "--save-frames",
+        str(tmp_path / "d"),
+    ]
+    assert run_cli(dense + BASE) == 0
+    cached = [
+        "--ckpt-dir",
+        str(t2v_ckpt),
+        "--save-file",
+        str(tmp_path / "c.mp4"),
+        "--save-frames",
+        str(tmp_path / "c"),
+    ]
+    cached += ["--use-magcache", "--magcache-thresh", "1e-12"]
+    assert run_cli(cached + BASE) == 0
+    assert np.array_equal(frames(tmp_path / "d"), frames(tmp_path / "c"))
+    report = json.loads((tmp_path / "c.json").read_text())["magcache"]
+    assert report["forwards"] == report["dense_forwards"] == 8
+
+
+def test_calibrate_then_plan_and_run_with_the_file(t2v_ckpt, tmp_path, capsys):
+    ratios = tmp_path / "ratios.json"
+    argv = [
+        "--ckpt-dir",
+        str(t2v_ckpt),
+        "--save-file",
+        str(tmp_path / "cal.mp4"),
+        "--magcache-calibrate",
+        str(ratios),
+    ]
+    assert run_cli(argv + BASE) == 0
+    data = json.loads(ratios.read_text())
+    assert data["provenance"]["task"] == "t2v-A14B" and data["provenance"]["steps"] == 4
+    assert len(data["mag_ratios"]) == 2 * 4 - 2
+    curve = load_ratios_file(ratios)
+    assert curve.steps == 4
+    capsys.readouterr()
+    plan_argv = ["--magcache-plan", "--json", "--sample-steps", "4", "--magcache-ratios", str(ratios)]
+    assert run_cli(["--use-magcache", *plan_argv]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["steps"] == 4 and len(plan["calls"]) == 8 and plan["dense_forwards"] == 8
+    run = ["--ckpt-dir", str(t2v_ckpt), "--save-file", str(tmp_path / "m.mp4"), "--use-magcache"]
+    run += ["--magcache-ratios", str(ratios), "--magcache-thresh", "0.5"]
+    assert run_cli(run + BASE) == 0
+    report = json.loads((tmp_path / "m.json").read_text())["magcache"]
+    assert report["dense_forwards"] == 8 and report["ideal_speedup"] >= 1.0
