@@ -27,7 +27,7 @@ from wan.conditioning import Conditioning, i2v_mask, i2v_video
 from wan.configs import SIZES, TASKS, TaskConfig, max_area
 from wan.experts import ExpertPool
 from wan.image_prep import i2v_first_frame, ti2v_first_frame
-from wan.loading import read_transformer_config
+from wan.loading import locate_transformer_files, read_transformer_config
 from wan.sampling import StepInfo, sample
 from wan.schedule import make_schedule
 from wan.tokenizer import load_tokenizer
@@ -70,12 +70,20 @@ class Components:
             device=self.device,
             offload=self.offload,
             keep_inactive=batch,
-            on_load=lambda expert, path: reporter.log(f"loading {expert} transformer from {path}"),
+            on_load=self._start_loading,
+            on_shard=lambda shard: reporter.advance(self._loading_task, detail=shard.name),
         )
+        self._loading_task = 0
         self._text_encoder = None
         self._tokenizer = None
         self._vae = None
         self.load_seconds = 0.0
+
+    def _start_loading(self, expert: str, path: Path) -> None:
+        """A progress bar per expert load, advanced shard by shard."""
+        shards = len(locate_transformer_files(path).shards)
+        self._loading_task = self.reporter.task(f"loading {expert} transformer", total=shards)
+        self.reporter.log(f"loading {expert} transformer from {path} ({shards} shard(s))")
 
     def text_encoder(self):
         if self._text_encoder is None:
