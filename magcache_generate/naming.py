@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from datetime import datetime
 
 PROMPT_CHARS_IN_NAME = 50
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".m4v")
+FRAME_NAME_PATTERN = re.compile(r"frame_\d{5,}\.png")
 
 
 def default_save_file(task: str, size: str, prompt: str, now: datetime, *, ulysses_size: int = 1) -> str:

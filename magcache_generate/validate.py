@@ -2,8 +2,8 @@
 before a single weight is loaded, each failure a one-line ``UserError`` naming the input and the fix.
 
 Nothing here reads tensor data: the checkpoint check only looks at which files exist (and reads the
-DiT index json). The file checks import ``wan.loading`` and ``video_io`` (both import torch) lazily, so
-setting errors stay instant.
+DiT index json). No check imports torch, so every error, including a bad checkpoint folder or output
+path, is reported instantly.
 """
 
 from __future__ import annotations
@@ -384,8 +384,8 @@ def check_image(image: Path | None, cfg: TaskConfig) -> Path | None:
 
 def check_checkpoint_dir(ckpt_dir: Path | None, cfg: TaskConfig) -> Path:
     """Every file the task loads is present: DiT folder(s), umT5 encoder, VAE, tokenizer. Reads no tensors."""
+    from wan.checkpoint_layout import locate_transformer_files  # torch-free
     from wan.errors import CheckpointError
-    from wan.loading import locate_transformer_files  # imports torch; only reached by real runs
 
     if ckpt_dir is None:
         raise UserError(
@@ -415,7 +415,7 @@ def check_checkpoint_dir(ckpt_dir: Path | None, cfg: TaskConfig) -> Path:
 def check_outputs(request: Request) -> None:
     """The video, its JSON sidecar, the frames folder and the calibration file can all be written."""
     from magcache_generate.atomic import OutputExistsError, OutputPathError
-    from magcache_generate.video_io import FRAME_NAME_PATTERN, VIDEO_SUFFIXES  # torch: lazily
+    from magcache_generate.naming import FRAME_NAME_PATTERN, VIDEO_SUFFIXES
 
     if request.save_file.suffix.lower() not in VIDEO_SUFFIXES:
         raise UserError(

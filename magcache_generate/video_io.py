@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import subprocess
 import tempfile
 from fractions import Fraction
@@ -20,9 +19,8 @@ import torch
 from PIL import Image
 
 from magcache_generate.atomic import atomic_write_file, atomic_write_folder, check_writable
+from magcache_generate.naming import FRAME_NAME_PATTERN, VIDEO_SUFFIXES
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".m4v")
-FRAME_NAME_PATTERN = re.compile(r"frame_\d{5,}\.png")
 # Upstream writes with imageio quality=8, which imageio-ffmpeg turns into int((1 - 8/10) * 51) = crf 10.
 DEFAULT_CRF = 10
 

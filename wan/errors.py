@@ -3,3 +3,7 @@
 
 class CheckpointError(ValueError):
     """A checkpoint file or folder is missing, corrupt or of the wrong kind."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint file or folder does not exist."""

@@ -10,67 +10,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from wan.checkpoint_layout import (  # noqa: F401 - re-exported
+    CONFIG_FILE,
+    INDEX_FILE,
+    SINGLE_FILE,
+    TransformerFiles,
+    locate_transformer_files,
+)
 from wan.errors import CheckpointError
 from wan.modules.transformer import TransformerConfig, WanTransformer
 
-INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
-SINGLE_FILE = "diffusion_pytorch_model.safetensors"
-CONFIG_FILE = "config.json"
 MODEL_TYPES = {16: "t2v", 36: "i2v", 48: "ti2v"}  # in_dim -> model_type, when config.json is absent
-
-
-@dataclass(frozen=True)
-class TransformerFiles:
-    """The files of one transformer checkpoint: its config.json (if any) and its safetensors shards."""
-
-    config: Path | None
-    shards: tuple[Path, ...]
-    index: Path | None = None
-
-
-def locate_transformer_files(path: str | Path) -> TransformerFiles:
-    """Find config and shards; raise CheckpointError naming what is missing. Reads no tensor data."""
-    path = Path(path)
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise CheckpointError(
-                f"{path}: transformer weights must be a .safetensors file or a checkpoint folder"
-            )
-        config = path.parent / CONFIG_FILE
-        return TransformerFiles(config if config.is_file() else None, (path,))
-    if not path.is_dir():
-        raise CheckpointError(
-            f"{path}: transformer checkpoint not found (expected a folder with {CONFIG_FILE})"
-        )
-    config = path / CONFIG_FILE
-    if not config.is_file():
-        raise CheckpointError(
-            f"{path}: missing {CONFIG_FILE}; is this the right folder (e.g. high_noise_model/)?"
-        )
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{index}: unreadable index ({err}); re-download it") from None
-        names = sorted(set(weight_map.values()))
-        missing = [n for n in names if not (path / n).is_file()]
-        if missing:
-            raise CheckpointError(
-                f"{path / missing[0]}: shard named in {INDEX_FILE} is missing; re-download it"
-            )
-        return TransformerFiles(config, tuple(path / n for n in names), index)
-    single = path / SINGLE_FILE
-    if single.is_file():
-        return TransformerFiles(config, (single,))
-    raise CheckpointError(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}; the download looks incomplete")
 
 
 def _open(path: Path):

@@ -16,16 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wan.errors import CheckpointError
+from wan.errors import CheckpointError, CheckpointNotFoundError
 from wan.modules import vae_2_1, vae_2_2
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "VaeConfig", "WanVAE", "load_vae"]
 
 DEFAULT_TILE_PIXELS = 256  # default tile edge in pixels; the overlap defaults to a quarter of the tile
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The checkpoint path does not exist."""
 
 
 @dataclass(frozen=True)
