@@ -114,3 +114,17 @@ def test_cache_hook_wraps_the_block_stack():
         a = model(x, torch.tensor([600]), ctx)
         b = model(x, torch.tensor([600]), ctx, cache=cache)
     assert cache.calls == 1 and torch.equal(a, b)
+
+
+def test_fp32_parameters_under_bf16_autocast_follow_upstream_regime():
+    """Upstream's default GPU regime: fp32 weights under bf16 autocast; the time MLPs and the head
+    stay float32 (autocast disabled inside), so the result is close to the fp32 one."""
+    model = make("t2v")
+    x, ctx, _ = inputs(model)
+    with torch.no_grad():
+        ref = model(x, torch.tensor([700]), ctx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, torch.tensor([700]), ctx)
+            mod = model.embed_time(torch.tensor([700]), 12)
+    assert out.dtype == torch.float32 and mod.e.dtype == torch.float32 and mod.e0.dtype == torch.float32
+    assert (out - ref).abs().max() / ref.abs().max() < 0.05

@@ -63,7 +63,8 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A Linear evaluated in float32 whatever its parameter dtype (upstream's autocast(float32) regions)."""
     bias = layer.bias.float() if layer.bias is not None else None
-    return F.linear(x.float(), layer.weight.float(), bias)
+    with torch.autocast(x.device.type, enabled=False):  # stays float32 inside a bf16 autocast region
+        return F.linear(x.float(), layer.weight.float(), bias)
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
