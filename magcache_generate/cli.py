@@ -248,7 +248,7 @@ def run_command(
         ckpt_dir = demo_checkpoint(cfg.name)
     else:
         ckpt_dir = options.ckpt_dir
-    from magcache_generate.validate import check_checkpoint_dir
+    from magcache_generate.preflight import check_checkpoint_dir
 
     ckpt_dir = check_checkpoint_dir(ckpt_dir, cfg)
     requests = [dataclasses.replace(r, ckpt_dir=ckpt_dir) for r in requests]
@@ -347,7 +347,7 @@ def build_plan(settings: PlanSettings) -> Plan:
 
 
 def print_plan(settings: PlanSettings, *, as_json: bool) -> None:
-    from magcache_generate.magcache.plan import plan_json, render_plan
+    from magcache_generate.magcache.report import plan_json, render_plan
 
     p = build_plan(settings)
     if not as_json:

@@ -13,14 +13,13 @@ from magcache_generate.magcache.plan import (
     UnreachableSpeedupError,
     expert_for,
     plan,
-    plan_json,
     preset_config,
-    render_plan,
     script_high_noise_steps,
     threshold_for_speedup,
 )
 from magcache_generate.magcache.policy import FRESH, MagCacheConfig, MagCacheConfigError, decide
 from magcache_generate.magcache.ratios import MagCurve, official_curve
+from magcache_generate.magcache.report import plan_json, render_plan
 
 # Wan's task configs (shift, expert boundary); the goldens' manifest does not repeat them.
 TASK_SHIFT = {"t2v-A14B": 12.0, "i2v-A14B": 5.0, "ti2v-5B": 5.0}

@@ -19,14 +19,13 @@ from PIL import Image
 
 from magcache_generate.argv import normalize_argv
 from magcache_generate.batch import build_batch, parse_prompt_file
+from magcache_generate.preflight import check_checkpoint_dir, check_image
 from magcache_generate.request import UserError
 from magcache_generate.validate import (
     CATS_PROMPT,
     EXAMPLE_PROMPTS,
     GenerateOptions,
     build_request,
-    check_checkpoint_dir,
-    check_image,
     plan_settings,
     resolve_guide_scale,
 )

@@ -345,51 +345,6 @@ def plan(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reporting
-
-
-def plan_json(p: Plan) -> dict:
-    return {
-        "task": p.task,
-        "steps": p.steps,
-        "mode": p.mode,
-        "forwards": p.forwards,
-        "dense_forwards": p.dense_forwards,
-        "calls": [
-            {"step": c.step, "branch": c.branch, "expert": c.expert, "computed": c.computed} for c in p.calls
-        ],
-    }
-
-
-EXPERT_NAMES = {"high": "high-noise", "low": "low-noise", "single": "single model"}
-
-
-def render_plan(p: Plan) -> str:
-    """Rows of C (computed) / s (skipped) per branch, H/L per expert, then the counts."""
-    c = p.config
-    lines = [f"{p.task}  {p.steps} steps  mode {p.mode}  thresh {c.thresh} K {c.K} retention {c.retention}"]
-    lines.append(f"  curve  : {p.curve_key}")
-    if any(e != "single" for e in p.experts):
-        lines.append("  expert : " + "".join("H" if e == "high" else "L" for e in p.experts))
-    for b in p.branches:
-        lines.append(f"  {b:<6} : " + "".join("C" if x.computed else "s" for x in p.calls if x.branch == b))
-    lines.append("  step   : " + "".join(str(s % 10) for s in range(p.steps)))
-    for b in p.branches:
-        skipped = p.skipped_steps(b)
-        lines.append(f"  {b} skipped steps {len(skipped)}: {skipped}")
-    lines.append(
-        f"  forwards {p.forwards} of {p.dense_forwards} dense -> ideal speedup {p.ideal_speedup:.3f}x"
-    )
-    for e in dict.fromkeys(p.experts):
-        fw, dense = p.count(expert=e)
-        lines.append(f"    {EXPERT_NAMES[e]}: {fw}/{dense} forwards ({dense / fw:.3f}x)")
-    lines += [f"  warning: {w}" for w in p.warnings]
-    if p.no_skip_reason:
-        lines.append(f"  note: {p.no_skip_reason}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Threshold search
 
 

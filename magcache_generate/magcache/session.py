@@ -19,7 +19,7 @@ import torch
 
 from magcache_generate.atomic import atomic_write_file
 from magcache_generate.magcache.calibration import CalibrationRecorder, CalibrationRecording, average
-from magcache_generate.magcache.plan import render_plan
+from magcache_generate.magcache.report import render_plan
 from magcache_generate.magcache.residual_cache import ResidualCache
 from magcache_generate.magcache.settings import make_plan
 

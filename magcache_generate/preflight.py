@@ -1,0 +1,99 @@
+"""Checks of the files a run touches, before any weight is loaded: the input image, the checkpoint
+folder (which files exist; no tensor data is read) and the outputs. None of them imports torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from magcache_generate.atomic import check_writable
+from magcache_generate.request import Request, UserError
+from wan.configs import TaskConfig
+
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "spiece.model")  # as wan.tokenizer.VOCAB_FILES (torch-free here)
+
+
+def check_image(image: Path | None, cfg: TaskConfig) -> Path | None:
+    """Image presence per task (required / optional / refused) and that the file decodes as an image."""
+    if image is None:
+        if cfg.image == "required":
+            raise UserError(f"{cfg.name} needs an input image; pass --image first_frame.jpg")
+        return None
+    if cfg.image == "refused":
+        raise UserError(f"{cfg.name} takes no --image; drop it, or use --task i2v-A14B or ti2v-5B")
+    image = Path(image)
+    if not image.is_file():
+        what = "is a folder, not an image file" if image.is_dir() else "not found"
+        raise UserError(f"--image '{image}' {what}; check the path")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as opened:
+            opened.verify()  # reads the headers and checks integrity without decoding the pixels
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(
+            f"--image '{image}' is not a readable image ({reason}); pass a PNG or JPEG file"
+        ) from None
+    return image
+
+
+def check_checkpoint_dir(ckpt_dir: Path | None, cfg: TaskConfig) -> Path:
+    """Every file the task loads is present: DiT folder(s), umT5 encoder, VAE, tokenizer. Reads no tensors."""
+    from wan.checkpoint_layout import locate_transformer_files  # torch-free
+    from wan.errors import CheckpointError
+
+    if ckpt_dir is None:
+        raise UserError(
+            f"--ckpt-dir is required: the folder with the {cfg.name} weights (or --demo for tiny random ones)"
+        )
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        what = "is a file, not a folder" if ckpt_dir.exists() else "not found"
+        raise UserError(f"--ckpt-dir '{ckpt_dir}' {what}; pass the folder with the {cfg.name} weights")
+    incomplete = f"checkpoint '{ckpt_dir}' is incomplete for {cfg.name}"
+    for folder in cfg.dit_folders:
+        try:
+            locate_transformer_files(ckpt_dir / folder if folder else ckpt_dir)
+        except CheckpointError as err:
+            raise UserError(f"{incomplete}: {err}") from None
+    for name, what in ((cfg.t5_checkpoint, "umT5 text encoder"), (cfg.vae_checkpoint, "VAE")):
+        if not (ckpt_dir / name).is_file():
+            raise UserError(f"{incomplete}: {name} (the {what}) is missing; download it into that folder")
+    tokenizer = ckpt_dir / cfg.t5_tokenizer
+    if not any((tokenizer / name).is_file() for name in TOKENIZER_VOCAB_FILES):
+        raise UserError(
+            f"{incomplete}: tokenizer folder {cfg.t5_tokenizer}/ with tokenizer.json or spiece.model is missing"
+        )
+    return ckpt_dir
+
+
+def check_outputs(request: Request) -> None:
+    """The video, its JSON sidecar, the frames folder and the calibration file can all be written."""
+    from magcache_generate.atomic import OutputExistsError, OutputPathError
+    from magcache_generate.naming import FRAME_NAME_PATTERN, VIDEO_SUFFIXES
+
+    if request.save_file.suffix.lower() not in VIDEO_SUFFIXES:
+        raise UserError(
+            f"--save-file '{request.save_file}' must end in {', '.join(VIDEO_SUFFIXES)} "
+            "(ffmpeg picks the container from it)"
+        )
+    if (
+        request.magcache.calibrate_file is not None
+        and request.sidecar
+        and (request.magcache.calibrate_file.resolve() == request.sidecar_file.resolve())
+    ):
+        raise UserError(
+            f"--magcache-calibrate '{request.magcache.calibrate_file}' is the video's sidecar file; choose another name"
+        )
+    checks = [(request.save_file, False, None)]
+    if request.sidecar:
+        checks.append((request.sidecar_file, False, None))
+    if request.save_frames is not None:
+        checks.append((request.save_frames, True, FRAME_NAME_PATTERN))
+    if request.magcache.calibrate_file is not None:
+        checks.append((request.magcache.calibrate_file, False, None))
+    for path, folder, replaceable in checks:
+        try:
+            check_writable(path, request.overwrite, folder=folder, replaceable=replaceable)
+        except (OutputExistsError, OutputPathError) as err:
+            raise UserError(str(err)) from None
