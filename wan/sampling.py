@@ -70,10 +70,13 @@ def sample(
     x = cond.impose(noise)
     state = initial_state()
     total = len(schedule)
+    model, active = None, None
     for i in range(total):
         t = int(schedule.timesteps[i])
         expert = expert_for(t, boundary)
-        model = models.activate(expert)
+        if expert != active:
+            model = None  # drop our reference first, so the provider can free the previous expert
+            model, active = models.activate(expert), expert
         scale = guide_scale_for(expert, guide_scale)
         t_model = cond.model_timestep(t, x)
         with torch.inference_mode():
