@@ -1,15 +1,29 @@
-"""Default output file name, upstream's pattern made safe to paste into a shell."""
+"""Output names: the default video name (upstream's pattern made safe to paste into a shell), the
+accepted video suffixes and where a video's JSON sidecar goes. Torch-free: the CLI checks them early."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
 from datetime import datetime
+from pathlib import Path
 
 PROMPT_CHARS_IN_NAME = 50
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".m4v")
 FRAME_NAME_PATTERN = re.compile(r"frame_\d{5,}\.png")
+
+
+def video_suffix_problem(path: Path) -> str | None:
+    """Why ``path`` cannot name a video file (its suffix), or None when it can."""
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        return None
+    return f"'{path}' must end in {', '.join(VIDEO_SUFFIXES)} (ffmpeg picks the container from it)"
+
+
+def sidecar_path(output: str | Path) -> Path:
+    """Where the JSON sidecar of a video file or frames folder goes: ``out/video.mp4`` -> ``out/video.json``."""
+    return Path(output).with_suffix(".json")
 
 
 def default_save_file(task: str, size: str, prompt: str, now: datetime, *, ulysses_size: int = 1) -> str:

@@ -70,13 +70,11 @@ def check_checkpoint_dir(ckpt_dir: Path | None, cfg: TaskConfig) -> Path:
 def check_outputs(request: Request) -> None:
     """The video, its JSON sidecar, the frames folder and the calibration file can all be written."""
     from magcache_generate.atomic import OutputExistsError, OutputPathError
-    from magcache_generate.naming import FRAME_NAME_PATTERN, VIDEO_SUFFIXES
+    from magcache_generate.naming import FRAME_NAME_PATTERN, video_suffix_problem
 
-    if request.save_file.suffix.lower() not in VIDEO_SUFFIXES:
-        raise UserError(
-            f"--save-file '{request.save_file}' must end in {', '.join(VIDEO_SUFFIXES)} "
-            "(ffmpeg picks the container from it)"
-        )
+    problem = video_suffix_problem(request.save_file)
+    if problem:
+        raise UserError(f"--save-file {problem}")
     if (
         request.magcache.calibrate_file is not None
         and request.sidecar

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from magcache_generate.naming import sidecar_path
+
 
 class UserError(ValueError):
     """A bad input: the message is one line naming the input and how to fix it (exit code 2)."""
@@ -53,4 +55,4 @@ class Request:
 
     @property
     def sidecar_file(self) -> Path:
-        return self.save_file.with_suffix(".json")
+        return sidecar_path(self.save_file)

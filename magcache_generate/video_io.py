@@ -19,7 +19,12 @@ import torch
 from PIL import Image
 
 from magcache_generate.atomic import atomic_write_file, atomic_write_folder, check_writable
-from magcache_generate.naming import FRAME_NAME_PATTERN, VIDEO_SUFFIXES
+from magcache_generate.naming import (  # noqa: F401 - VIDEO_SUFFIXES, sidecar_path re-exported
+    FRAME_NAME_PATTERN,
+    VIDEO_SUFFIXES,
+    sidecar_path,
+    video_suffix_problem,
+)
 
 # Upstream writes with imageio quality=8, which imageio-ffmpeg turns into int((1 - 8/10) * 51) = crf 10.
 DEFAULT_CRF = 10
@@ -65,10 +70,9 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 def check_video_path(path: str | os.PathLike, overwrite: bool) -> Path:
     """Check a video output path before any model is loaded: container suffix and ``check_writable``."""
     path = Path(path)
-    if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise VideoPathError(
-            f"video file '{path}' must end in {', '.join(VIDEO_SUFFIXES)} (ffmpeg picks the container from it)"
-        )
+    problem = video_suffix_problem(path)
+    if problem:
+        raise VideoPathError(f"video file {problem}")
     return check_writable(path, overwrite)
 
 
@@ -184,11 +188,6 @@ def _checked_frames(frames: np.ndarray) -> np.ndarray:
             f"expected uint8 frames [T, H, W, 3] with T >= 1, got {frames.dtype} {list(frames.shape)}"
         )
     return np.ascontiguousarray(frames)
-
-
-def sidecar_path(output: str | os.PathLike) -> Path:
-    """Where the JSON sidecar of a video file or frames folder goes: ``out/video.mp4`` -> ``out/video.json``."""
-    return Path(output).with_suffix(".json")
 
 
 def write_sidecar(output: str | os.PathLike, data: dict[str, Any], *, overwrite: bool = False) -> Path:

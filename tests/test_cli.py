@@ -7,7 +7,6 @@ requests it receives (or fails the test when bad input must never reach it).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,8 +20,6 @@ from typer.testing import CliRunner
 from magcache_generate.cli import app, main
 from magcache_generate.request import Request
 from wan.configs import TASKS
-
-HAS_PLAN = importlib.util.find_spec("magcache_generate.magcache.plan") is not None
 
 
 @pytest.fixture
@@ -375,7 +372,6 @@ def test_prompt_file_without_valid_items_exits_2(workdir, forbidden_run, capsys)
 # --magcache-plan, --help, import cost
 
 
-@pytest.mark.skipif(not HAS_PLAN, reason="magcache_generate/magcache/plan.py is not written yet")
 def test_magcache_plan_json(tmp_path, monkeypatch, forbidden_run, capsys):
     monkeypatch.chdir(tmp_path)  # no checkpoint anywhere: the plan needs none
     code, out, err = run_main(
@@ -391,7 +387,6 @@ def test_magcache_plan_json(tmp_path, monkeypatch, forbidden_run, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(not HAS_PLAN, reason="magcache_generate/magcache/plan.py is not written yet")
 def test_magcache_plan_text_and_bad_settings(tmp_path, monkeypatch, forbidden_run, capsys):
     monkeypatch.chdir(tmp_path)
     code, out, _ = run_main(["--magcache-plan", "--task", "ti2v-5B", "--magcache-speedup", "1.5"], capsys)
@@ -403,7 +398,6 @@ def test_magcache_plan_text_and_bad_settings(tmp_path, monkeypatch, forbidden_ru
     )
 
 
-@pytest.mark.skipif(not HAS_PLAN, reason="magcache_generate/magcache/plan.py is not written yet")
 def test_unreachable_speedup_fails_before_loading(workdir, forbidden_run, capsys):
     before = snapshot(workdir)
     argv = ["--ckpt-dir", ckpt(), "--use-magcache", "--magcache-speedup", "5", "--save-file", "a.mp4"]
@@ -414,7 +408,6 @@ def test_unreachable_speedup_fails_before_loading(workdir, forbidden_run, capsys
     assert snapshot(workdir) == before
 
 
-@pytest.mark.skipif(not HAS_PLAN, reason="magcache_generate/magcache/plan.py is not written yet")
 def test_batch_item_whose_magcache_plan_fails_is_skipped(workdir, captured, capsys):
     (workdir / "prompts.txt").write_text('a fox\n{"prompt": "a boat", "sample_steps": 3}\n')
     argv = [
