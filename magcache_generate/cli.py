@@ -24,7 +24,7 @@ from rich.console import Console
 from magcache_generate import __version__
 from magcache_generate.argv import normalize_argv
 from magcache_generate.atomic import OutputPathError
-from magcache_generate.request import Request, UserError
+from magcache_generate.request import OutOfMemory, Request, UserError
 from magcache_generate.validate import (
     GenerateOptions,
     PlanSettings,
@@ -392,6 +392,9 @@ def exit_code_for(err: BaseException, debug: bool) -> int:
     if isinstance(err, USER_ERRORS):
         typer.echo(f"error: {error_line(err)}", err=True)
         return EXIT_USAGE
+    if isinstance(err, OutOfMemory):
+        typer.echo(f"error: {error_line(err)}", err=True)
+        return EXIT_FAILURE
     hint = "" if debug else "; rerun with --debug for the traceback"
     typer.echo(f"error: unexpected {type(err).__name__}: {error_line(err)}{hint}", err=True)
     return EXIT_FAILURE

@@ -15,6 +15,10 @@ class UserError(ValueError):
     """A bad input: the message is one line naming the input and how to fix it (exit code 2)."""
 
 
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory; the message says which flags lower the peak."""
+
+
 @dataclass(frozen=True)
 class MagCacheOptions:
     enabled: bool = False

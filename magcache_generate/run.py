@@ -21,7 +21,7 @@ from magcache_generate import __version__
 from magcache_generate.magcache.calibration import CalibrationRecorder
 from magcache_generate.magcache.session import CalibrationCollector, build_cache, finish_cache
 from magcache_generate.progress import Reporter, batch_table, magcache_table, summary_table
-from magcache_generate.request import Request
+from magcache_generate.request import OutOfMemory, Request
 from magcache_generate.video_io import read_image, to_uint8_frames, write_frames_png, write_mp4, write_sidecar
 from wan.conditioning import Conditioning, i2v_mask, i2v_video
 from wan.configs import SIZES, TASKS, TaskConfig, max_area
@@ -300,6 +300,23 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def out_of_memory(request: Request, err: BaseException) -> OutOfMemory:
+    """One actionable line instead of torch's paragraph: the flags not yet used that lower the peak."""
+    first = str(err).strip().split(". ")[0]
+    flags = [
+        flag
+        for flag, used in (
+            ("--offload-model", request.offload_model),
+            ("--convert-model-dtype", request.convert_model_dtype),
+            ("--t5-cpu", request.t5_cpu),
+            ("--vae-tiled", request.vae_tiled),
+        )
+        if not used
+    ]
+    advice = f"add {' '.join(flags)}, or " if flags else ""
+    return OutOfMemory(f"out of memory ({first}); {advice}lower --size or --frame-num")
+
+
 def run_requests(requests: list[Request], *, console: Console, debug: bool = False) -> list[dict[str, Any]]:
     """Generate every request with models loaded once; a failing item is reported and skipped."""
     if not requests:
@@ -314,7 +331,10 @@ def run_requests(requests: list[Request], *, console: Console, debug: bool = Fal
             reporter.log(f"[bold]{request.task}[/] seed {request.base_seed}: {request.prompt[:80]!r}")
             start = time.perf_counter()
             try:
-                result = generate_one(components, request, reporter, batch=batch, calibration=calibration)
+                try:
+                    result = generate_one(components, request, reporter, batch=batch, calibration=calibration)
+                except torch.cuda.OutOfMemoryError as err:  # also torch.OutOfMemoryError
+                    raise out_of_memory(request, err) from None
             except KeyboardInterrupt:
                 raise
             except Exception as err:

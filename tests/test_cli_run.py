@@ -147,3 +147,20 @@ def test_calibrate_then_plan_and_run_with_the_file(t2v_ckpt, tmp_path, capsys):
     assert run_cli(run + BASE) == 0
     report = json.loads((tmp_path / "m.json").read_text())["magcache"]
     assert report["dense_forwards"] == 8 and report["ideal_speedup"] >= 1.0
+
+
+def test_out_of_memory_is_one_actionable_line(t2v_ckpt, tmp_path, monkeypatch, capsys):
+    import torch
+
+    import wan.sampling
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.60 GiB. GPU 0 has ...")
+
+    monkeypatch.setattr(wan.sampling, "step", oom)
+    argv = ["--ckpt-dir", str(t2v_ckpt), "--save-file", str(tmp_path / "clip.mp4"), "--convert-model-dtype"]
+    assert run_cli(argv + BASE) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: out of memory (CUDA out of memory)")
+    assert "--t5-cpu --vae-tiled" in err[0] and "--convert-model-dtype" not in err[0]
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 THETA = 10000.0
@@ -29,8 +31,14 @@ def rope_table(head_dim: int, max_positions: int = 1024, device: torch.device | 
     return torch.cat(parts, dim=1)
 
 
+@lru_cache(maxsize=4)  # one table per latent grid: every step and branch of a run reuses it
 def grid_freqs(head_dim: int, grid: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
     """Per-token rotations for a (F, H, W) token grid in (f, h, w) row-major order: complex128 [F*H*W, head_dim/2]."""
+    with torch.inference_mode(False), torch.no_grad():  # a cached table must not be an inference tensor
+        return _grid_freqs(head_dim, grid, device)
+
+
+def _grid_freqs(head_dim: int, grid: tuple[int, int, int], device: torch.device | str) -> torch.Tensor:
     f, h, w = grid
     ft, fh, fw = (
         torch.polar(torch.ones_like(a), a)
