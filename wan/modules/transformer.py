@@ -9,8 +9,9 @@ parameter dtype. With float32 parameters everything is float32 (the goldens' reg
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +41,19 @@ class TransformerConfig:
         return self.dim // self.num_heads
 
 
-class ResidualCacheLike:
+class ResidualCacheLike(Protocol):
     """What the transformer needs from a step-skipping cache: run(h, blocks) -> h_out."""
 
-    def run(self, h: torch.Tensor, blocks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+    def run(self, h: torch.Tensor, blocks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
+
+
+class BlockSource(Protocol):
+    """Where the block weights come from during a forward (memory placement, e.g. streamed blocks).
+
+    `iter_blocks(blocks)` yields every block in order, each ready on the compute device when yielded.
+    """
+
+    def iter_blocks(self, blocks: nn.ModuleList) -> Iterator[nn.Module]: ...
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,6 +226,8 @@ class WanTransformer(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        # Memory placement of the blocks (None: all resident); set by a placement policy, never by the model.
+        self.block_source: BlockSource | None = None
 
     # -- conditioning -----------------------------------------------------------------------------
 
@@ -257,7 +268,8 @@ class WanTransformer(nn.Module):
     def run_blocks(
         self, x: torch.Tensor, mod: Modulation, context: torch.Tensor, freqs: torch.Tensor
     ) -> torch.Tensor:
-        for block in self.blocks:
+        blocks = self.blocks if self.block_source is None else self.block_source.iter_blocks(self.blocks)
+        for block in blocks:
             x = block(x, mod, context, freqs)
         return x
 
