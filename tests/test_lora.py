@@ -267,3 +267,18 @@ def test_header_reader_matches_safetensors(ckpt, tmp_path):
     with pytest.raises(HeaderError, match="one value"):
         read_scalar(ckpt / "x", read_header(files.shards[0])["blocks.0.self_attn.q.weight"])
     assert math.prod(read_header(files.shards[0])["blocks.0.self_attn.q.weight"].shape) == 32 * 32
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_merge_on_the_gpu_equals_the_cpu_merge(ckpt, factors, tmp_path):
+    path = write_lora(tmp_path / "g.safetensors", factors, "kohya", alpha=ALPHA)
+    files = check_loras(ckpt, [LoraSpec(path, 0.8)])
+    cpu, gpu = LoraMerge(files), LoraMerge(files, device="cuda")
+    base = load_transformer(ckpt).state_dict()
+    for key, value in base.items():
+        torch.testing.assert_close(gpu(key, value).cpu(), cpu(key, value), rtol=1e-5, atol=1e-6)
+    model = load_transformer(
+        ckpt, dtype=torch.bfloat16, device="cuda", transform=LoraMerge(files, device="cuda")
+    )
+    assert next(model.parameters()).device.type == "cuda"
