@@ -202,19 +202,25 @@ def generate(
     lora: Annotated[
         list[str] | None,
         InLora(
-            help="LoRA merged into every expert at load: FILE or FILE:SCALE (repeatable).", show_default=False
+            help="LoRA merged into every expert at load: FILE or FILE:SCALE (repeatable).",
+            show_default=False,
+            metavar="FILE[:SCALE]",
         ),
     ] = None,
     lora_high: Annotated[
         list[str] | None,
         InLora(
-            help="LoRA for the A14B high-noise expert only: FILE[:SCALE] (repeatable).", show_default=False
+            help="LoRA for the A14B high-noise expert only (repeatable).",
+            show_default=False,
+            metavar="FILE[:SCALE]",
         ),
     ] = None,
     lora_low: Annotated[
         list[str] | None,
         InLora(
-            help="LoRA for the A14B low-noise expert only: FILE[:SCALE] (repeatable).", show_default=False
+            help="LoRA for the A14B low-noise expert only (repeatable).",
+            show_default=False,
+            metavar="FILE[:SCALE]",
         ),
     ] = None,
     lora_dir: Annotated[
@@ -223,6 +229,7 @@ def generate(
             help="Lightning fork layout: DIR/high_noise_model.safetensors + low_noise_model.safetensors "
             "(ti2v-5B: diffusion_pytorch_model.safetensors); implies --distilled lightning.",
             show_default=False,
+            metavar="DIR",
         ),
     ] = None,
     distilled: Annotated[
@@ -415,6 +422,7 @@ def print_plan(settings: PlanSettings, *, as_json: bool) -> None:
         "K": p.config.K,
         "retention": p.config.retention,
         "curve": p.curve_key,
+        "cfg_free_experts": p.cfg_free_experts,
         "ideal_speedup": round(speedup, 6) if math.isfinite(speedup) else None,
         "warnings": list(p.warnings),
     }

@@ -288,6 +288,7 @@ def generate_one(
             "shift": request.sample_shift,
             "size": request.size,
             "solver": request.sample_solver,
+            "guide_scale": list(request.guide_scale),  # 1 on an expert: a CFG-free (cond-only) calibration
             "dtype": result["dtype"],
             "has_image": request.image is not None,
             "boundary": task.boundary,

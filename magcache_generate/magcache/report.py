@@ -12,7 +12,6 @@ def plan_json(p: Plan) -> dict:
         "mode": p.mode,
         "forwards": p.forwards,
         "dense_forwards": p.dense_forwards,
-        "cfg_free_experts": p.cfg_free_experts,
         "calls": [
             {"step": c.step, "branch": c.branch, "expert": c.expert, "computed": c.computed} for c in p.calls
         ],
