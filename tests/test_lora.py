@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from wan.experts import ExpertPool
 from wan.loading import load_transformer, locate_transformer_files, read_shapes
 from wan.lora import LoraError, LoraMerge, LoraSpec, build_merge, check_loras, checkpoint_shapes
+from wan.modules.transformer import WanTransformer
 from wan.safetensors_header import HeaderError, read_header, read_scalar
 from wan.testing.dit import random_transformer_state_dict, tiny_transformer_config, write_transformer_folder
 
@@ -236,12 +237,12 @@ def test_bad_keys(ckpt, factors, tmp_path):
 
 
 def test_lora_for_another_model_width(ckpt, tmp_path):
-    wide = tiny_transformer_config("t2v", dim=64, ffn_dim=128)
+    """A LoRA for a wider and deeper model (as A14B's on ti2v-5B) names the width, not the extra blocks."""
+    wide = tiny_transformer_config("t2v", dim=64, ffn_dim=128, num_layers=3)
     with torch.device("meta"):
-        from wan.modules.transformer import WanTransformer
-
         shapes = {k: v.shape for k, v in WanTransformer(wide).state_dict().items()}
-    path = write_lora(tmp_path / "wide.safetensors", lowrank_factors(shapes, MODULES), "kohya", alpha=ALPHA)
+    factors = lowrank_factors(shapes, MODULES, blocks=3)
+    path = write_lora(tmp_path / "wide.safetensors", factors, "kohya", alpha=ALPHA)
     message = one_line_error(ckpt, path, r"does not fit the high-noise transformer \(dim 32\): shapes differ")
     assert "[4, 64]" in message and "[32, 32]" in message
 

@@ -215,9 +215,8 @@ def check_lora(spec: LoraSpec, shapes: Mapping[str, tuple[int, ...]], where: str
     _fail(path, "has keys that are not LoRA tensors", [k for k, (_, role) in roles.items() if role is None])
 
     resolver = _Resolver(shapes, diffusers=any(m in k for k in keys for m in DIFFUSERS_MARKERS))
-    groups: dict[
-        tuple[str, str], dict[str, str]
-    ] = {}  # (param, "lowrank" | "diff" | "diff_b") -> role -> key
+    # (param, "lowrank" | "diff" | "diff_b") -> role -> key
+    groups: dict[tuple[str, str], dict[str, str]] = {}
     unmatched, duplicated = [], []
     for key, (raw, role) in roles.items():
         module = resolver.module(raw)
@@ -230,7 +229,6 @@ def check_lora(spec: LoraSpec, shapes: Mapping[str, tuple[int, ...]], where: str
         if role in slot:
             duplicated.append(key)
         slot[role] = key
-    _fail(path, f"has keys that match no parameter of {where} (a LoRA for another model?)", unmatched)
     _fail(path, "updates one parameter twice (two key styles for the same layer?)", duplicated)
     incomplete = [
         next(iter(slot.values()))
@@ -275,6 +273,8 @@ def check_lora(spec: LoraSpec, shapes: Mapping[str, tuple[int, ...]], where: str
         f"does not fit {where}{_width(shapes)}: shapes differ (a LoRA for another model width?)",
         bad_shape,
     )
+    # after the shape check: a LoRA for a deeper model of another width reports the width first
+    _fail(path, f"has keys that match no parameter of {where} (a LoRA for another model?)", unmatched)
     return LoraFile(path, spec.scale, tuple(patches))
 
 
