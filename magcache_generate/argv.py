@@ -38,6 +38,11 @@ VALUE_OPTIONS = frozenset(
         "--magcache-ratios",
         "--magcache-calibrate",
         "--magcache-speedup",
+        "--lora",
+        "--lora-high",
+        "--lora-low",
+        "--lora-dir",
+        "--distilled",
     }
 )
 FLAG_OPTIONS = frozenset(
@@ -74,6 +79,8 @@ PROMPT_EXTEND_VALUE_OPTIONS = frozenset(
 # The MagCache script's --magcache_calibration is a flag that writes the ratios into the current folder.
 UPSTREAM_CALIBRATION_FLAG = "--magcache-calibration"
 UPSTREAM_CALIBRATION_FILE = "mag_ratios.json"
+# The Lightning fork's second LoRA folder (--lora_dir2) is one more --lora-dir, merged after the first.
+LORA_DIR2 = "--lora-dir2"
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
@@ -83,7 +90,8 @@ def normalize_argv(argv: list[str]) -> list[str]:
     * ``--offload_model True|False`` (any str2bool word) -> ``--offload-model`` / ``--no-offload-model``;
     * ``--sample_guide_scale 3.0 4.0`` -> ``--sample-guide-scale 3.0,4.0`` (low-noise, high-noise);
     * ``--ulysses_size 1`` and the prompt-extension settings are dropped (no effect on one device);
-    * ``--magcache_calibration`` -> ``--magcache-calibrate mag_ratios.json``.
+    * ``--magcache_calibration`` -> ``--magcache-calibrate mag_ratios.json``;
+    * ``--lora_dir2 DIR`` (the Lightning fork) -> ``--lora-dir DIR``.
 
     Everything after a bare ``--`` is left untouched.
     """
@@ -113,7 +121,9 @@ def normalize_argv(argv: list[str]) -> list[str]:
             if i < len(argv) and _is_number(argv[i]) and _is_number(value):
                 value, i = f"{value},{argv[i]}", i + 1  # upstream-style pair: low-noise then high-noise
             out.append(f"{name}={value}")
-        elif name in VALUE_OPTIONS:
+        elif name in VALUE_OPTIONS or name == LORA_DIR2:
+            if name == LORA_DIR2:
+                name = "--lora-dir"
             if value is None:
                 value, i = _take_value(argv, i, name)
             out.append(
@@ -151,7 +161,7 @@ def _canonical_name(name: str) -> str:
     """``--frame_num`` -> ``--frame-num`` when that is an option we know (or map); otherwise unchanged."""
     kebab = "--" + name[2:].replace("_", "-")
     mapped = KNOWN_OPTIONS | DISTRIBUTED_FLAGS | PROMPT_EXTEND_VALUE_OPTIONS
-    mapped |= {ULYSSES, PROMPT_EXTEND_FLAG, UPSTREAM_CALIBRATION_FLAG}
+    mapped |= {ULYSSES, PROMPT_EXTEND_FLAG, UPSTREAM_CALIBRATION_FLAG, LORA_DIR2}
     return kebab if kebab in mapped else name
 
 

@@ -24,6 +24,9 @@ from rich.console import Console
 from magcache_generate import __version__
 from magcache_generate.argv import normalize_argv
 from magcache_generate.atomic import OutputPathError
+from magcache_generate.distilled import apply_distilled
+from magcache_generate.fast_path import fast_path_notes
+from magcache_generate.loras import check_loras
 from magcache_generate.request import OutOfMemory, Request, UserError
 from magcache_generate.validate import (
     GenerateOptions,
@@ -58,6 +61,7 @@ InMemory = functools.partial(typer.Option, rich_help_panel="Memory")
 InOutput = functools.partial(typer.Option, rich_help_panel="Output")
 InMagCache = functools.partial(typer.Option, rich_help_panel="MagCache")
 InBatch = functools.partial(typer.Option, rich_help_panel="Batch")
+InLora = functools.partial(typer.Option, rich_help_panel="LoRAs and distilled models")
 
 
 class Task(str, Enum):
@@ -69,6 +73,12 @@ class Task(str, Enum):
 class Solver(str, Enum):
     unipc = "unipc"
     dpmpp = "dpm++"
+    euler = "euler"
+
+
+class Distilled(str, Enum):
+    lightning = "lightning"
+    none = "none"
 
 
 class MagCacheMode(str, Enum):
@@ -113,7 +123,9 @@ def generate(
     demo: Annotated[
         bool, InTask("--demo", help="Use tiny random weights (no download; the video is noise).")
     ] = False,
-    sample_solver: Annotated[Solver, InSampling(help="Sampler.")] = Solver.unipc,
+    sample_solver: Annotated[
+        Solver | None, InSampling(help="Sampler.", show_default="unipc; euler with --distilled lightning")
+    ] = None,
     sample_steps: Annotated[int | None, InSampling(help="Steps", show_default="40; ti2v-5B 50")] = None,
     sample_shift: Annotated[
         float | None, InSampling(help="Sigma shift", show_default="12 t2v; 5 i2v, ti2v")
@@ -187,6 +199,45 @@ def generate(
     as_json: Annotated[
         bool, InMagCache("--json", help="With --magcache-plan: print one JSON object.")
     ] = False,
+    lora: Annotated[
+        list[str] | None,
+        InLora(
+            help="LoRA merged into every expert at load: FILE or FILE:SCALE (repeatable).",
+            show_default=False,
+            metavar="FILE[:SCALE]",
+        ),
+    ] = None,
+    lora_high: Annotated[
+        list[str] | None,
+        InLora(
+            help="LoRA for the A14B high-noise expert only (repeatable).",
+            show_default=False,
+            metavar="FILE[:SCALE]",
+        ),
+    ] = None,
+    lora_low: Annotated[
+        list[str] | None,
+        InLora(
+            help="LoRA for the A14B low-noise expert only (repeatable).",
+            show_default=False,
+            metavar="FILE[:SCALE]",
+        ),
+    ] = None,
+    lora_dir: Annotated[
+        list[Path] | None,
+        InLora(
+            help="Lightning fork layout: DIR/high_noise_model.safetensors + low_noise_model.safetensors "
+            "(ti2v-5B: diffusion_pytorch_model.safetensors); implies --distilled lightning.",
+            show_default=False,
+            metavar="DIR",
+        ),
+    ] = None,
+    distilled: Annotated[
+        Distilled | None,
+        InLora(
+            help="Step-distilled recipe: lightning = 4 steps, shift 5, guide 1, euler (unset options only)."
+        ),
+    ] = None,
     prompt_file: Annotated[
         Path | None, InBatch(help="One prompt (or JSON object) per line; models load once.")
     ] = None,
@@ -230,6 +281,7 @@ def run_command(
         return 0
     if demo and options.ckpt_dir is not None:
         raise UserError("--demo builds its own tiny checkpoint; drop --ckpt-dir (or --demo)")
+    options = apply_distilled(options)  # before the demo's defaults: the recipe's step count wins
     if demo:
         options = _with_demo_defaults(options)
     if prompt_file is not None:
@@ -237,7 +289,8 @@ def run_command(
     else:
         requests = [build_request(options, check_checkpoint=False)]
         random_seeds = [options.base_seed == -1]
-        check_magcache_plan(requests[0])
+    for note in fast_path_notes(options, requests[0], check_magcache_plan(requests[0])):
+        console.print(note, soft_wrap=True)  # before anything loads
 
     cfg = task_config(options.task)
     if demo:
@@ -251,6 +304,7 @@ def run_command(
     from magcache_generate.preflight import check_checkpoint_dir
 
     ckpt_dir = check_checkpoint_dir(ckpt_dir, cfg)
+    check_loras(requests[0].loras, ckpt_dir, cfg)  # headers only, before any weight loads
     requests = [dataclasses.replace(r, ckpt_dir=ckpt_dir) for r in requests]
     for request, was_random in zip(requests, random_seeds, strict=True):
         if was_random:
@@ -311,15 +365,22 @@ def plan_settings_for(request: Request) -> PlanSettings:
     cfg = TASKS[request.task]
     has_image = request.image is not None or cfg.image == "required"
     return PlanSettings(
-        cfg, request.sample_solver, request.sample_steps, request.sample_shift, has_image, request.magcache
+        cfg,
+        request.sample_solver,
+        request.sample_steps,
+        request.sample_shift,
+        has_image,
+        request.magcache,
+        request.guide_scale,
     )
 
 
-def check_magcache_plan(request: Request) -> None:
+def check_magcache_plan(request: Request) -> Plan | None:
     """Plan a MagCache run before loading anything, so an unreachable --magcache-speedup (or a setting the
     plan refuses) fails in a second rather than after the models are loaded."""
     if request.magcache.enabled:
-        build_plan(plan_settings_for(request))
+        return build_plan(plan_settings_for(request))
+    return None
 
 
 def build_plan(settings: PlanSettings) -> Plan:
@@ -341,6 +402,7 @@ def build_plan(settings: PlanSettings) -> Plan:
             settings.magcache,
             settings.has_image,
             log=lambda _message: None,
+            guide_scale=settings.guide_scale,
         )
     except (MagCacheConfigError, UnreachableSpeedupError) as err:
         raise UserError(str(err)) from None
@@ -360,6 +422,7 @@ def print_plan(settings: PlanSettings, *, as_json: bool) -> None:
         "K": p.config.K,
         "retention": p.config.retention,
         "curve": p.curve_key,
+        "cfg_free_experts": p.cfg_free_experts,
         "ideal_speedup": round(speedup, 6) if math.isfinite(speedup) else None,
         "warnings": list(p.warnings),
     }

@@ -75,6 +75,10 @@ def summary_table(result: dict) -> Table:
     steps = result.get("steps_run") or 0
     if steps:
         table.add_row("s/step", f"{result['timings_s'].get('denoise', 0.0) / steps:.3f}")
+    calls = result.get("sampling", {}).get("dit_calls_by_branch")
+    if calls:
+        only = " (cond only: guide scale 1)" if not calls.get("uncond") else ""
+        table.add_row("DiT calls", f"{sum(calls.values())}{only}")
     mem = result["peak_memory"]
     table.add_row("peak host RSS (GiB)", f"{mem['host_rss_gib']:.2f}")
     if mem.get("gpu_allocated_gib") is not None:

@@ -32,6 +32,19 @@ class MagCacheOptions:
 
 
 @dataclass(frozen=True)
+class LoraChoice:
+    """One LoRA file of the command line, resolved: which expert(s) it goes into and at what scale."""
+
+    path: Path
+    scale: float = 1.0
+    expert: str = "all"  # "all" (every expert), "high" or "low" (A14B only)
+    flag: str = "--lora"  # the option that named it, for messages
+
+    def applies_to(self, expert: str) -> bool:
+        return self.expert in ("all", expert)
+
+
+@dataclass(frozen=True)
 class Request:
     task: str
     ckpt_dir: Path
@@ -56,6 +69,8 @@ class Request:
     sidecar: bool = True
     vae_tiled: bool = False
     magcache: MagCacheOptions = field(default_factory=MagCacheOptions)
+    loras: tuple[LoraChoice, ...] = ()  # merged into the experts' weights at load time
+    distilled: str | None = None  # the step-distillation recipe whose defaults were applied ("lightning")
 
     @property
     def sidecar_file(self) -> Path:

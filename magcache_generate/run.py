@@ -18,6 +18,7 @@ from rich.console import Console
 
 import wan
 from magcache_generate import __version__
+from magcache_generate.loras import expert_specs, lora_records
 from magcache_generate.magcache.calibration import CalibrationRecorder
 from magcache_generate.magcache.session import CalibrationCollector, build_cache, finish_cache
 from magcache_generate.progress import Reporter, batch_table, magcache_table, summary_table
@@ -72,6 +73,7 @@ class Components:
             keep_inactive=batch,
             on_load=self._start_loading,
             on_shard=lambda shard: reporter.advance(self._loading_task, detail=shard.name),
+            loras=expert_specs(first.loras, list(paths)),  # merged as each expert loads
         )
         self._loading_task = 0
         self._text_encoder = None
@@ -210,9 +212,12 @@ def generate_one(
     schedule = make_schedule(request.sample_solver, request.sample_steps, request.sample_shift)
     cache = build_cache(request, schedule, components.dit_config, reporter)
     denoise = reporter.task("denoising", total=len(schedule))
+    dit_calls = {"cond": 0, "uncond": 0}
 
     def on_step(info: StepInfo) -> None:
-        reporter.advance(denoise, detail=f"t={info.timestep} {info.expert} cfg {info.guide_scale:g}")
+        for branch in info.branches:
+            dit_calls[branch] += 1
+        reporter.advance(denoise, detail=f"t={info.timestep:g} {info.expert} cfg {info.guide_scale:g}")
 
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -265,6 +270,8 @@ def generate_one(
         "steps_run": len(schedule),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "peak_memory": peak_memory(device),
+        "sampling": sampling_record(request, schedule, dit_calls),
+        "loras": lora_records(request.loras, task),
         "request": _jsonable(dataclasses.asdict(request)),
         "negative_prompt_used": negative,
         "versions": package_versions(),
@@ -281,6 +288,7 @@ def generate_one(
             "shift": request.sample_shift,
             "size": request.size,
             "solver": request.sample_solver,
+            "guide_scale": list(request.guide_scale),  # 1 on an expert: a CFG-free (cond-only) calibration
             "dtype": result["dtype"],
             "has_image": request.image is not None,
             "boundary": task.boundary,
@@ -288,6 +296,20 @@ def generate_one(
     if request.sidecar:
         write_sidecar(request.save_file, result, overwrite=request.overwrite)
     return result
+
+
+def sampling_record(request: Request, schedule, dit_calls: dict[str, int]) -> dict[str, Any]:
+    """Solver, schedule and the transformer calls the loop made (cond + uncond; CFG-free steps: cond only)."""
+    return {
+        "solver": request.sample_solver,
+        "steps": request.sample_steps,
+        "shift": request.sample_shift,
+        "guide_scale": list(request.guide_scale),
+        "distilled": request.distilled,
+        "timesteps": [schedule.timestep(i) for i in range(len(schedule))],
+        "dit_calls": sum(dit_calls.values()),
+        "dit_calls_by_branch": dict(dit_calls),
+    }
 
 
 def _jsonable(value: Any) -> Any:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from magcache_generate.distilled import apply_distilled, recipe_name
+from magcache_generate.loras import resolve_loras
 from magcache_generate.magcache.policy import MODES, MagCacheConfig, MagCacheConfigError
 from magcache_generate.naming import default_save_file
 from magcache_generate.preflight import check_checkpoint_dir, check_image, check_outputs
@@ -37,7 +39,8 @@ BEACH_CAT_PROMPT = (
 )
 EXAMPLE_PROMPTS = {"t2v-A14B": CATS_PROMPT, "i2v-A14B": BEACH_CAT_PROMPT, "ti2v-5B": CATS_PROMPT}
 
-SOLVERS = ("unipc", "dpm++")
+SOLVERS = ("unipc", "dpm++", "euler")
+DEFAULT_SOLVER = "unipc"
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MAX_CRF = 51  # libx264's range for 8-bit video is 0..51
 MAX_SEED = sys.maxsize  # upstream draws random seeds from [0, sys.maxsize]
@@ -69,7 +72,7 @@ class GenerateOptions:
     negative_prompt: str | None = None
     base_seed: int = -1
     image: Path | None = None
-    sample_solver: str = "unipc"
+    sample_solver: str | None = None  # None: unipc, or the --distilled recipe's
     sample_steps: int | None = None
     sample_shift: float | None = None
     sample_guide_scale: str | float | Sequence[float] | None = None
@@ -86,6 +89,11 @@ class GenerateOptions:
     magcache_ratios: Path | None = None
     magcache_calibrate: Path | None = None
     magcache_speedup: float | None = None
+    lora: Sequence[str] | None = ()  # FILE[:SCALE], every expert
+    lora_high: Sequence[str] | None = ()  # A14B high-noise expert only
+    lora_low: Sequence[str] | None = ()  # A14B low-noise expert only
+    lora_dir: Sequence[Path] | None = ()  # the Lightning fork's layout; implies --distilled lightning
+    distilled: str | None = None  # "lightning" | "none"
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,7 @@ class PlanSettings:
     sample_shift: float
     has_image: bool
     magcache: MagCacheOptions
+    guide_scale: tuple[float, float] | None = None  # None: the task's; 1 on an expert: cond-only steps
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,6 +128,7 @@ def build_request(
     batch, or built by --demo); a missing --ckpt-dir then becomes ``Path()``.
     """
     cfg = task_config(options.task)
+    options = apply_distilled(options)
     size = resolve_size(options.size, cfg)
     frame_num = check_frame_num(cfg.frame_num if options.frame_num is None else options.frame_num)
     solver, steps, shift = check_sampling(
@@ -176,20 +186,24 @@ def build_request(
         crf=options.crf,
         vae_tiled=options.vae_tiled,
         magcache=magcache,
+        loras=resolve_loras(cfg, options.lora, options.lora_high, options.lora_low, options.lora_dir),
+        distilled=recipe_name(options),
     )
     check_outputs(request)
     return request
 
 
 def plan_settings(options: GenerateOptions) -> PlanSettings:
-    """Validate only what ``--magcache-plan`` uses: task, solver, steps, shift and the MagCache options."""
+    """Validate only what ``--magcache-plan`` uses: task, solver, steps, shift, guide scales and MagCache."""
     cfg = task_config(options.task)
+    options = apply_distilled(options)
     solver, steps, shift = check_sampling(
         cfg, options.sample_solver, options.sample_steps, options.sample_shift
     )
     magcache = magcache_options(dataclasses.replace(options, use_magcache=True), plan=True)
     has_image = options.image is not None or cfg.image == "required"
-    return PlanSettings(cfg, solver, steps, shift, has_image, magcache)
+    guide_scale = resolve_guide_scale(options.sample_guide_scale, cfg)
+    return PlanSettings(cfg, solver, steps, shift, has_image, magcache, guide_scale)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -228,8 +242,9 @@ def check_frame_num(frame_num: int) -> int:
 
 
 def check_sampling(
-    cfg: TaskConfig, solver: str, steps: int | None, shift: float | None
+    cfg: TaskConfig, solver: str | None, steps: int | None, shift: float | None
 ) -> tuple[str, int, float]:
+    solver = DEFAULT_SOLVER if solver is None else solver
     if solver not in SOLVERS:
         raise UserError(f"unknown --sample-solver {solver!r}; use one of {', '.join(SOLVERS)}")
     steps = cfg.sample_steps if steps is None else steps

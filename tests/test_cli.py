@@ -152,7 +152,7 @@ BAD_INPUTS = [
     ("negative-steps", [*T2V, "--sample-steps", "-3"], None, "--sample-steps -3 must be at least 1"),
     ("zero-shift", [*T2V, "--sample_shift", "0"], None, "--sample-shift 0.0 must be a number > 0"),
     ("three-guide-scales", [*T2V, "--sample-guide-scale", "1,2,3"], None, "must be one number or two"),
-    ("bad-solver", [*T2V, "--sample-solver", "euler"], None, "Invalid value for '--sample-solver'"),
+    ("bad-solver", [*T2V, "--sample-solver", "heun"], None, "Invalid value for '--sample-solver'"),
     ("bad-K", [*T2V, "--use-magcache", "--magcache-K", "0"], None, "--magcache-K 0 must be >= 1"),
     (
         "bad-thresh",

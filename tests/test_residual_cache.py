@@ -216,10 +216,10 @@ def test_recorder_errors():
         rec.run(full(1.0), double)
     with pytest.raises(ValueError, match="recorded 1 step"):
         rec.to_json(PROVENANCE)
-    rec.begin_call(1, "cond", "high")
+    rec.begin_call(1, "uncond", "high")
     rec.run(full(1.0), double)
     with pytest.raises(
-        ValueError, match=r"calibration is incomplete: no sample for \(step, branch\) \[\(1, 'uncond'\)\]"
+        ValueError, match=r"calibration is incomplete: no sample for \(step, branch\) \[\(1, 'cond'\)\]"
     ):
         rec.to_json(PROVENANCE)
     rec.begin_call(2, "cond", "high")

@@ -145,8 +145,8 @@ def test_duplicated_first_timestep_sets_offset() -> None:
 
 
 def test_bad_solver_and_steps_are_readable_errors() -> None:
-    with pytest.raises(UnknownSolverError, match=r"'euler'.*unipc, dpm\+\+"):
-        make_schedule("euler", 10, 5.0)
+    with pytest.raises(UnknownSolverError, match=r"'heun'.*unipc, dpm\+\+, euler"):
+        make_schedule("heun", 10, 5.0)
     with pytest.raises(ValueError, match="at least 1"):
         make_schedule("unipc", 0, 5.0)
     with pytest.raises(ValueError, match="does not match"):

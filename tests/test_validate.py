@@ -172,7 +172,7 @@ def test_default_save_file_is_shell_safe_and_batch_items_differ(tmp_path):
         ({"size": "640*360"}, "--size '640*360' is not a size"),
         ({"frame_num": 80}, "--frame-num 80 is not of the form 4n+1"),
         ({"frame_num": 0}, "--frame-num 0 is not of the form 4n+1"),
-        ({"sample_solver": "euler"}, "unknown --sample-solver 'euler'; use one of unipc, dpm++"),
+        ({"sample_solver": "heun"}, "unknown --sample-solver 'heun'; use one of unipc, dpm++, euler"),
         ({"sample_steps": 0}, "--sample-steps 0 must be at least 1"),
         ({"sample_shift": -1.0}, "--sample-shift -1.0 must be a number > 0"),
         ({"sample_guide_scale": "1,2,3"}, "must be one number or two"),

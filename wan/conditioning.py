@@ -27,11 +27,13 @@ class Conditioning:
         mask = first_frame_mask(latent)
         return (1.0 - mask) * self.first_frame + mask * latent
 
-    def model_timestep(self, t: int, latent: torch.Tensor) -> torch.Tensor:
-        """The `t` given to the DiT: [B] int64, or per-token [B, L] float32 with frame-0 tokens at 0."""
+    def model_timestep(self, t: int | float, latent: torch.Tensor) -> torch.Tensor:
+        """The `t` given to the DiT: [B] int64 (float32 for a float `t`, the Euler schedule), or
+        per-token [B, L] float32 with frame-0 tokens at 0."""
         b = latent.shape[0]
         if self.first_frame is None:
-            return torch.full((b,), t, dtype=torch.int64, device=latent.device)
+            dtype = torch.float32 if isinstance(t, float) else torch.int64
+            return torch.full((b,), t, dtype=dtype, device=latent.device)
         pt, ph, pw = self.patch_size
         mask = first_frame_mask(latent)[:, 0, ::pt, ::ph, ::pw]  # [B, T, H/2, W/2]
         return (mask * t).flatten(1)

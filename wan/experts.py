@@ -6,18 +6,20 @@
   the loop never returns to the high-noise expert), so two A14B experts never sit in host RAM together.
 - Without `offload` both stay on the device once loaded (fastest when they fit: 2 x 28.6 GB in bf16).
 - There is never more than one copy of a model.
+- Each expert's LoRAs (`loras[expert]`) are merged into its weights as they load (`wan.lora`).
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from wan.loading import load_transformer
+from wan.lora import LoraSpec, build_merge, expert_label
 
 
 class ExpertPool:
@@ -31,8 +33,10 @@ class ExpertPool:
         keep_inactive: bool,
         on_load: Callable[[str, Path], None] | None = None,
         on_shard: Callable[[Path], None] | None = None,
+        loras: Mapping[str, Sequence[LoraSpec]] | None = None,
     ):
         self.paths = paths
+        self.loras = dict(loras or {})
         self.dtype, self.device = dtype, device
         self.offload, self.keep_inactive = offload, keep_inactive
         self.on_load, self.on_shard = on_load, on_shard
@@ -53,9 +57,18 @@ class ExpertPool:
             import time
 
             start = time.perf_counter()
-            model = load_transformer(
-                self.paths[expert], dtype=self.dtype, device=self.device, on_shard=self.on_shard
+            merge = build_merge(
+                self.paths[expert], self.loras.get(expert, ()), device=self.device, where=expert_label(expert)
             )
+            model = load_transformer(
+                self.paths[expert],
+                dtype=self.dtype,
+                device=self.device,
+                on_shard=self.on_shard,
+                transform=merge,
+            )
+            if merge is not None:
+                merge.finish()
             self.load_seconds += time.perf_counter() - start
             self.models[expert] = model
         elif _device_of(model) != self.device:

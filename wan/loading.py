@@ -27,6 +27,8 @@ from wan.errors import CheckpointError
 from wan.modules.transformer import TransformerConfig, WanTransformer
 
 MODEL_TYPES = {16: "t2v", 36: "i2v", 48: "ti2v"}  # in_dim -> model_type, when config.json is absent
+# (key, tensor as read) -> tensor to convert and place; applied before placement (LoRA merge).
+TensorTransform = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def _open(path: Path):
@@ -163,10 +165,12 @@ def load_transformer(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     on_shard: Callable[[Path], None] | None = None,
+    transform: TensorTransform | None = None,
 ) -> WanTransformer:
     """Load a Wan 2.2 transformer (folder with config.json + shards, or one .safetensors file).
 
-    `on_shard(path)` is called after each shard is loaded (progress reporting).
+    `on_shard(path)` is called after each shard is loaded (progress reporting). `transform(key, tensor)`
+    rewrites each tensor as it is read, before it is converted and placed (e.g. `wan.lora.LoraMerge`).
     """
     path = Path(path)
     files = locate_transformer_files(path)
@@ -187,6 +191,8 @@ def load_transformer(
             raise CheckpointError(
                 f"{shard}: tensor {key!r} could not be read ({err}); re-download it"
             ) from None
+        if transform is not None:
+            tensor = transform(key, tensor)
         _set_tensor(model, key, tensor.to(device=device, dtype=dtype))
     if current is not None and on_shard:
         on_shard(current)

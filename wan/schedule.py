@@ -1,9 +1,10 @@
-"""Flow-matching noise schedules: shifted sigma grids, the integer model timesteps and the MoE expert split.
+"""Flow-matching noise schedules: shifted sigma grids, the model timesteps and the MoE expert split.
 
 A schedule is plain data. ``make_schedule(solver, steps, shift)`` returns a :class:`Schedule` with
 
-* ``timesteps``: int64 ``[steps]``, the value the DiT receives at loop step ``i`` (``timesteps[i]``),
-  ``int64(1000 * sigma)`` truncated, exactly as the official pipelines;
+* ``timesteps``: ``[steps]``, the value the DiT receives at loop step ``i`` (``schedule.timestep(i)``):
+  int64 ``int64(1000 * sigma)`` truncated for ``unipc`` / ``dpm++``, exactly as the official pipelines;
+  float32 ``1000 * sigma`` for ``euler``, as the Lightning fork feeds its DiT;
 * ``sigmas``: float32 ``[steps + 1]``, the shifted sigmas followed by a final 0; the solvers use these
   exact values, not ``timesteps / 1000``;
 * ``offset``: the index of the sigma the first solver step starts from (0, or 1 for the upstream
@@ -16,6 +17,9 @@ Grids (Wan 2.2 ``fm_solvers_unipc.py`` / ``fm_solvers.py``):
 * ``unipc``: ``linspace(sigma_max, 0, steps + 1)[:-1]`` in float64 with ``sigma_max`` the float32 value of
   0.999 (the top of the 1000-step training grid), then shifted;
 * ``dpm++``: ``linspace(1, 0, steps + 1)[:steps]`` in float64, then shifted (its first timestep is 1000).
+* ``euler`` (the Lightning fork's ``EulerScheduler``, ``wan/utils/fm_solvers_euler.py``): float32
+  ``linspace(1000, 0, steps + 1)``, ``sigma = t / 1000`` shifted in float32, timesteps ``1000 * sigma``
+  in float32 (4 steps at shift 5: 1000, 937.5, 833.333, 625).
 
 The shift is ``s * sigma / (1 + (s - 1) * sigma)``.
 """
@@ -26,13 +30,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
 # Upstream quirk: the UniPC grid starts at the float32 value of 0.999 (0.9990000128746033), read back as a
 # Python float from the float32 training sigmas, not at 1.0.
 UNIPC_SIGMA_MAX = float(torch.tensor(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float32).item())
-SOLVER_NAMES = ("unipc", "dpm++")
+SOLVER_NAMES = ("unipc", "dpm++", "euler")
 
 Expert = Literal["high", "low", "single"]
 
@@ -69,6 +74,18 @@ def dpmpp_sigmas(steps: int, shift: float) -> torch.Tensor:
     return shift_sigmas(_linspace_head(1.0, 0.0, steps), shift)
 
 
+def euler_grid(steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Lightning fork's Euler schedule: float32 timesteps ``[steps + 1]`` and sigmas ``[steps + 1]``.
+
+    Same float32 operations in the same order as the fork (numpy's float32 linspace, then torch), so
+    the values agree bit for bit; both end at 0.
+    """
+    ticks = torch.from_numpy(np.linspace(NUM_TRAIN_TIMESTEPS, 0, steps + 1, dtype=np.float32))
+    sigmas = ticks / NUM_TRAIN_TIMESTEPS
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return sigmas * NUM_TRAIN_TIMESTEPS, sigmas
+
+
 def model_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
     """The integer timesteps the model receives: ``int64(1000 * sigma)``, truncated toward zero."""
     return (sigmas.to(torch.float64) * NUM_TRAIN_TIMESTEPS).to(torch.int64)
@@ -102,11 +119,20 @@ class Schedule:
         """Index into ``sigmas`` of the sigma loop step ``i`` starts from."""
         return i + self.offset
 
+    def timestep(self, i: int) -> int | float:
+        """The DiT timestep of loop step ``i`` as a Python number: int (unipc, dpm++) or float (euler)."""
+        value = self.timesteps[i]
+        return float(value) if value.is_floating_point() else int(value)
+
 
 def make_schedule(solver: str, steps: int, shift: float) -> Schedule:
-    """Build the official schedule of ``solver`` ("unipc" or "dpm++") for ``steps`` steps at ``shift``."""
+    """Build the schedule of ``solver`` ("unipc", "dpm++" or "euler") for ``steps`` steps at ``shift``."""
     if steps < 1:
         raise ValueError(f"sample steps must be at least 1, got {steps}: pass a positive step count")
+    if solver == "euler":
+        ticks, sigmas = euler_grid(steps, shift)
+        timesteps = ticks[:-1].clone()
+        return Schedule(solver=solver, timesteps=timesteps, sigmas=sigmas, offset=start_offset(timesteps))
     if solver == "unipc":
         grid = unipc_sigmas(steps, shift)
     elif solver == "dpm++":
@@ -118,14 +144,15 @@ def make_schedule(solver: str, steps: int, shift: float) -> Schedule:
     return Schedule(solver=solver, timesteps=timesteps, sigmas=sigmas, offset=start_offset(timesteps))
 
 
-def expert_for(t: int | torch.Tensor, boundary: float | None) -> Expert:
+def expert_for(t: float | torch.Tensor, boundary: float | None) -> Expert:
     """Which DiT handles timestep ``t``: "high" iff ``t >= boundary * 1000`` (inclusive), else "low".
 
     ``boundary`` is the config fraction (0.875 t2v-A14B, 0.9 i2v-A14B) or None for single-model tasks.
+    ``t`` is compared as a number, as upstream's ``t.item() >= boundary`` (Euler timesteps are floats).
     """
     if boundary is None:
         return "single"
-    return "high" if int(t) >= boundary * NUM_TRAIN_TIMESTEPS else "low"
+    return "high" if float(t) >= boundary * NUM_TRAIN_TIMESTEPS else "low"
 
 
 def high_noise_steps(timesteps: Iterable[int] | torch.Tensor, boundary: float | None) -> int:

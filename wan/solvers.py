@@ -17,7 +17,9 @@ trajectories agree to float32 rounding):
 
 * ``unipc`` (default): UniPC with the B(h) = expm1(h) variant ("bh2"), order 2, data (x0) prediction,
   the UniC corrector from the second step on, first order on the first and the last step;
-* ``dpm++``: DPM-Solver++ 2M (midpoint), data prediction, first order on the first and the last step.
+* ``dpm++``: DPM-Solver++ 2M (midpoint), data prediction, first order on the first and the last step;
+* ``euler``: the first-order flow-matching Euler step of the Lightning fork's ``EulerScheduler``
+  (``x + (sigma_next - sigma) * v`` in float32), no history; the 4-step distilled recipe's solver.
 
 Both work in half-log-SNR ``lambda = log(1 - sigma) - log(sigma)``; the step to sigma 0 returns the
 data prediction exactly.
@@ -183,7 +185,22 @@ def dpmpp_step(
     return x_next.to(x0.dtype), SolverState(x0_preds=x0_preds)
 
 
-SOLVERS: dict[str, StepFunction] = {"unipc": unipc_step, "dpm++": dpmpp_step}
+def euler_step(
+    x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, k: int, state: SolverState
+) -> tuple[torch.Tensor, SolverState]:
+    """One Euler step from ``sigmas[k]`` to ``sigmas[k + 1]``: ``x + (sigma_next - sigma) * v``.
+
+    As the fork's ``EulerScheduler.step``: the sample is upcast to float32 and the sigma difference is
+    taken in float32 before it scales the velocity. ``state`` passes through (Euler keeps no history).
+    """
+    if k >= len(sigmas) - 1:
+        # Upstream quirk (duplicated first timestep): the fork indexes past its sigmas here.
+        return x, state
+    sample = x.to(torch.float32)
+    return sample + (sigmas[k + 1] - sigmas[k]) * v, state
+
+
+SOLVERS: dict[str, StepFunction] = {"unipc": unipc_step, "dpm++": dpmpp_step, "euler": euler_step}
 
 
 def step(

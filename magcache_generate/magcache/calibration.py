@@ -9,7 +9,9 @@ residual of the previous step, per token (norms over the hidden dim):
     cos    = mean over tokens of 1 - cos(r_t, r_{t-1})
 
 As upstream, the previous residual of the first low-noise step is the high-noise expert's last one, so
-the curve shows the expert switch as a dip. `to_json` writes upstream's interleaved layout (2N-2 values,
+the curve shows the expert switch as a dip. A CFG-free run (guide scale 1: cond-only steps) records no
+uncond ratio there; the file then repeats the cond ratio in the uncond column and lists those steps
+under ``uncond_from_cond`` (a plan for a CFG-free run reads only the cond column anyway). `to_json` writes upstream's interleaved layout (2N-2 values,
 5 decimals) that ``ratios.load_ratios_file`` reads back, plus per-expert views and provenance.
 """
 
@@ -63,15 +65,23 @@ class CalibrationRecording:
                 f"calibration recorded {self.steps} step(s); ratios need a dense run of at least 2"
             )
         by_key = self._by_key()
-        missing = [(s, b) for s in range(1, self.steps) for b in ("cond", "uncond") if (s, b) not in by_key]
+        missing = [(s, "cond") for s in range(1, self.steps) if (s, "cond") not in by_key]
         if missing:
             raise ValueError(
                 f"calibration is incomplete: no sample for (step, branch) {missing[:4]}; it needs a full dense "
-                "run with both cond and uncond calls at every step"
+                "run with a cond call at every step"
             )
         return [
-            round(getattr(by_key[(s, b)], stat), 5) for s in range(1, self.steps) for b in ("cond", "uncond")
+            round(getattr(by_key.get((s, b), by_key[(s, "cond")]), stat), 5)
+            for s in range(1, self.steps)
+            for b in ("cond", "uncond")
         ]
+
+    @property
+    def uncond_from_cond(self) -> list[int]:
+        """Steps without an uncond ratio (CFG-free steps and the step after one): the cond one stands in."""
+        have = {s.step for s in self.samples if s.branch == "uncond"}
+        return [s for s in range(1, self.steps) if s not in have]
 
     def per_expert(self) -> dict[str, dict[str, list]]:
         out: dict[str, dict[str, list]] = {}
@@ -99,6 +109,7 @@ class CalibrationRecording:
             "mag_std": self.interleaved("std"),
             "cos_dis": self.interleaved("cos_dis"),
             "per_expert": self.per_expert(),
+            "uncond_from_cond": self.uncond_from_cond,
         }
 
 

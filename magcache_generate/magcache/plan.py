@@ -24,14 +24,19 @@ aligned (default) -- the same rule with upstream's defects fixed:
   * retention is counted per phase in steps, not calls, so cond and uncond stay in phase
     (upstream's call units let them drift apart, e.g. i2v step 17): the first round(r*P) steps of a
     P-step phase compute (half up); i2v-A14B keeps upstream's dense high-noise phase.
+
+CFG-free steps (guide scale 1, as the 4-step distilled recipe) run only the conditional forward, so the
+plan can have one branch per expert (``branches={"high": ("cond",), "low": ("cond", "uncond")}``);
+the aligned mode plans those steps with the cond column of the curve. Official mode needs both.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -47,6 +52,8 @@ from magcache_generate.magcache.ratios import (
 
 BRANCHES: tuple[str, ...] = ("cond", "uncond")
 BRANCH_INDEX = {"cond": 0, "uncond": 1}  # column in the interleaved curve
+# The forwards of a step: one set for every expert, or one per expert ("high", "low", "single").
+Branches = Sequence[str] | Mapping[str, Sequence[str]]
 
 # Upstream README settings (E006K2R04 / E006K2R01 / E006K2R02) as (thresh, K, retention).
 PRESETS: dict[str, tuple[float, int, float]] = {
@@ -103,17 +110,34 @@ class Plan:
     @property
     def experts(self) -> list[str]:
         """Expert of each step."""
-        return [c.expert for c in self.calls if c.branch == self.branches[0]]
+        return [c.expert for c in self.calls if c.branch == "cond"]
 
     @property
     def branches(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(c.branch for c in self.calls))
+        """Every branch some step runs, in call order."""
+        return tuple(b for b in BRANCHES if any(c.branch == b for c in self.calls))
+
+    def branches_at(self, step: int) -> tuple[str, ...]:
+        return tuple(b for b in BRANCHES if (step, b) in self._index)
+
+    @property
+    def cfg_free_experts(self) -> list[str]:
+        """Experts whose steps run only the conditional forward (guide scale 1)."""
+        experts = list(dict.fromkeys(self.experts))
+        return [e for e in experts if not any(c.expert == e and c.branch == "uncond" for c in self.calls)]
 
     def skipped_steps(self, branch: str) -> list[int]:
         return [c.step for c in self.calls if c.branch == branch and not c.computed]
 
+    def has_call(self, step: int, branch: str) -> bool:
+        return (step, branch) in self._index
+
     def call(self, step: int, branch: str) -> PlannedCall:
-        return self.calls[step * len(self.branches) + self.branches.index(branch)]
+        return self.calls[self._index[(step, branch)]]
+
+    @cached_property
+    def _index(self) -> dict[tuple[int, str], int]:
+        return {(c.step, c.branch): i for i, c in enumerate(self.calls)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,7 +237,7 @@ def _layout(
     config: MagCacheConfig,
     curve: MagCurve,
     shift: float | None,
-    branches: Sequence[str],
+    branches: Branches,
     warnings: list[str],
 ) -> list[_Slot]:
     steps = len(timesteps)
@@ -221,9 +245,13 @@ def _layout(
     high = experts.count("high")
     r = config.retention
     slots = []
+    per_expert = _branches_per_expert(branches, experts)
     if config.mode == "official":
-        if tuple(branches) != BRANCHES:
-            raise ValueError("official mode indexes calls as 2*step + branch: it needs both cond and uncond")
+        if any(tuple(b) != BRANCHES for b in per_expert.values()):
+            raise MagCacheConfigError(
+                "MagCache official mode reproduces upstream's script, which always runs cond and uncond; a guide "
+                "scale of 1 runs the conditional forward only: use --magcache-mode aligned"
+            )
         gammas = interpolate_whole(curve.padded, steps)
         split = None
         if boundary is not None:
@@ -237,7 +265,7 @@ def _layout(
                     f"{high}: its retention windows are placed as upstream's (official mode)"
                 )
         for s in range(steps):
-            for b in branches:
+            for b in BRANCHES:
                 cnt = 2 * s + BRANCH_INDEX[b]
                 forced = _official_forced(task, cnt, 2 * steps, split, r)
                 slots.append(_Slot(s, b, experts[s], gammas[cnt], forced, False))
@@ -247,7 +275,7 @@ def _layout(
             dense = task == "i2v-A14B" and expert == "high"  # as upstream: MagCache acts on low noise only
             kept = length if dense else max(1, math.floor(r * length + 0.5))
             for s in range(start, start + length):
-                for b in branches:
+                for b in per_expert[expert]:
                     gamma = gammas[2 * s + BRANCH_INDEX[b]]
                     slots.append(_Slot(s, b, expert, gamma, s - start < kept, s == start))
     if boundary is not None and 0 < high < steps and find_dip(curve.padded) is not None:
@@ -258,6 +286,21 @@ def _layout(
                 f"the curve's cross-expert dip lands {where}; the loop switches experts at step {high}"
             )
     return slots
+
+
+def _branches_per_expert(branches: Branches, experts: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Normalise ``branches`` to expert -> branches; each set is 'cond', 'uncond' or both, in that order."""
+    if isinstance(branches, Mapping):
+        missing = sorted(set(experts) - set(branches))
+        if missing:
+            raise ValueError(f"branches given for experts {sorted(branches)}, not for {missing}")
+        out = {e: tuple(branches[e]) for e in dict.fromkeys(experts)}
+    else:
+        out = dict.fromkeys(experts, tuple(branches))
+    for b in out.values():
+        if not b or [x for x in BRANCHES if x in b] != list(b):
+            raise ValueError(f"branches must be 'cond', 'uncond' or both, in that order; got {b}")
+    return out
 
 
 def _decide_all(slots: Sequence[_Slot], config: MagCacheConfig) -> list[PlannedCall]:
@@ -289,16 +332,21 @@ def _no_skip_reason(calls: Sequence[PlannedCall], config: MagCacheConfig) -> str
         return None
     steps = calls[-1].step + 1
     eligible = sum(not c.forced for c in calls)
+    route = (
+        "; for a 6-8 step (distilled) schedule, calibrate a curve at that step count (--magcache-calibrate "
+        "FILE) and check what it skips with --magcache-plan --magcache-ratios FILE"
+    )
     if eligible == 0:
         why = "retention windows" if config.mode == "official" else "retention windows and expert starts"
         return (
             f"MagCache skips nothing: all {len(calls)} DiT calls of this {steps}-step run are forced to compute "
             f"by its {why} (retention {config.retention}); use more steps or a lower retention"
+            + (route if steps <= 8 else "")
         )
     return (
         f"MagCache skips nothing at {steps} steps: each of the {eligible} eligible calls has |1 - ratio| >= "
         f"thresh {config.thresh}, the residual changes too much from step to step (few-step / distilled "
-        "schedules do not benefit), so every call computes"
+        "schedules do not benefit), so every call computes" + (route if steps <= 8 else "")
     )
 
 
@@ -311,20 +359,19 @@ def plan(
     *,
     shift: float | None = None,
     has_image: bool | None = None,
-    branches: Sequence[str] = BRANCHES,
+    branches: Branches = BRANCHES,
 ) -> Plan:
-    """Decide every DiT call of a run with these model timesteps (ints, loop order).
+    """Decide every DiT call of a run with these model timesteps (loop order).
 
     boundary: the A14B expert boundary (t >= boundary*1000 runs the high-noise expert); None = one model.
     shift: the run's sigma shift; official mode needs it for upstream's split, both modes use it to
     warn about a curve calibrated at another shift. has_image: only used to warn about a ti2v curve.
+    branches: the forwards of each step, for all experts or per expert (CFG-free experts: ("cond",)).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     if not timesteps:
         raise ValueError("a MagCache plan needs the run's timesteps; got none")
-    if not branches or [b for b in BRANCHES if b in branches] != list(branches):
-        raise ValueError(f"branches must be 'cond', 'uncond' or both, in that order; got {tuple(branches)}")
     if (boundary is None) != (task == "ti2v-5B"):
         raise ValueError(f"task {task} {'has no' if task == 'ti2v-5B' else 'needs an'} expert boundary")
     warnings = _curve_warnings(task, curve, len(timesteps), shift, has_image, config.mode)
@@ -365,6 +412,7 @@ def threshold_for_speedup(
     *,
     shift: float | None = None,
     max_thresh: float = 1.0,
+    branches: Branches = BRANCHES,
 ) -> float:
     """Smallest threshold whose plan reaches ``ideal_speedup >= target`` (K, retention, mode from config).
 
@@ -374,7 +422,7 @@ def threshold_for_speedup(
     """
     if not target > 1:
         raise ValueError(f"target speedup must be > 1 (1 means no caching), got {target}")
-    slots = _layout(task, timesteps, boundary, config, curve, shift, BRANCHES, [])
+    slots = _layout(task, timesteps, boundary, config, curve, shift, branches, [])
 
     def speedup(thresh: float) -> float:
         calls = _decide_all(slots, dataclasses.replace(config, thresh=thresh))

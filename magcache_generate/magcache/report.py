@@ -29,7 +29,8 @@ def render_plan(p: Plan) -> str:
     if any(e != "single" for e in p.experts):
         lines.append("  expert : " + "".join("H" if e == "high" else "L" for e in p.experts))
     for b in p.branches:
-        lines.append(f"  {b:<6} : " + "".join("C" if x.computed else "s" for x in p.calls if x.branch == b))
+        row = (("C" if p.call(s, b).computed else "s") if p.has_call(s, b) else "-" for s in range(p.steps))
+        lines.append(f"  {b:<6} : " + "".join(row))
     lines.append("  step   : " + "".join(str(s % 10) for s in range(p.steps)))
     for b in p.branches:
         skipped = p.skipped_steps(b)
@@ -39,7 +40,8 @@ def render_plan(p: Plan) -> str:
     )
     for e in dict.fromkeys(p.experts):
         fw, dense = p.count(expert=e)
-        lines.append(f"    {EXPERT_NAMES[e]}: {fw}/{dense} forwards ({dense / fw:.3f}x)")
+        cfg_free = ", CFG-free (guide scale 1): cond only" if e in p.cfg_free_experts else ""
+        lines.append(f"    {EXPERT_NAMES[e]}: {fw}/{dense} forwards ({dense / fw:.3f}x){cfg_free}")
     lines += [f"  warning: {w}" for w in p.warnings]
     if p.no_skip_reason:
         lines.append(f"  note: {p.no_skip_reason}")

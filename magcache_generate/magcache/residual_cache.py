@@ -51,10 +51,10 @@ class ResidualCache:
         return (call.expert, call.branch)
 
     def begin_call(self, step: int, branch: str, expert: str) -> None:
-        if not 0 <= step < self.plan.steps or branch not in self.plan.branches:
+        if not self.plan.has_call(step, branch):
             raise ResidualCacheError(
                 f"DiT call (step {step}, {branch}) is not in the {self.plan.steps}-step MagCache plan "
-                f"with branches {self.plan.branches}; build the plan from this run's timesteps"
+                f"with branches {self.plan.branches}; build the plan from this run's timesteps and guide scales"
             )
         if (step, branch) in self._done:
             raise ResidualCacheError(

@@ -78,7 +78,13 @@ def build_cache(request, schedule, dit_config, reporter) -> TimedCache | None:
         return None
     timesteps = [int(t) for t in schedule.timesteps[: len(schedule)]]
     result = make_plan(
-        request.task, timesteps, request.sample_shift, options, request.image is not None, reporter.log
+        request.task,
+        timesteps,
+        request.sample_shift,
+        options,
+        request.image is not None,
+        reporter.log,
+        guide_scale=request.guide_scale,
     )
     reporter.log(render_plan(result))
     return TimedCache(ResidualCache(result))

@@ -9,6 +9,7 @@ from magcache_generate.magcache.policy import MagCacheConfig
 from magcache_generate.magcache.ratios import MagCurve, load_ratios_file, official_curve
 from magcache_generate.request import MagCacheOptions
 from wan.configs import TASKS
+from wan.guidance import expert_branches
 
 
 def magcache_config(task: str, options: MagCacheOptions) -> MagCacheConfig:
@@ -35,16 +36,28 @@ def make_plan(
     options: MagCacheOptions,
     has_image: bool,
     log: Callable[[str], None] = print,
+    *,
+    guide_scale: tuple[float, float] | None = None,
 ) -> Plan:
-    """The schedule of every DiT call; with `options.speedup`, the smallest threshold reaching it."""
-    boundary = TASKS[task].boundary
+    """The schedule of every DiT call; with `options.speedup`, the smallest threshold reaching it.
+
+    `guide_scale` (low, high; default the task's): experts at scale 1 run the conditional forward only.
+    """
+    cfg = TASKS[task]
+    boundary = cfg.boundary
+    experts = ("high", "low") if cfg.two_experts else ("single",)
+    branches = expert_branches(experts, cfg.guide_scale if guide_scale is None else guide_scale)
     config = magcache_config(task, options)
     curve = magcache_curve(task, options, has_image)
     if options.speedup is not None:
-        thresh = threshold_for_speedup(options.speedup, task, timesteps, boundary, config, curve, shift=shift)
+        thresh = threshold_for_speedup(
+            options.speedup, task, timesteps, boundary, config, curve, shift=shift, branches=branches
+        )
         config = MagCacheConfig(thresh=thresh, K=config.K, retention=config.retention, mode=config.mode)
         log(f"MagCache: --magcache-speedup {options.speedup:g} -> threshold {thresh:.6g}")
-    result = plan(task, timesteps, boundary, config, curve, shift=shift, has_image=has_image)
+    result = plan(
+        task, timesteps, boundary, config, curve, shift=shift, has_image=has_image, branches=branches
+    )
     for warning in result.warnings:
         log(f"[yellow]MagCache warning:[/] {warning}")
     if result.no_skip_reason:
