@@ -41,6 +41,9 @@ SOLVERS = ("unipc", "dpm++")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MAX_CRF = 51  # libx264's range for 8-bit video is 0..51
 MAX_SEED = sys.maxsize  # upstream draws random seeds from [0, sys.maxsize]
+# Fixed upper bounds (see check_limits): far beyond any useful run, low enough to refuse a typo at once.
+MAX_FRAME_NUM = 1001  # 62 s at 16 fps; 250 latent frames
+MAX_SAMPLE_STEPS = 1000  # the scheduler's whole training range
 
 # MagCache tuning options and their flags: they only mean something with --use-magcache (or --magcache-plan).
 MAGCACHE_TUNING_FLAGS = {
@@ -124,6 +127,7 @@ def build_request(
     solver, steps, shift = check_sampling(
         cfg, options.sample_solver, options.sample_steps, options.sample_shift
     )
+    check_limits(cfg, size=size, frame_num=frame_num, sample_steps=steps)
     magcache = magcache_options(options)
     prompt = EXAMPLE_PROMPTS[cfg.name] if options.prompt is None else options.prompt
     if not prompt.strip():
@@ -182,11 +186,16 @@ def build_request(
 
 
 def plan_settings(options: GenerateOptions) -> PlanSettings:
-    """Validate only what ``--magcache-plan`` uses: task, solver, steps, shift and the MagCache options."""
+    """Validate only what ``--magcache-plan`` uses: task, solver, steps, shift, the image (when given: it
+    selects the curve) and the MagCache options."""
     cfg = task_config(options.task)
     solver, steps, shift = check_sampling(
         cfg, options.sample_solver, options.sample_steps, options.sample_shift
     )
+    check_limits(cfg, sample_steps=steps)
+    if options.image is not None:
+        check_image(options.image, cfg)
+    resolve_guide_scale(options.sample_guide_scale, cfg)  # not used by the plan, but a typo is a typo
     magcache = magcache_options(dataclasses.replace(options, use_magcache=True), plan=True)
     has_image = options.image is not None or cfg.image == "required"
     return PlanSettings(cfg, solver, steps, shift, has_image, magcache)
@@ -225,6 +234,27 @@ def check_frame_num(frame_num: int) -> int:
             f"--frame-num {frame_num} is not of the form 4n+1 (the VAE packs 4 frames per latent); try {nearest}"
         )
     return frame_num
+
+
+def check_limits(
+    cfg: TaskConfig, *, size: str | None = None, frame_num: int | None = None, sample_steps: int | None = None
+) -> None:
+    """Upper bounds on what a run may ask for, checked before anything loads.
+
+    Fixed maxima for now (``MAX_FRAME_NUM``, ``MAX_SAMPLE_STEPS``; the size is one of the task's
+    supported sizes already). A memory planner can replace them with limits derived from the device:
+    this is the one place that decides, and ``cfg`` and ``size`` are here for it.
+    """
+    if frame_num is not None and frame_num > MAX_FRAME_NUM:
+        raise UserError(
+            f"--frame-num {frame_num} is over the limit of {MAX_FRAME_NUM} frames; "
+            "generate shorter clips (81 frames is 5 s at 16 fps)"
+        )
+    if sample_steps is not None and sample_steps > MAX_SAMPLE_STEPS:
+        raise UserError(
+            f"--sample-steps {sample_steps} is over the limit of {MAX_SAMPLE_STEPS}; "
+            "the official runs use 40 (A14B) or 50 (ti2v-5B)"
+        )
 
 
 def check_sampling(

@@ -14,7 +14,7 @@ import types
 from pathlib import Path
 
 import pytest
-from test_validate import make_checkpoint, make_image
+from test_validate import make_image
 from typer.testing import CliRunner
 
 from magcache_generate.cli import app, main
@@ -23,8 +23,8 @@ from wan.configs import TASKS
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """A temp folder as the current directory, with placeholder checkpoints for every task."""
+def workdir(tmp_path, monkeypatch, make_checkpoint):
+    """A temp folder as the current directory, with tiny checkpoints for every task."""
     monkeypatch.chdir(tmp_path)
     for task in TASKS:
         make_checkpoint(tmp_path / "ckpt" / task, task)

@@ -1,7 +1,7 @@
 """Request building and validation, argv normalisation and prompt files: no weights, no torch models.
 
-``make_checkpoint`` (also used by test_cli.py) lays out a checkpoint folder of tiny placeholder files:
-validation only looks at which files exist, so none of them holds real tensors.
+``make_checkpoint`` (a conftest fixture) copies a complete tiny checkpoint: validation reads every
+weight file's header or pickle, so the files must be real.
 """
 
 from __future__ import annotations
@@ -32,28 +32,6 @@ from magcache_generate.validate import (
 from wan.configs import TASKS
 
 NOW = datetime(2025, 7, 28, 12, 34, 56)
-INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
-
-
-def make_checkpoint(root: Path, task: str) -> Path:
-    """An official-layout checkpoint folder for ``task`` made of placeholder files."""
-    cfg = TASKS[task]
-    root.mkdir(parents=True, exist_ok=True)
-    for folder in cfg.dit_folders:
-        dit = root / folder if folder else root
-        dit.mkdir(exist_ok=True)
-        (dit / "config.json").write_text(json.dumps({"model_type": cfg.model_type}))
-        shards = [f"diffusion_pytorch_model-0000{i}-of-00002.safetensors" for i in (1, 2)]
-        weight_map = {"patch_embedding.weight": shards[0], "head.head.weight": shards[1]}
-        (dit / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
-        for shard in shards:
-            (dit / shard).write_bytes(b"placeholder")
-    (root / cfg.t5_checkpoint).write_bytes(b"placeholder")
-    (root / cfg.vae_checkpoint).write_bytes(b"placeholder")
-    tokenizer = root / cfg.t5_tokenizer
-    tokenizer.mkdir(parents=True, exist_ok=True)
-    (tokenizer / "tokenizer.json").write_text("{}")
-    return root
 
 
 def make_image(path: Path) -> Path:
@@ -274,12 +252,12 @@ def test_image_checks(tmp_path):
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-def test_complete_checkpoint_passes(tmp_path, task):
+def test_complete_checkpoint_passes(tmp_path, task, make_checkpoint):
     ckpt = make_checkpoint(tmp_path / "ckpt", task)
     assert check_checkpoint_dir(ckpt, TASKS[task]) == ckpt
 
 
-def test_checkpoint_for_the_wrong_task_is_incomplete(tmp_path):
+def test_checkpoint_for_the_wrong_task_is_incomplete(tmp_path, make_checkpoint):
     ckpt = make_checkpoint(tmp_path / "ckpt", "ti2v-5B")
     with pytest.raises(UserError, match=r"incomplete for t2v-A14B: .*high_noise_model"):
         check_checkpoint_dir(ckpt, TASKS["t2v-A14B"])
