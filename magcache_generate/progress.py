@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
@@ -39,11 +39,11 @@ if TYPE_CHECKING:
 PLAIN_WIDTH = 100_000  # outside a terminal: wide enough that rich never folds a line
 
 
-def make_console() -> Console:
-    """The run's console on stdout: soft-wrapped, and without a width limit when not a terminal."""
-    console = Console(highlight=False, soft_wrap=True)
+def make_console(file: IO[str] | None = None) -> Console:
+    """The run's console (stdout by default): soft-wrapped, and without a width limit when not a terminal."""
+    console = Console(file=file, highlight=False, soft_wrap=True)
     if not console.is_terminal:
-        console = Console(highlight=False, soft_wrap=True, width=PLAIN_WIDTH)
+        console = Console(file=file, highlight=False, soft_wrap=True, width=PLAIN_WIDTH)
     return console
 
 
@@ -112,6 +112,17 @@ def _table(console: Console, title: str | None = None) -> Table:
     return Table(title=title, title_justify="left", box=None, pad_edge=False, padding=(0, 2))
 
 
+def print_table(console: Console, table: Table) -> None:
+    """A table as rich draws it in a terminal; elsewhere its plain lines without trailing padding."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    with console.capture() as captured:
+        console.print(table)
+    for line in captured.get().splitlines():
+        console.print(line.rstrip(), markup=False)
+
+
 def summary_rows(result: dict) -> list[tuple[str, str]]:
     """(label, value) rows of one video's summary: stage times, s/step, peak memory, then any rows a
     stage added under ``result["summary_rows"]`` (e.g. per-stage memory)."""
@@ -152,10 +163,10 @@ def magcache_table(report: dict, console: Console | None = None) -> Table:
 
 def print_result(console: Console, result: dict) -> None:
     """One finished video: its summary, MagCache counts, where it went and how long it took in all."""
-    console.print(summary_table(result, console))
+    print_table(console, summary_table(result, console))
     report = result.get("magcache")
     if report and report.get("calls"):
-        console.print(magcache_table(report, console))
+        print_table(console, magcache_table(report, console))
     lines = [("video", result.get("save_file"))]
     if result.get("request", {}).get("sidecar", True) and result.get("save_file"):
         lines.append(("sidecar", str(sidecar_path(result["save_file"]))))
@@ -184,7 +195,7 @@ def batch_table(rows: Sequence[BatchRow], console: Console | None = None) -> Tab
 
 
 def print_batch(console: Console, rows: Sequence[BatchRow], seconds: float) -> None:
-    console.print(batch_table(rows, console))
+    print_table(console, batch_table(rows, console))
     counts = {status: sum(r.status == status for r in rows) for status in ("ok", "skipped", "failed")}
     console.print(
         f"batch: {len(rows)} item(s), {counts['ok']} ok, {counts['skipped']} skipped, "

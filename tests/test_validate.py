@@ -17,15 +17,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from magcache_generate.argv import normalize_argv
+from magcache_generate.argv import check_option_names, normalize_argv
 from magcache_generate.batch import build_batch, parse_prompt_file
 from magcache_generate.preflight import check_checkpoint_dir, check_image
 from magcache_generate.request import UserError
 from magcache_generate.validate import (
     CATS_PROMPT,
     EXAMPLE_PROMPTS,
+    MAX_FRAME_NUM,
+    MAX_SAMPLE_STEPS,
     GenerateOptions,
     build_request,
+    check_limits,
     plan_settings,
     resolve_guide_scale,
 )
@@ -316,6 +319,7 @@ def test_plan_settings_need_no_checkpoint_or_image(tmp_path):
         (["--no-offload-model"], ["--no-offload-model"]),
         (["--sample_guide_scale", "3.0", "4.0"], ["--sample-guide-scale=3.0,4.0"]),
         (["--sample-guide-scale", "3", "--t5-cpu"], ["--sample-guide-scale=3", "--t5-cpu"]),
+        (["--sample-guide-scale", "1", "2", "3"], ["--sample-guide-scale=1,2,3"]),  # refused later, by name
         (["--magcache_K", "3", "--magcache_thresh", "0.06"], ["--magcache-K=3", "--magcache-thresh=0.06"]),
         (["--use_magcache", "--retention_ratio", "0.2"], ["--use-magcache", "--retention-ratio=0.2"]),
         (["--ulysses_size", "1", "--prompt_extend_method", "local_qwen"], []),
@@ -344,6 +348,47 @@ def test_normalize_argv_refuses(argv, fragment):
         normalize_argv(argv)
 
 
+OPTIONS = {"--frame-num": True, "--crf": True, "--prompt": True, "--use-magcache": False, "--help": False}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--foo"], "unknown option --foo; see --help for the options"),  # no '--crf' for '--foo'
+        (["--frame-nmu=3"], "unknown option --frame-nmu; did you mean --frame-num?"),
+        (["--frame_nmu", "3"], "unknown option --frame_nmu; did you mean --frame-num?"),
+        (["--crff", "3"], "unknown option --crff; did you mean --crf?"),
+        (["-x"], "unknown option -x; see --help for the options"),
+        (["cat"], "unexpected argument 'cat': this command takes options only (see --help)"),
+        (["--prompt", "a", "cat"], "unexpected argument 'cat' after --prompt: quote a value that has spaces"),
+        (["--prompt=a", "cat"], "unexpected argument 'cat' after --prompt"),
+        (["--use-magcache", "yes"], "unexpected argument 'yes': --use-magcache is a flag and takes no value"),
+    ],
+)
+def test_option_names_are_checked(argv, message):
+    with pytest.raises(UserError) as info:
+        check_option_names(argv, OPTIONS)
+    assert str(info.value).startswith(message)
+
+
+def test_valid_option_names_pass():
+    check_option_names(
+        ["--frame-num", "81", "--prompt=a cat", "--use-magcache", "--crf", "-1", "--help"], OPTIONS
+    )
+    check_option_names([], OPTIONS)
+
+
+def test_limits():
+    cfg = TASKS["t2v-A14B"]
+    check_limits(cfg, size="1280*720", frame_num=MAX_FRAME_NUM, sample_steps=MAX_SAMPLE_STEPS)
+    with pytest.raises(UserError, match=f"--frame-num 1005 is over the limit of {MAX_FRAME_NUM}"):
+        check_limits(cfg, frame_num=1005)
+    with pytest.raises(UserError, match=f"--sample-steps 1001 is over the limit of {MAX_SAMPLE_STEPS}"):
+        check_limits(cfg, sample_steps=1001)
+    with pytest.raises(UserError, match="over the limit"):
+        plan_settings(GenerateOptions(sample_steps=100000))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Prompt files
 
@@ -367,6 +412,8 @@ def test_prompt_file_forms_and_problems(tmp_path):
     )
     items, problems = parse_prompt_file(path)
     assert [i.line for i in items] == [2, 4]
+    assert [i.number for i in items] == [1, 2]  # every item line counts, bad ones too
+    assert [p.number for p in sorted(problems, key=lambda p: p.line)] == [3, 4, 5, 6, 7]
     assert items[0].overrides == {"prompt": "a red fox runs through snow"}
     assert items[1].overrides == {
         "prompt": "a boat",
@@ -413,4 +460,5 @@ def test_batch_builds_one_request_per_item(tmp_path, monkeypatch):
     assert first.base_seed != second.base_seed
     problems = {p.line: p.message for p in batch.problems}
     assert "is also written by line 3" in problems[4]
+    assert [p.number for p in batch.problems] == [4, 5]
     assert "--size '1280*704' is not supported by t2v-A14B" in problems[5]
