@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
+from typing import Any
 
 from magcache_generate.request import UserError
 
@@ -188,6 +189,18 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def command_options(command: Any) -> dict[str, bool]:
+    """Every option spelling of a click/typer ``command`` -> whether it takes a value, read from the
+    command itself so that options added to it are known here without a second list."""
+    options = dict.fromkeys(("--help", "-h"), False)
+    for param in command.params:
+        spellings = (*param.opts, *param.secondary_opts)
+        if all(s.startswith("-") for s in spellings):  # options (the command has no arguments)
+            takes_value = not (getattr(param, "is_flag", False) or getattr(param, "count", False))
+            options.update(dict.fromkeys(spellings, takes_value))
+    return options
 
 
 # Unknown options get a suggestion only when it is this close (difflib ratio) to a real one.

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from magcache_generate import __version__
-from magcache_generate.argv import check_option_names, normalize_argv
+from magcache_generate.argv import check_option_names, command_options, normalize_argv
 from magcache_generate.atomic import OutputPathError
 from magcache_generate.request import OutOfMemory, Request, UserError
 from magcache_generate.validate import (
@@ -33,7 +33,7 @@ from magcache_generate.validate import (
     plan_settings,
     task_config,
 )
-from wan.configs import TASKS, TaskConfig
+from wan.configs import TASKS
 from wan.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -260,6 +260,8 @@ def run_command(
         ckpt_dir = demo_checkpoint(cfg.name)
     else:
         ckpt_dir = options.ckpt_dir
+    from magcache_generate.preflight import check_before_loading
+
     ckpt_dir = check_before_loading(ckpt_dir, cfg, options.device)
     requests = [dataclasses.replace(r, ckpt_dir=ckpt_dir) for r in requests]
     for request, was_random in zip(requests, random_seeds, strict=True):
@@ -283,20 +285,6 @@ def run_command(
     rows = batch_rows(batch.entries, batch.problems, results)
     print_batch(console, rows, time.perf_counter() - started)
     return batch_exit_code(rows)
-
-
-def check_before_loading(ckpt_dir: Path | None, cfg: TaskConfig, device: str) -> Path:
-    """The checks that read the checkpoint files and the machine, cheapest first: every weight file's
-    header or pickle (torch-free), then the device, then every tensor against its model built on the
-    meta device (both import torch). Nothing is loaded; returns the checkpoint folder."""
-    from magcache_generate.preflight import check_device, inspect_checkpoint
-
-    contents = inspect_checkpoint(ckpt_dir, cfg)
-    check_device(device)
-    from magcache_generate.model_check import check_weights_fit_models
-
-    check_weights_fit_models(contents)
-    return contents.root
 
 
 def _with_demo_defaults(options: GenerateOptions) -> GenerateOptions:
@@ -454,15 +442,3 @@ def main(argv: list[str] | None = None) -> None:
     except (Exception, KeyboardInterrupt) as err:
         code = exit_code_for(err, debug)
     sys.exit(code or 0)
-
-
-def command_options(command: typer.main.TyperCommand) -> dict[str, bool]:
-    """Every option spelling of ``command`` -> whether it takes a value (read from the command itself,
-    so options added to ``generate`` are known here without a second list)."""
-    options = dict.fromkeys(("--help", "-h"), False)
-    for param in command.params:
-        spellings = (*param.opts, *param.secondary_opts)
-        if all(s.startswith("-") for s in spellings):  # options (this command has no arguments)
-            takes_value = not (getattr(param, "is_flag", False) or getattr(param, "count", False))
-            options.update(dict.fromkeys(spellings, takes_value))
-    return options

@@ -42,6 +42,18 @@ def check_image(image: Path | None, cfg: TaskConfig) -> Path | None:
     return image
 
 
+def check_before_loading(ckpt_dir: Path | None, cfg: TaskConfig, device: str) -> Path:
+    """The checks that read the checkpoint files and the machine, cheapest first: every weight file's
+    header or pickle (torch-free), then the device, then every tensor against its model built on the
+    meta device (both import torch). Nothing is loaded; returns the checkpoint folder."""
+    contents = inspect_checkpoint(ckpt_dir, cfg)
+    check_device(device)
+    from magcache_generate.model_check import check_weights_fit_models
+
+    check_weights_fit_models(contents)
+    return contents.root
+
+
 def check_checkpoint_dir(ckpt_dir: Path | None, cfg: TaskConfig) -> Path:
     """``inspect_checkpoint`` for callers that only need the folder."""
     return inspect_checkpoint(ckpt_dir, cfg).root

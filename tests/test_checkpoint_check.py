@@ -176,6 +176,16 @@ def test_device_check(monkeypatch):
         check_device("cuda:3")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_check_on_a_real_gpu():
+    count = torch.cuda.device_count()
+    check_device("cuda")
+    check_device(f"cuda:{count - 1}")
+    with pytest.raises(UserError, match=f"--device cuda:{count}: this machine has {count} CUDA device"):
+        check_device(f"cuda:{count}")
+
+
 def test_write_check_leaves_nothing(tmp_path):
     check_can_create_files(tmp_path)
     assert list(tmp_path.iterdir()) == []

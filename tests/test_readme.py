@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from magcache_generate.argv import normalize_argv
-from magcache_generate.cli import app, command_options
+from magcache_generate.argv import command_options, normalize_argv
+from magcache_generate.cli import app
 
 README = Path(__file__).parents[1] / "README.md"
 STANDARD = {"--help", "-h", "--version"}
