@@ -20,6 +20,7 @@ from magcache_generate.checkpoint_probe import (
     ProbeError,
     TensorInfo,
     TensorTable,
+    UnsupportedPickle,
     probe_safetensors,
     probe_tensor_file,
 )
@@ -53,15 +54,17 @@ class DitContents:
 
 @dataclass(frozen=True)
 class CheckpointContents:
-    """Tensor tables of every weight file of a task's checkpoint folder."""
+    """Tensor tables of every weight file of a task's checkpoint folder. A ``.pth`` table is None when its
+    pickle uses a torch global the torch-free reader does not model: ``model_check`` reads it with torch
+    (memory-mapped, no tensor data) and runs ``check_fit`` then."""
 
     root: Path
     task: TaskConfig
     dits: dict[str, DitContents]  # "" (root) or high_noise_model / low_noise_model
     t5_file: Path
-    t5: TensorTable
+    t5: TensorTable | None
     vae_file: Path
-    vae: TensorTable
+    vae: TensorTable | None
 
 
 def identify(keys: TensorTable | dict) -> str | None:
@@ -96,16 +99,25 @@ def inspect_weights(
     t5 = _probe(t5_file, "umT5 text encoder", release)
     vae = _probe(vae_file, "VAE", release)
     contents = CheckpointContents(root, cfg, dits, t5_file, t5, vae_file, vae)
-    _check_t5(contents, release)
-    _check_vae(contents, release)
-    for dit in dits.values():
-        _check_dit(dit, contents, release)
+    if t5 is not None and vae is not None:
+        check_fit(contents)
     return contents
 
 
-def _probe(path: Path, what: str, release: str) -> TensorTable:
+def check_fit(contents: CheckpointContents) -> None:
+    """Each file holds the model the task needs, and the DiT, T5 and VAE fit together."""
+    release = RELEASES.get(contents.task.name, "the official release")
+    _check_t5(contents, release)
+    _check_vae(contents, release)
+    for dit in contents.dits.values():
+        _check_dit(dit, contents, release)
+
+
+def _probe(path: Path, what: str, release: str) -> TensorTable | None:
     try:
         return probe_tensor_file(path)
+    except UnsupportedPickle:
+        return None  # left to torch.load(weights_only=True) in model_check
     except ProbeError as err:
         raise UserError(f"'{path}' (the {what}) {err}; download it again from {release}") from None
 

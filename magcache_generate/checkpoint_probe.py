@@ -67,6 +67,11 @@ class ProbeError(ValueError):
     """The file is not a readable checkpoint; the message is one line saying why."""
 
 
+class UnsupportedPickle(ProbeError):
+    """The pickle uses a torch global this reader does not model (a newer or rarer save format). Not a
+    verdict on the file: ``torch.load(weights_only=True)`` may still read it, so the caller defers."""
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str
@@ -200,6 +205,7 @@ PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
 }
 
 
@@ -211,14 +217,16 @@ class _StateDictUnpickler(pickle.Unpickler):
             return PICKLE_GLOBALS[(module, name)]
         if module == "torch" and name in TORCH_STORAGES:
             return name
+        if module == "torch" or module.startswith("torch."):
+            raise UnsupportedPickle(f"pickles {module}.{name}, which this reader does not model")
         raise ProbeError(f"pickles {module}.{name}, so it is not a plain state dict of tensors")
 
     def persistent_load(self, pid: Any) -> _Storage:
         # ('storage', storage type, key, location, numel), as torch.save writes it
-        if not (
-            isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and pid[1] in TORCH_STORAGES
-        ):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise ProbeError("holds a malformed storage record in its pickle (corrupt)")
+        if pid[1] not in TORCH_STORAGES:
+            raise UnsupportedPickle(f"stores a {pid[1]!r} storage, which this reader does not model")
         dtype, itemsize = TORCH_STORAGES[pid[1]]
         return _Storage(str(pid[2]), dtype, itemsize, int(pid[4]))
 

@@ -152,6 +152,21 @@ def test_inspection_reads_no_tensor_data(tmp_path, make_checkpoint, monkeypatch)
     check_weights_fit_models(inspect_checkpoint(root, T2V))
 
 
+def test_a_pickle_the_reader_does_not_model_is_left_to_torch(tmp_path, make_checkpoint, monkeypatch):
+    from magcache_generate import checkpoint_probe
+
+    # as if torch.save had written a global the torch-free reader does not know
+    monkeypatch.delitem(checkpoint_probe.PICKLE_GLOBALS, ("torch._utils", "_rebuild_tensor_v2"))
+    root = make_checkpoint(tmp_path / "t2v", "t2v-A14B")
+    contents = inspect_checkpoint(root, T2V)  # not refused: torch.load(weights_only=True) may read it
+    assert contents.t5 is None and contents.vae is None
+    check_weights_fit_models(contents)  # read by torch (memory-mapped) and checked in full
+
+    shutil.copyfile(root / T2V.t5_checkpoint, root / T2V.vae_checkpoint)
+    with pytest.raises(UserError, match="holds the umT5 text encoder"):  # the same verdicts, one stage later
+        check_weights_fit_models(inspect_checkpoint(root, T2V))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Device and output location
 

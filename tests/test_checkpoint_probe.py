@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from magcache_generate.checkpoint_probe import (
     ProbeError,
     TensorInfo,
+    UnsupportedPickle,
     probe_safetensors,
     probe_tensor_file,
     probe_torch_archive,
@@ -141,6 +142,18 @@ def test_foreign_globals_are_refused_without_running_them(tmp_path):
 
     path = _archive(tmp_path / "evil.pth", pickle.dumps({"x": Evil()}, protocol=2))
     with pytest.raises(ProbeError, match=r"pickles \w+\.print, so it is not a plain state dict"):
+        probe_tensor_file(path)
+
+
+def test_torch_globals_it_does_not_model_are_not_a_verdict(tmp_path):
+    class Untyped:
+        def __reduce__(self):
+            return (torch.UntypedStorage, ())
+
+    path = _archive(tmp_path / "new.pth", pickle.dumps({"x": Untyped()}, protocol=2))
+    with pytest.raises(
+        UnsupportedPickle, match="pickles torch.UntypedStorage, which this reader does not model"
+    ):
         probe_tensor_file(path)
 
 
