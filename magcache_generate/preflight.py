@@ -92,7 +92,8 @@ def inspect_checkpoint(ckpt_dir: Path | None, cfg: TaskConfig) -> CheckpointCont
 
 
 def check_outputs(request: Request) -> None:
-    """The video, its JSON sidecar, the frames folder and the calibration file can all be written."""
+    """The video, its JSON sidecar, the frames folder and the calibration file can all be written: the
+    paths are valid and free (or --overwrite), and a file can really be created where each will go."""
     from magcache_generate.atomic import OutputExistsError, OutputPathError
     from magcache_generate.naming import FRAME_NAME_PATTERN, video_suffix_problem
 

@@ -1,9 +1,10 @@
 """From command-line values to a validated ``Request``: task defaults applied, every check that can run
 before a single weight is loaded, each failure a one-line ``UserError`` naming the input and the fix.
 
-Nothing here reads tensor data: the checkpoint check only looks at which files exist (and reads the
-DiT index json). No check imports torch, so every error, including a bad checkpoint folder or output
-path, is reported instantly.
+Nothing here reads tensor data: the checkpoint check (``preflight``) reads file headers and pickles
+only. No check here imports torch, so every error, including a bad checkpoint file or output path, is
+reported instantly; the device check and the strict per-tensor check, which need torch, run after
+these (``preflight.check_before_loading``).
 """
 
 from __future__ import annotations
