@@ -8,6 +8,10 @@ does not know are left alone for typer to reject with its usual "No such option"
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
 from magcache_generate.request import UserError
 
 # Options that take one value. Their value is copied verbatim, even when it looks like an option.
@@ -118,8 +122,11 @@ def normalize_argv(argv: list[str]) -> list[str]:
         elif name == "--sample-guide-scale":
             if value is None:
                 value, i = _take_value(argv, i, name)
-            if i < len(argv) and _is_number(argv[i]) and _is_number(value):
-                value, i = f"{value},{argv[i]}", i + 1  # upstream-style pair: low-noise then high-noise
+            # Upstream-style pair (low-noise then high-noise). We take no positional arguments, so
+            # every number that follows belongs here: a third one is then reported as this option's
+            # error instead of as a stray argument.
+            while i < len(argv) and _is_number(argv[i]) and _is_number(value.split(",")[-1]):
+                value, i = f"{value},{argv[i]}", i + 1
             out.append(f"{name}={value}")
         elif name in VALUE_OPTIONS or name == LORA_DIR2:
             if name == LORA_DIR2:
@@ -192,3 +199,62 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def command_options(command: Any) -> dict[str, bool]:
+    """Every option spelling of a click/typer ``command`` -> whether it takes a value, read from the
+    command itself so that options added to it are known here without a second list."""
+    options = dict.fromkeys(("--help", "-h"), False)
+    for param in command.params:
+        spellings = (*param.opts, *param.secondary_opts)
+        if all(s.startswith("-") for s in spellings):  # options (the command has no arguments)
+            takes_value = not (getattr(param, "is_flag", False) or getattr(param, "count", False))
+            options.update(dict.fromkeys(spellings, takes_value))
+    return options
+
+
+# Unknown options get a suggestion only when it is this close (difflib ratio) to a real one.
+SUGGESTION_CUTOFF = 0.6
+
+
+def check_option_names(argv: list[str], options: Mapping[str, bool]) -> None:
+    """Refuse, with one line naming it, the first unknown option or stray argument of a normalised argv.
+
+    ``options`` maps every option of the command to whether it takes a value. An unknown option gets
+    the closest real one as a suggestion (upstream's underscores read as dashes), or none when nothing
+    is close; a stray word says which option it follows, since it is usually an unquoted value.
+    """
+    previous: str | None = None
+    value_due = False
+    for token in argv:
+        if value_due:
+            value_due = False  # the value of ``previous``
+            continue
+        if token.startswith("-") and token not in ("-", "--") and not _is_number(token):
+            name, has_inline, _ = token.partition("=")
+            if name not in options:
+                raise UserError(_unknown_option(name, options))
+            previous, value_due = name, options[name] and not has_inline
+            continue
+        raise UserError(_stray_argument(token, previous, options))
+
+
+def _unknown_option(name: str, options: Mapping[str, bool]) -> str:
+    wanted = name.lstrip("-").replace("_", "-").lower()
+    longs = [o for o in options if o.startswith("--")]
+    scored = [(difflib.SequenceMatcher(None, wanted, o[2:].lower()).ratio(), o) for o in longs]
+    score, best = max(scored, default=(0.0, ""))
+    if score >= SUGGESTION_CUTOFF:
+        return f"unknown option {name}; did you mean {best}?"
+    return f"unknown option {name}; see --help for the options"
+
+
+def _stray_argument(token: str, previous: str | None, options: Mapping[str, bool]) -> str:
+    if previous is None:
+        return f"unexpected argument {token!r}: this command takes options only (see --help)"
+    if not options.get(previous, False):
+        return f"unexpected argument {token!r}: {previous} is a flag and takes no value"
+    return (
+        f"unexpected argument {token!r} after {previous}: quote a value that has spaces, "
+        f'e.g. {previous} "a cat on a surfboard"'
+    )

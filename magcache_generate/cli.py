@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,16 +19,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
 from magcache_generate import __version__
-from magcache_generate.argv import normalize_argv
+from magcache_generate.argv import check_option_names, command_options, normalize_argv
 from magcache_generate.atomic import OutputPathError
 from magcache_generate.distilled import apply_distilled
 from magcache_generate.fast_path import fast_path_notes
 from magcache_generate.loras import check_loras
 from magcache_generate.request import OutOfMemory, Request, UserError
 from magcache_generate.validate import (
+    MAX_FRAME_NUM,
+    MAX_SAMPLE_STEPS,
     GenerateOptions,
     PlanSettings,
     build_request,
@@ -39,6 +40,7 @@ from wan.configs import TASKS
 from wan.errors import CheckpointError
 
 if TYPE_CHECKING:
+    from magcache_generate.batch import Batch
     from magcache_generate.magcache.plan import Plan
 
 try:  # typer >= 0.16 ships its own copy of click
@@ -119,14 +121,18 @@ def generate(
     size: Annotated[
         str | None, InTask(help="W*H (or WxH)", show_default="1280*720; ti2v-5B 1280*704")
     ] = None,
-    frame_num: Annotated[int | None, InTask(help="Frames, 4n+1", show_default="81; ti2v-5B 121")] = None,
+    frame_num: Annotated[
+        int | None, InTask(help=f"Frames, 4n+1, at most {MAX_FRAME_NUM}", show_default="81; ti2v-5B 121")
+    ] = None,
     demo: Annotated[
         bool, InTask("--demo", help="Use tiny random weights (no download; the video is noise).")
     ] = False,
     sample_solver: Annotated[
         Solver | None, InSampling(help="Sampler.", show_default="unipc; euler with --distilled lightning")
     ] = None,
-    sample_steps: Annotated[int | None, InSampling(help="Steps", show_default="40; ti2v-5B 50")] = None,
+    sample_steps: Annotated[
+        int | None, InSampling(help=f"Steps, at most {MAX_SAMPLE_STEPS}", show_default="40; ti2v-5B 50")
+    ] = None,
     sample_shift: Annotated[
         float | None, InSampling(help="Sigma shift", show_default="12 t2v; 5 i2v, ti2v")
     ] = None,
@@ -273,7 +279,10 @@ def run_command(
     debug: bool = False,
 ) -> int:
     """Validate everything, then plan (``plan``) or generate; returns the exit code."""
-    console = Console(highlight=False)
+    from magcache_generate.progress import make_console
+
+    started = time.perf_counter()
+    console = make_console()
     if as_json and not plan:
         raise UserError("--json only applies to --magcache-plan; drop it or add --magcache-plan")
     if plan:
@@ -284,8 +293,11 @@ def run_command(
     options = apply_distilled(options)  # before the demo's defaults: the recipe's step count wins
     if demo:
         options = _with_demo_defaults(options)
+    batch = None
     if prompt_file is not None:
-        requests, random_seeds = _batch_requests(options, prompt_file)
+        batch = _batch_requests(options, prompt_file)
+        requests = [e.request for e in batch.entries]
+        random_seeds = [e.random_seed for e in batch.entries]
     else:
         requests = [build_request(options, check_checkpoint=False)]
         random_seeds = [options.base_seed == -1]
@@ -297,13 +309,13 @@ def run_command(
         from magcache_generate.demo import demo_checkpoint
 
         message = "[yellow]--demo: tiny RANDOM weights; the video will be noise, not a real generation[/]"
-        console.print(message, soft_wrap=True)
+        console.print(message)
         ckpt_dir = demo_checkpoint(cfg.name)
     else:
         ckpt_dir = options.ckpt_dir
-    from magcache_generate.preflight import check_checkpoint_dir
+    from magcache_generate.preflight import check_before_loading
 
-    ckpt_dir = check_checkpoint_dir(ckpt_dir, cfg)
+    ckpt_dir = check_before_loading(ckpt_dir, cfg, options.device)
     check_loras(requests[0].loras, ckpt_dir, cfg)  # headers only, before any weight loads
     requests = [dataclasses.replace(r, ckpt_dir=ckpt_dir) for r in requests]
     for request, was_random in zip(requests, random_seeds, strict=True):
@@ -312,14 +324,21 @@ def run_command(
                 f"seed {request.base_seed} (random; --base-seed {request.base_seed} repeats it) "
                 f"for {request.save_file}",
                 markup=False,
-                soft_wrap=True,
             )
 
     from magcache_generate.run import run_requests  # torch and the models: only now
 
-    results = run_requests(requests, console=console, debug=debug)
-    failed = [r for r in results if isinstance(r, dict) and r.get("error")]
-    return EXIT_FAILURE if failed else 0
+    if batch is None:
+        results = run_requests(requests, console=console, debug=debug)
+        failed = [r for r in results if isinstance(r, dict) and r.get("error")]
+        return EXIT_FAILURE if failed else 0
+    from magcache_generate.batch import batch_exit_code, batch_rows
+    from magcache_generate.progress import print_batch
+
+    results = run_requests(requests, console=console, debug=debug, batch=True)
+    rows = batch_rows(batch.entries, batch.problems, results)
+    print_batch(console, rows, time.perf_counter() - started)
+    return batch_exit_code(rows)
 
 
 def _with_demo_defaults(options: GenerateOptions) -> GenerateOptions:
@@ -332,13 +351,12 @@ def _with_demo_defaults(options: GenerateOptions) -> GenerateOptions:
     return dataclasses.replace(options, **defaults)
 
 
-def _batch_requests(options: GenerateOptions, prompt_file: Path) -> tuple[list[Request], list[bool]]:
-    from magcache_generate.batch import BatchProblem, build_batch
+def _batch_requests(options: GenerateOptions, prompt_file: Path) -> Batch:
+    """The prompt file's runnable items; bad ones are reported on stderr (and kept as problems)."""
+    from magcache_generate.batch import Batch, BatchProblem, build_batch
 
     if options.prompt is not None:
         raise UserError("--prompt and --prompt-file exclude each other; put the prompt into the file")
-    if options.magcache_calibrate is not None:
-        raise UserError("--magcache-calibrate records one run; use --prompt instead of --prompt-file")
     if options.save_file is not None:
         raise UserError("--save-file names one video; with --prompt-file set save_file per line (JSON Lines)")
     batch = build_batch(options, prompt_file)
@@ -347,14 +365,15 @@ def _batch_requests(options: GenerateOptions, prompt_file: Path) -> tuple[list[R
         try:
             check_magcache_plan(entry.request)
         except UserError as err:
-            problems.append(BatchProblem(entry.line, str(err)))
+            problems.append(BatchProblem(entry.line, str(err), entry.number))
             continue
         entries.append(entry)
-    for problem in sorted(problems, key=lambda p: p.line):
+    problems.sort(key=lambda p: p.line)
+    for problem in problems:
         typer.echo(f"skipped: {prompt_file} {problem}", err=True)
     if not entries:
         raise UserError(f"--prompt-file '{prompt_file}' has no valid item; fix the lines reported above")
-    return [e.request for e in entries], [e.random_seed for e in entries]
+    return Batch(entries, problems)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,13 +428,12 @@ def build_plan(settings: PlanSettings) -> Plan:
 
 
 def print_plan(settings: PlanSettings, *, as_json: bool) -> None:
-    from magcache_generate.magcache.report import plan_json, render_plan
+    from magcache_generate.magcache.report import plan_json, render_plan, round_speedup
 
     p = build_plan(settings)
     if not as_json:
         typer.echo(render_plan(p))
         return
-    speedup = p.ideal_speedup
     data = {
         **plan_json(p),
         "thresh": p.config.thresh,
@@ -423,7 +441,7 @@ def print_plan(settings: PlanSettings, *, as_json: bool) -> None:
         "retention": p.config.retention,
         "curve": p.curve_key,
         "cfg_free_experts": p.cfg_free_experts,
-        "ideal_speedup": round(speedup, 6) if math.isfinite(speedup) else None,
+        "ideal_speedup": round_speedup(p.ideal_speedup),
         "warnings": list(p.warnings),
     }
     typer.echo(json.dumps(data))
@@ -475,12 +493,15 @@ def _reported_errors(debug: bool) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: normalise upstream spellings, run the app, exit with its code."""
+    """Console-script entry point: normalise upstream spellings, check the option names, run the app,
+    exit with its code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=normalize_argv(argv), prog_name=PROG, standalone_mode=False)
+        args = normalize_argv(argv)
+        check_option_names(args, command_options(command))
+        code = command.main(args=args, prog_name=PROG, standalone_mode=False)
     except (Exception, KeyboardInterrupt) as err:
         code = exit_code_for(err, debug)
     sys.exit(code or 0)

@@ -1,11 +1,16 @@
-"""Checks of the files a run touches, before any weight is loaded: the input image, the checkpoint
-folder (which files exist; no tensor data is read) and the outputs. None of them imports torch."""
+"""Checks of what a run touches, before any weight is loaded: the input image, the checkpoint folder
+(every file present and its tensor table read, no tensor data), the outputs (a temporary file is
+created and removed where each goes) and the device. Only ``check_device`` imports torch: run it
+after the others."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from magcache_generate.atomic import check_writable
+from magcache_generate.checkpoint_check import CheckpointContents, inspect_weights
 from magcache_generate.request import Request, UserError
 from wan.configs import TaskConfig
 
@@ -37,8 +42,26 @@ def check_image(image: Path | None, cfg: TaskConfig) -> Path | None:
     return image
 
 
+def check_before_loading(ckpt_dir: Path | None, cfg: TaskConfig, device: str) -> Path:
+    """The checks that read the checkpoint files and the machine, cheapest first: every weight file's
+    header or pickle (torch-free), then the device, then every tensor against its model built on the
+    meta device (both import torch). Nothing is loaded; returns the checkpoint folder."""
+    contents = inspect_checkpoint(ckpt_dir, cfg)
+    check_device(device)
+    from magcache_generate.model_check import check_weights_fit_models
+
+    check_weights_fit_models(contents)
+    return contents.root
+
+
 def check_checkpoint_dir(ckpt_dir: Path | None, cfg: TaskConfig) -> Path:
-    """Every file the task loads is present: DiT folder(s), umT5 encoder, VAE, tokenizer. Reads no tensors."""
+    """``inspect_checkpoint`` for callers that only need the folder."""
+    return inspect_checkpoint(ckpt_dir, cfg).root
+
+
+def inspect_checkpoint(ckpt_dir: Path | None, cfg: TaskConfig) -> CheckpointContents:
+    """Every file the task loads is present (DiT folder(s), umT5 encoder, VAE, tokenizer) and holds what
+    the task needs, read from headers and pickles only."""
     from wan.checkpoint_layout import locate_transformer_files  # torch-free
     from wan.errors import CheckpointError
 
@@ -51,9 +74,10 @@ def check_checkpoint_dir(ckpt_dir: Path | None, cfg: TaskConfig) -> Path:
         what = "is a file, not a folder" if ckpt_dir.exists() else "not found"
         raise UserError(f"--ckpt-dir '{ckpt_dir}' {what}; pass the folder with the {cfg.name} weights")
     incomplete = f"checkpoint '{ckpt_dir}' is incomplete for {cfg.name}"
+    dit_files = {}
     for folder in cfg.dit_folders:
         try:
-            locate_transformer_files(ckpt_dir / folder if folder else ckpt_dir)
+            dit_files[folder] = locate_transformer_files(ckpt_dir / folder if folder else ckpt_dir)
         except CheckpointError as err:
             raise UserError(f"{incomplete}: {err}") from None
     for name, what in ((cfg.t5_checkpoint, "umT5 text encoder"), (cfg.vae_checkpoint, "VAE")):
@@ -64,11 +88,12 @@ def check_checkpoint_dir(ckpt_dir: Path | None, cfg: TaskConfig) -> Path:
         raise UserError(
             f"{incomplete}: tokenizer folder {cfg.t5_tokenizer}/ with tokenizer.json or spiece.model is missing"
         )
-    return ckpt_dir
+    return inspect_weights(ckpt_dir, cfg, dit_files)
 
 
 def check_outputs(request: Request) -> None:
-    """The video, its JSON sidecar, the frames folder and the calibration file can all be written."""
+    """The video, its JSON sidecar, the frames folder and the calibration file can all be written: the
+    paths are valid and free (or --overwrite), and a file can really be created where each will go."""
     from magcache_generate.atomic import OutputExistsError, OutputPathError
     from magcache_generate.naming import FRAME_NAME_PATTERN, video_suffix_problem
 
@@ -95,3 +120,46 @@ def check_outputs(request: Request) -> None:
             check_writable(path, request.overwrite, folder=folder, replaceable=replaceable)
         except (OutputExistsError, OutputPathError) as err:
             raise UserError(str(err)) from None
+    for path in dict.fromkeys(_nearest_existing_folder(p) for p, _, _ in checks):
+        check_can_create_files(path)
+
+
+def _nearest_existing_folder(output: Path) -> Path:
+    folder = Path(output).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def check_can_create_files(folder: Path) -> None:
+    """Create and remove a hidden temporary file in ``folder``: permission bits say little (root, network
+    and read-only file systems, /proc), so try it."""
+    try:
+        handle, name = tempfile.mkstemp(prefix=".magcache-write-check-", dir=folder)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(
+            f"cannot create files in '{folder}' ({reason}); choose another output location"
+        ) from None
+    os.close(handle)
+    os.unlink(name)
+
+
+def check_device(name: str) -> None:
+    """``--device`` names a device this machine has. Imports torch, so it runs after the cheap checks."""
+    if name in ("auto", "cpu"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            why, fix = "this PyTorch build has no CUDA support", "install a CUDA build of PyTorch"
+        else:
+            why, fix = "no CUDA device is visible", "check the driver and CUDA_VISIBLE_DEVICES"
+        raise UserError(f"--device {name}: {why}; {fix}, or pass --device cpu")
+    count = torch.cuda.device_count()
+    index = int(name.partition(":")[2] or 0)
+    if index >= count:
+        raise UserError(
+            f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; pick one of them"
+        )

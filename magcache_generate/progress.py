@@ -1,10 +1,23 @@
-"""Rich progress display and end-of-run tables. No tensor code."""
+"""What a run prints: progress bars while it works, then each video's summary, its MagCache counts and
+the closing batch table. No tensor code.
+
+The output reads well in a terminal, a pipe and a log file alike:
+
+* nothing is hard-wrapped: long lines and paths stay whole (a terminal wraps them itself), because
+  the console soft-wraps and, outside a terminal, is wide enough that tables never fold;
+* outside a terminal tables are plain aligned columns (no box drawing) and there are no progress bars;
+* in a terminal each progress bar disappears once its stage is done and the rest are cleared when the
+  run ends, so nothing prints twice;
+* every speedup shows ``format_speedup``'s digits, the ones the plan and the sidecar use.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -15,6 +28,23 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
+
+from magcache_generate.magcache.report import format_speedup
+from magcache_generate.naming import sidecar_path
+
+if TYPE_CHECKING:
+    from magcache_generate.batch import BatchRow
+
+PLAIN_WIDTH = 100_000  # outside a terminal: wide enough that rich never folds a line
+
+
+def make_console(file: IO[str] | None = None) -> Console:
+    """The run's console (stdout by default): soft-wrapped, and without a width limit when not a terminal."""
+    console = Console(file=file, highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(file=file, highlight=False, soft_wrap=True, width=PLAIN_WIDTH)
+    return console
 
 
 class Reporter:
@@ -30,7 +60,7 @@ class Reporter:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console,
-            transient=False,
+            transient=True,  # cleared when the run ends: the summary says what happened
             disable=not console.is_terminal,
         )
 
@@ -45,17 +75,29 @@ class Reporter:
         return self.progress.add_task(description, total=total, detail="")
 
     def advance(self, task_id: int, detail: str = "", amount: float = 1) -> None:
+        if self._task(task_id) is None:
+            return
         self.progress.update(task_id, advance=amount, detail=detail)
+        self._drop_if_finished(task_id)
 
     def finish(self, task_id: int, detail: str = "") -> None:
-        total = self.progress.tasks[self._index(task_id)].total or 1
+        task = self._task(task_id)
+        if task is None:
+            return
+        total = task.total or 1
         self.progress.update(task_id, completed=total, total=total, detail=detail)
+        self._drop_if_finished(task_id)
 
-    def _index(self, task_id: int) -> int:
-        return next(i for i, t in enumerate(self.progress.tasks) if t.id == task_id)
+    def _task(self, task_id: int):
+        return next((t for t in self.progress.tasks if t.id == task_id), None)
+
+    def _drop_if_finished(self, task_id: int) -> None:
+        task = self._task(task_id)
+        if task is not None and task.finished:
+            self.progress.remove_task(task_id)  # a finished bar leaves the display
 
     @contextmanager
-    def stage(self, description: str):
+    def stage(self, description: str) -> Iterator[int]:
         task_id = self.task(description, total=1)
         yield task_id
         self.finish(task_id)
@@ -64,52 +106,103 @@ class Reporter:
         self.console.print(message)
 
 
-def summary_table(result: dict) -> Table:
-    table = Table(
-        title=f"{result['task']}  seed {result['seed']}  ->  {result.get('save_file')}", show_header=True
-    )
-    table.add_column("stage")
-    table.add_column("seconds", justify="right")
-    for stage, seconds in result["timings_s"].items():
-        table.add_row(stage, f"{seconds:.2f}")
+def _table(console: Console, title: str | None = None) -> Table:
+    if console.is_terminal:
+        return Table(title=title, title_justify="left", box=box.HEAVY_HEAD)
+    return Table(title=title, title_justify="left", box=None, pad_edge=False, padding=(0, 2))
+
+
+def print_table(console: Console, table: Table) -> None:
+    """A table as rich draws it in a terminal; elsewhere its plain lines without trailing padding."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    with console.capture() as captured:
+        console.print(table)
+    for line in captured.get().splitlines():
+        console.print(line.rstrip(), markup=False)
+
+
+def summary_rows(result: dict) -> list[tuple[str, str]]:
+    """(label, value) rows of one video's summary: stage times, s/step, peak memory, then any rows a
+    stage added under ``result["summary_rows"]`` (e.g. per-stage memory)."""
+    rows = [(stage, f"{seconds:.2f}") for stage, seconds in result["timings_s"].items()]
     steps = result.get("steps_run") or 0
     if steps:
-        table.add_row("s/step", f"{result['timings_s'].get('denoise', 0.0) / steps:.3f}")
+        rows.append(("s/step", f"{result['timings_s'].get('denoise', 0.0) / steps:.3f}"))
     calls = result.get("sampling", {}).get("dit_calls_by_branch")
     if calls:
         only = " (cond only: guide scale 1)" if not calls.get("uncond") else ""
-        table.add_row("DiT calls", f"{sum(calls.values())}{only}")
+        rows.append(("DiT calls", f"{sum(calls.values())}{only}"))
     mem = result["peak_memory"]
-    table.add_row("peak host RSS (GiB)", f"{mem['host_rss_gib']:.2f}")
+    rows.append(("peak host RSS (GiB)", f"{mem['host_rss_gib']:.2f}"))
     if mem.get("gpu_allocated_gib") is not None:
-        table.add_row("peak GPU allocated (GiB)", f"{mem['gpu_allocated_gib']:.2f}")
+        rows.append(("peak GPU allocated (GiB)", f"{mem['gpu_allocated_gib']:.2f}"))
+    rows += [(str(label), str(value)) for label, value in result.get("summary_rows", ())]
+    return rows
+
+
+def summary_table(result: dict, console: Console | None = None) -> Table:
+    table = _table(console or make_console(), f"{result['task']}  seed {result['seed']}")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for label, value in summary_rows(result):
+        table.add_row(label, value)
     return table
 
 
-def magcache_table(report: dict) -> Table:
-    table = Table(title=f"MagCache ({report['mode']} mode)")
+def magcache_table(report: dict, console: Console | None = None) -> Table:
+    table = _table(console or make_console(), f"MagCache ({report['mode']} mode)")
     for column in ("expert", "branch", "computed", "skipped"):
         table.add_column(column, justify="right" if column in ("computed", "skipped") else "left")
     for row in report["calls"]:
         table.add_row(row["expert"], row["branch"], str(row["computed"]), str(row["skipped"]))
     table.add_row("all", "", str(report["forwards"]), str(report["dense_forwards"] - report["forwards"]))
-    table.caption = f"ideal speedup {report['ideal_speedup']:.3f}x" + (
-        f", measured {report['measured_speedup']:.3f}x" if report.get("measured_speedup") else ""
+    table.caption = f"ideal speedup {format_speedup(report['ideal_speedup'])}" + (
+        f", measured {format_speedup(report['measured_speedup'])}" if report.get("measured_speedup") else ""
     )
+    table.caption_justify = "left"
     return table
 
 
-def batch_table(results: list[dict]) -> Table:
-    table = Table(title="batch")
-    for column in ("#", "status", "seed", "seconds", "output / error"):
-        table.add_column(column)
-    for i, r in enumerate(results):
-        ok = r.get("error") is None
+def print_result(console: Console, result: dict) -> None:
+    """One finished video: its summary, MagCache counts, where it went and how long it took in all."""
+    print_table(console, summary_table(result, console))
+    report = result.get("magcache")
+    if report and report.get("calls"):
+        print_table(console, magcache_table(report, console))
+    lines = [("video", result.get("save_file"))]
+    if result.get("request", {}).get("sidecar", True) and result.get("save_file"):
+        lines.append(("sidecar", str(sidecar_path(result["save_file"]))))
+    if result.get("total_s") is not None:
+        lines.append(("total", f"{result['total_s']:.1f} s"))
+    for label, value in lines:
+        console.print(f"{label + ':':<9}{value}", markup=False)
+
+
+def batch_table(rows: Sequence[BatchRow], console: Console | None = None) -> Table:
+    """Every item line of the prompt file, numbered as the default output names are (001, 002, ...)."""
+    table = _table(console or make_console(), "batch")
+    for column in ("#", "line", "status", "seed", "seconds", "output / reason"):
+        table.add_column(column, justify="right" if column in ("line", "seconds") else "left")
+    style = {"ok": "green", "skipped": "yellow", "failed": "red"}
+    for row in rows:
         table.add_row(
-            str(i),
-            "ok" if ok else "[red]failed",
-            str(r.get("seed", "")),
-            f"{r.get('total_s', 0.0):.1f}",
-            str(r.get("save_file")) if ok else r["error"],
+            f"{row.number:03d}",
+            str(row.line),
+            Text(row.status, style=style[row.status]),
+            "" if row.seed is None else str(row.seed),
+            "" if row.seconds is None else f"{row.seconds:.1f}",
+            Text((row.output if row.status == "ok" else row.reason) or ""),  # Text: no markup in paths
         )
     return table
+
+
+def print_batch(console: Console, rows: Sequence[BatchRow], seconds: float) -> None:
+    print_table(console, batch_table(rows, console))
+    counts = {status: sum(r.status == status for r in rows) for status in ("ok", "skipped", "failed")}
+    console.print(
+        f"batch: {len(rows)} item(s), {counts['ok']} ok, {counts['skipped']} skipped, "
+        f"{counts['failed']} failed; total {seconds:.1f} s",
+        markup=False,
+    )

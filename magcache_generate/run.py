@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 import wan
 from magcache_generate import __version__
 from magcache_generate.loras import expert_specs, lora_records
 from magcache_generate.magcache.calibration import CalibrationRecorder
 from magcache_generate.magcache.session import CalibrationCollector, build_cache, finish_cache
-from magcache_generate.progress import Reporter, batch_table, magcache_table, summary_table
+from magcache_generate.progress import Reporter, print_result
 from magcache_generate.request import OutOfMemory, Request
 from magcache_generate.video_io import read_image, to_uint8_frames, write_frames_png, write_mp4, write_sidecar
 from wan.conditioning import Conditioning, i2v_mask, i2v_video
@@ -339,18 +340,23 @@ def out_of_memory(request: Request, err: BaseException) -> OutOfMemory:
     return OutOfMemory(f"out of memory ({first}); {advice}lower --size or --frame-num")
 
 
-def run_requests(requests: list[Request], *, console: Console, debug: bool = False) -> list[dict[str, Any]]:
-    """Generate every request with models loaded once; a failing item is reported and skipped."""
+def run_requests(
+    requests: list[Request], *, console: Console, debug: bool = False, batch: bool | None = None
+) -> list[dict[str, Any]]:
+    """Generate every request with models loaded once; in a batch (default: more than one request) a
+    failing item is reported and skipped. The caller prints the closing batch table."""
     if not requests:
         return []
-    batch = len(requests) > 1
+    batch = len(requests) > 1 if batch is None else batch
     results: list[dict[str, Any]] = []
     with Reporter(console) as reporter:
         components = Components(requests[0], reporter, batch=batch)
         calibrate_file = requests[0].magcache.calibrate_file
         calibration = CalibrationCollector(calibrate_file) if calibrate_file is not None else None
         for request in requests:
-            reporter.log(f"[bold]{request.task}[/] seed {request.base_seed}: {request.prompt[:80]!r}")
+            reporter.log(
+                f"[bold]{request.task}[/] seed {request.base_seed}: {escape(repr(request.prompt[:80]))}"
+            )
             start = time.perf_counter()
             try:
                 try:
@@ -363,20 +369,16 @@ def run_requests(requests: list[Request], *, console: Console, debug: bool = Fal
                 if debug or not batch:
                     raise
                 message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                reporter.log(f"[red]item failed[/]: {message}")
+                reporter.log(f"[red]item failed[/]: {escape(message)}")
                 result = {"task": request.task, "seed": request.base_seed, "error": message}
             result["total_s"] = time.perf_counter() - start
             results.append(result)
             if result.get("error") is None:
-                console.print(summary_table(result))
-                if "magcache" in result and result["magcache"].get("calls"):
-                    console.print(magcache_table(result["magcache"]))
+                print_result(console, result)
         if calibration is not None and calibration.recordings:
             calibration.save()
             reporter.log(
                 f"MagCache calibration over {len(calibration.recordings)} prompt(s) written to {calibration.path}; "
                 f"use it with --use-magcache --magcache-ratios {calibration.path}"
             )
-    if batch:
-        console.print(batch_table(results))
     return results

@@ -1,9 +1,10 @@
 """From command-line values to a validated ``Request``: task defaults applied, every check that can run
 before a single weight is loaded, each failure a one-line ``UserError`` naming the input and the fix.
 
-Nothing here reads tensor data: the checkpoint check only looks at which files exist (and reads the
-DiT index json). No check imports torch, so every error, including a bad checkpoint folder or output
-path, is reported instantly.
+Nothing here reads tensor data: the checkpoint check (``preflight``) reads file headers and pickles
+only. No check here imports torch, so every error, including a bad checkpoint file or output path, is
+reported instantly; the device check and the strict per-tensor check, which need torch, run after
+these (``preflight.check_before_loading``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ DEFAULT_SOLVER = "unipc"
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MAX_CRF = 51  # libx264's range for 8-bit video is 0..51
 MAX_SEED = sys.maxsize  # upstream draws random seeds from [0, sys.maxsize]
+# Fixed upper bounds (see check_limits): far beyond any useful run, low enough to refuse a typo at once.
+MAX_FRAME_NUM = 1001  # 62 s at 16 fps; 250 latent frames
+MAX_SAMPLE_STEPS = 1000  # the scheduler's whole training range
 
 # MagCache tuning options and their flags: they only mean something with --use-magcache (or --magcache-plan).
 MAGCACHE_TUNING_FLAGS = {
@@ -134,6 +138,7 @@ def build_request(
     solver, steps, shift = check_sampling(
         cfg, options.sample_solver, options.sample_steps, options.sample_shift
     )
+    check_limits(cfg, size=size, frame_num=frame_num, sample_steps=steps)
     magcache = magcache_options(options)
     prompt = EXAMPLE_PROMPTS[cfg.name] if options.prompt is None else options.prompt
     if not prompt.strip():
@@ -194,12 +199,16 @@ def build_request(
 
 
 def plan_settings(options: GenerateOptions) -> PlanSettings:
-    """Validate only what ``--magcache-plan`` uses: task, solver, steps, shift, guide scales and MagCache."""
+    """Validate only what ``--magcache-plan`` uses: task, solver, steps, shift, guide scales, the image (when
+    given: it selects the curve) and the MagCache options."""
     cfg = task_config(options.task)
     options = apply_distilled(options)
     solver, steps, shift = check_sampling(
         cfg, options.sample_solver, options.sample_steps, options.sample_shift
     )
+    check_limits(cfg, sample_steps=steps)
+    if options.image is not None:
+        check_image(options.image, cfg)
     magcache = magcache_options(dataclasses.replace(options, use_magcache=True), plan=True)
     has_image = options.image is not None or cfg.image == "required"
     guide_scale = resolve_guide_scale(options.sample_guide_scale, cfg)
@@ -239,6 +248,27 @@ def check_frame_num(frame_num: int) -> int:
             f"--frame-num {frame_num} is not of the form 4n+1 (the VAE packs 4 frames per latent); try {nearest}"
         )
     return frame_num
+
+
+def check_limits(
+    cfg: TaskConfig, *, size: str | None = None, frame_num: int | None = None, sample_steps: int | None = None
+) -> None:
+    """Upper bounds on what a run may ask for, checked before anything loads.
+
+    Fixed maxima for now (``MAX_FRAME_NUM``, ``MAX_SAMPLE_STEPS``; the size is one of the task's
+    supported sizes already). A memory planner can replace them with limits derived from the device:
+    this is the one place that decides, and ``cfg`` and ``size`` are here for it.
+    """
+    if frame_num is not None and frame_num > MAX_FRAME_NUM:
+        raise UserError(
+            f"--frame-num {frame_num} is over the limit of {MAX_FRAME_NUM} frames; "
+            "generate shorter clips (81 frames is 5 s at 16 fps)"
+        )
+    if sample_steps is not None and sample_steps > MAX_SAMPLE_STEPS:
+        raise UserError(
+            f"--sample-steps {sample_steps} is over the limit of {MAX_SAMPLE_STEPS}; "
+            "the official runs use 40 (A14B) or 50 (ti2v-5B)"
+        )
 
 
 def check_sampling(

@@ -1,7 +1,36 @@
+import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_source(tmp_path_factory):
+    """task -> a complete tiny random checkpoint folder in the official layout, built once per session."""
+    from wan.testing.checkpoint import write_tiny_checkpoint
+
+    built: dict[str, Path] = {}
+
+    def source(task: str) -> Path:
+        if task not in built:
+            built[task] = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ckpt") / task, task, seed=5)
+        return built[task]
+
+    return source
+
+
+@pytest.fixture
+def make_checkpoint(tiny_checkpoint_source):
+    """make_checkpoint(root, task): a private copy of the task's tiny checkpoint at ``root`` (tests may
+    damage it)."""
+
+    def make(root: Path, task: str) -> Path:
+        shutil.copytree(tiny_checkpoint_source(task), root)
+        return root
+
+    return make

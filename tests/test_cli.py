@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
+import shutil
 import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
-from test_validate import make_checkpoint, make_image
+from test_validate import make_image
 from typer.testing import CliRunner
 
 from magcache_generate.cli import app, main
@@ -23,8 +25,8 @@ from wan.configs import TASKS
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """A temp folder as the current directory, with placeholder checkpoints for every task."""
+def workdir(tmp_path, monkeypatch, make_checkpoint):
+    """A temp folder as the current directory, with tiny checkpoints for every task."""
     monkeypatch.chdir(tmp_path)
     for task in TASKS:
         make_checkpoint(tmp_path / "ckpt" / task, task)
@@ -38,7 +40,7 @@ def captured(monkeypatch) -> list[Request]:
     seen: list[Request] = []
     fake = types.ModuleType("magcache_generate.run")
 
-    def run_requests(requests, *, console, debug=False):
+    def run_requests(requests, *, console, debug=False, batch=None):
         seen.extend(requests)
         return [{"task": r.task} for r in requests]
 
@@ -49,13 +51,26 @@ def captured(monkeypatch) -> list[Request]:
 
 @pytest.fixture
 def forbidden_run(monkeypatch):
+    """Bad input must never reach run_requests, nor any loader or tensor read."""
+    import torch
+
+    import wan
+    import wan.loading
+
     fake = types.ModuleType("magcache_generate.run")
 
-    def run_requests(requests, *, console, debug=False):
+    def run_requests(requests, *, console, debug=False, batch=None):
         raise AssertionError("bad input reached run_requests")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were read before every input was checked")
 
     fake.run_requests = run_requests
     monkeypatch.setitem(sys.modules, "magcache_generate.run", fake)
+    for target, name in [(torch, "load"), (wan.loading, "safe_open"), (wan.loading, "load_transformer")]:
+        monkeypatch.setattr(target, name, no_loading)
+    for name in ("load_transformer", "load_text_encoder", "load_vae"):
+        monkeypatch.setattr(wan, name, no_loading)
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -96,7 +111,21 @@ def _write(path: str, data: bytes = b"old"):
     )
 
 
+def _truncate(path: str):
+    return lambda root: (root / path).write_bytes((root / path).read_bytes()[:-200])
+
+
+def _randomize(path: str):
+    return lambda root: (root / path).write_bytes(random.Random(0).randbytes((root / path).stat().st_size))
+
+
+def _copy(source: str, target: str):
+    return lambda root: shutil.copyfile(root / source, root / target)
+
+
 T2V = ["--ckpt-dir", ckpt(), "--save-file", "out.mp4"]
+VAE = "ckpt/t2v-A14B/Wan2.1_VAE.pth"
+T5 = "ckpt/t2v-A14B/models_t5_umt5-xxl-enc-bf16.pth"
 I2V = ["--task", "i2v-A14B", "--ckpt-dir", ckpt("i2v-A14B"), "--save-file", "out.mp4"]
 SHARD = "ckpt/t2v-A14B/high_noise_model/diffusion_pytorch_model-00002-of-00002.safetensors"
 
@@ -190,7 +219,78 @@ BAD_INPUTS = [
         None,
         "ratios file not found",
     ),
-    ("unknown-option", [*T2V, "--frame-nmu", "81"], None, "No such option: --frame-nmu"),
+    (
+        "unknown-option",
+        [*T2V, "--frame-nmu", "81"],
+        None,
+        "unknown option --frame-nmu; did you mean --frame-num?",
+    ),
+    ("unknown-upstream-spelling", [*T2V, "--frame_nmu", "81"], None, "did you mean --frame-num?"),
+    ("unknown-option-far", [*T2V, "--foo"], None, "unknown option --foo; see --help for the options"),
+    (
+        "stray-argument",
+        [*T2V, "--prompt", "a", "cat"],
+        None,
+        "unexpected argument 'cat' after --prompt: quote",
+    ),
+    ("flag-with-value", [*T2V, "--use-magcache", "yes"], None, "--use-magcache is a flag and takes no value"),
+    (
+        "three-guide-scales-spaced",
+        [*T2V, "--sample-guide-scale", "1", "2", "3"],
+        None,
+        "--sample-guide-scale '1,2,3' must be one number or two",
+    ),
+    (
+        "frames-over-limit",
+        [*T2V, "--frame-num", "100001"],
+        None,
+        "--frame-num 100001 is over the limit of 1001",
+    ),
+    (
+        "steps-over-limit",
+        [*T2V, "--sample-steps", "100000"],
+        None,
+        "--sample-steps 100000 is over the limit of 1000",
+    ),
+    (
+        "plan-steps-over-limit",
+        ["--magcache-plan", "--sample-steps", "100000"],
+        None,
+        "--sample-steps 100000 is over the limit",
+    ),
+    (
+        "plan-missing-image",
+        ["--magcache-plan", "--task", "i2v-A14B", "--image", "nothere.png"],
+        None,
+        "--image 'nothere.png' not found",
+    ),
+    ("plan-image-for-t2v", ["--magcache-plan", "--image", "first.png"], None, "t2v-A14B takes no --image"),
+    (
+        "truncated-vae",
+        T2V,
+        _truncate(VAE),
+        "'ckpt/t2v-A14B/Wan2.1_VAE.pth' (the VAE) is truncated or corrupt",
+    ),
+    ("random-vae", T2V, _randomize(VAE), "(the VAE) is neither a torch.save archive nor a safetensors file"),
+    ("empty-vae", T2V, _write(VAE, b""), "(the VAE) is empty (0 bytes)"),
+    ("t5-as-vae", T2V, _copy(T5, VAE), "Wan2.1_VAE.pth' holds the umT5 text encoder"),
+    ("truncated-t5", T2V, _truncate(T5), "(the umT5 text encoder) is truncated or corrupt"),
+    ("random-t5", T2V, _randomize(T5), "(the umT5 text encoder) is neither a torch.save archive"),
+    ("vae-as-t5", T2V, _copy(VAE, T5), "holds a Wan2.1 VAE (Wan2.1_VAE.pth), not the umT5 text encoder"),
+    ("wan22-vae-for-t2v", T2V, _copy("ckpt/ti2v-5B/Wan2.2_VAE.pth", VAE), "holds a Wan2.2 VAE, but t2v-A14B"),
+    ("truncated-shard", T2V, _truncate(SHARD), "(a transformer shard) is truncated"),
+    (
+        "i2v-folder-for-t2v",
+        ["--task", "t2v-A14B", "--ckpt-dir", ckpt("i2v-A14B")],
+        None,
+        "holds an i2v transformer",
+    ),
+    (
+        "output-under-a-file",
+        [*T2V, "--save-file", "first.png/out.mp4"],
+        None,
+        "'first.png' is a file, not a folder",
+    ),
     ("not-a-number", [*T2V, "--frame-num", "many"], None, "Invalid value for '--frame-num'"),
     ("offload-word", [*T2V, "--offload_model", "maybe"], None, "--offload-model takes true or false"),
     (
@@ -306,7 +406,7 @@ def test_ti2v_image_is_optional(workdir, captured, capsys):
 def test_unexpected_errors_exit_1_with_a_hint(workdir, monkeypatch, capsys):
     fake = types.ModuleType("magcache_generate.run")
 
-    def boom(requests, *, console, debug=False):
+    def boom(requests, *, console, debug=False, batch=None):
         raise RuntimeError("CUDA out of memory\nmore detail")
 
     fake.run_requests = boom
@@ -321,7 +421,7 @@ def test_unexpected_errors_exit_1_with_a_hint(workdir, monkeypatch, capsys):
 def test_keyboard_interrupt_exits_130(workdir, monkeypatch, capsys):
     fake = types.ModuleType("magcache_generate.run")
 
-    def interrupted(requests, *, console, debug=False):
+    def interrupted(requests, *, console, debug=False, batch=None):
         raise KeyboardInterrupt
 
     fake.run_requests = interrupted
@@ -335,24 +435,112 @@ def test_keyboard_interrupt_exits_130(workdir, monkeypatch, capsys):
 # Batches
 
 
+def table_rows(out: str) -> list[list[str]]:
+    """Rows of the closing batch table (plain columns when not a terminal): number, line, status, then
+    seed, seconds and output for items that ran, or the reason for skipped ones."""
+    lines = out.splitlines()
+    start = lines.index("batch") + 2  # title, header
+    rows = []
+    for line in lines[start:]:
+        if line.startswith("batch:"):
+            break
+        number, line_number, status, rest = line.split(None, 3)
+        tail = [rest.strip()] if status == "skipped" else rest.split(None, 2)
+        rows.append([number, line_number, status, *tail])
+    return rows
+
+
 def test_prompt_file_with_one_bad_item(workdir, captured, capsys):
     (workdir / "prompts.txt").write_text(
         "# batch\na fox in snow\n\n"
         '{"prompt": "a boat", "seed": 3, "frame_num": 17}\n'
         '{"prompt": "bad", "frame_num": 80}\n'
     )
-    code, _, err = run_main(
+    code, out, err = run_main(
         ["--ckpt-dir", ckpt(), "--prompt-file", "prompts.txt", "--base-seed", "9"], capsys
     )
-    assert code == 0
+    assert code == 3  # a batch ran, but not every item was generated
     assert [r.prompt for r in captured] == ["a fox in snow", "a boat"]
     assert [r.base_seed for r in captured] == [9, 3]
     assert captured[1].frame_num == 17
-    assert captured[0].save_file != captured[1].save_file
+    assert str(captured[0].save_file).endswith("_001.mp4") and str(captured[1].save_file).endswith("_002.mp4")
     assert err.strip().splitlines() == [
         "skipped: prompts.txt line 5: --frame-num 80 is not of the form 4n+1 (the VAE packs 4 frames per latent); "
         "try 81"
     ]
+    rows = table_rows(out)
+    assert [r[:3] for r in rows] == [["001", "2", "ok"], ["002", "4", "ok"], ["003", "5", "skipped"]]
+    assert rows[0][3] == "9" and rows[0][-1] == str(captured[0].save_file)
+    assert rows[2][-1].startswith("--frame-num 80 is not of the form 4n+1")
+    assert "batch: 3 item(s), 2 ok, 1 skipped, 0 failed; total" in out
+
+
+def test_bad_json_line_keeps_the_numbering_and_the_table_complete(workdir, captured, capsys):
+    (workdir / "prompts.txt").write_text('a fox\n{"prompt": "a boat",\n# note\na cat\n')
+    code, out, err = run_main(["--ckpt-dir", ckpt(), "--prompt-file", "prompts.txt"], capsys)
+    assert code == 3
+    assert "skipped: prompts.txt line 2: not valid JSON" in err
+    names = [str(r.save_file) for r in captured]
+    assert names[0].endswith("_001.mp4") and names[1].endswith("_003.mp4")  # the bad line keeps number 002
+    assert [r[:3] for r in table_rows(out)] == [
+        ["001", "1", "ok"],
+        ["002", "2", "skipped"],
+        ["003", "4", "ok"],
+    ]
+
+
+def test_batch_exit_codes(workdir, monkeypatch, capsys):
+    (workdir / "prompts.txt").write_text("a fox\na boat\n")
+    fake = types.ModuleType("magcache_generate.run")
+    outcome = {"fail": False}
+
+    def run_requests(requests, *, console, debug=False, batch=None):
+        assert batch is True
+        results = [{"task": r.task, "total_s": 1.0} for r in requests]
+        if outcome["fail"]:
+            results[1]["error"] = "decoder exploded"
+        return results
+
+    fake.run_requests = run_requests
+    monkeypatch.setitem(sys.modules, "magcache_generate.run", fake)
+    argv = ["--ckpt-dir", ckpt(), "--prompt-file", "prompts.txt", "--overwrite"]
+    code, out, _ = run_main(argv, capsys)
+    assert code == 0
+    assert [r[2] for r in table_rows(out)] == ["ok", "ok"]
+    outcome["fail"] = True
+    code, out, _ = run_main(argv, capsys)
+    assert code == 3
+    rows = table_rows(out)
+    assert [r[2] for r in rows] == ["ok", "failed"] and rows[1][-1] == "decoder exploded"
+    assert "2 item(s), 1 ok, 0 skipped, 1 failed" in out
+
+
+def test_single_valid_item_of_a_prompt_file_is_still_a_batch(workdir, captured, capsys):
+    (workdir / "prompts.txt").write_text('a fox\n{"prompt": "x", "size": "1*1"}\n')
+    code, out, _ = run_main(["--ckpt-dir", ckpt(), "--prompt-file", "prompts.txt"], capsys)
+    assert code == 3 and len(captured) == 1
+    assert [r[2] for r in table_rows(out)] == ["ok", "skipped"]
+
+
+def test_calibration_over_a_prompt_file_needs_like_runs(workdir, captured, capsys):
+    (workdir / "prompts.txt").write_text('a fox\n{"prompt": "a boat", "sample_steps": 20}\na cat\n')
+    argv = ["--ckpt-dir", ckpt(), "--prompt-file", "prompts.txt", "--magcache-calibrate", "ratios.json"]
+    code, _, err = run_main(argv, capsys)
+    assert code == 3
+    assert [r.prompt for r in captured] == ["a fox", "a cat"]
+    assert all(r.magcache.calibrate_file == Path("ratios.json") for r in captured)
+    assert (
+        "skipped: prompts.txt line 2: sample_steps differs from line 1's; --magcache-calibrate averages"
+        in err
+    )
+
+
+def test_calibration_file_may_not_be_an_items_output(workdir, captured, capsys):
+    (workdir / "prompts.txt").write_text('a fox\n{"prompt": "a boat", "save_file": "r.mp4"}\n')
+    argv = ["--ckpt-dir", ckpt(), "--prompt-file", "prompts.txt", "--magcache-calibrate", "r.json"]
+    code, _, err = run_main(argv, capsys)
+    assert code == 3
+    assert "line 2: --magcache-calibrate 'r.json' is the video's sidecar file" in err
 
 
 def test_prompt_file_without_valid_items_exits_2(workdir, forbidden_run, capsys):
@@ -420,7 +608,7 @@ def test_batch_item_whose_magcache_plan_fails_is_skipped(workdir, captured, caps
         "1.6",
     ]
     code, _, err = run_main(argv, capsys)
-    assert code == 0
+    assert code == 3
     assert [r.prompt for r in captured] == ["a fox"]
     assert err.startswith(
         "skipped: prompts.txt line 2: ideal speedup 1.6x is out of reach for t2v-A14B at 3 steps"
@@ -433,6 +621,7 @@ def test_help_lists_the_panels_and_both_spellings_work():
     for panel in ("Task", "Sampling", "Memory", "Output", "MagCache", "Batch"):
         assert panel in result.output
     assert "--magcache-K" in result.output and "--offload-model" in result.output
+    assert "at most 1001" in result.output and "at most 1000" in result.output  # the limits are stated
 
 
 def test_help_and_import_do_not_load_torch():

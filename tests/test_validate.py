@@ -1,7 +1,7 @@
 """Request building and validation, argv normalisation and prompt files: no weights, no torch models.
 
-``make_checkpoint`` (also used by test_cli.py) lays out a checkpoint folder of tiny placeholder files:
-validation only looks at which files exist, so none of them holds real tensors.
+``make_checkpoint`` (a conftest fixture) copies a complete tiny checkpoint: validation reads every
+weight file's header or pickle, so the files must be real.
 """
 
 from __future__ import annotations
@@ -17,43 +17,24 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from magcache_generate.argv import normalize_argv
+from magcache_generate.argv import check_option_names, normalize_argv
 from magcache_generate.batch import build_batch, parse_prompt_file
 from magcache_generate.preflight import check_checkpoint_dir, check_image
 from magcache_generate.request import UserError
 from magcache_generate.validate import (
     CATS_PROMPT,
     EXAMPLE_PROMPTS,
+    MAX_FRAME_NUM,
+    MAX_SAMPLE_STEPS,
     GenerateOptions,
     build_request,
+    check_limits,
     plan_settings,
     resolve_guide_scale,
 )
 from wan.configs import TASKS
 
 NOW = datetime(2025, 7, 28, 12, 34, 56)
-INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
-
-
-def make_checkpoint(root: Path, task: str) -> Path:
-    """An official-layout checkpoint folder for ``task`` made of placeholder files."""
-    cfg = TASKS[task]
-    root.mkdir(parents=True, exist_ok=True)
-    for folder in cfg.dit_folders:
-        dit = root / folder if folder else root
-        dit.mkdir(exist_ok=True)
-        (dit / "config.json").write_text(json.dumps({"model_type": cfg.model_type}))
-        shards = [f"diffusion_pytorch_model-0000{i}-of-00002.safetensors" for i in (1, 2)]
-        weight_map = {"patch_embedding.weight": shards[0], "head.head.weight": shards[1]}
-        (dit / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
-        for shard in shards:
-            (dit / shard).write_bytes(b"placeholder")
-    (root / cfg.t5_checkpoint).write_bytes(b"placeholder")
-    (root / cfg.vae_checkpoint).write_bytes(b"placeholder")
-    tokenizer = root / cfg.t5_tokenizer
-    tokenizer.mkdir(parents=True, exist_ok=True)
-    (tokenizer / "tokenizer.json").write_text("{}")
-    return root
 
 
 def make_image(path: Path) -> Path:
@@ -274,12 +255,12 @@ def test_image_checks(tmp_path):
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-def test_complete_checkpoint_passes(tmp_path, task):
+def test_complete_checkpoint_passes(tmp_path, task, make_checkpoint):
     ckpt = make_checkpoint(tmp_path / "ckpt", task)
     assert check_checkpoint_dir(ckpt, TASKS[task]) == ckpt
 
 
-def test_checkpoint_for_the_wrong_task_is_incomplete(tmp_path):
+def test_checkpoint_for_the_wrong_task_is_incomplete(tmp_path, make_checkpoint):
     ckpt = make_checkpoint(tmp_path / "ckpt", "ti2v-5B")
     with pytest.raises(UserError, match=r"incomplete for t2v-A14B: .*high_noise_model"):
         check_checkpoint_dir(ckpt, TASKS["t2v-A14B"])
@@ -338,6 +319,7 @@ def test_plan_settings_need_no_checkpoint_or_image(tmp_path):
         (["--no-offload-model"], ["--no-offload-model"]),
         (["--sample_guide_scale", "3.0", "4.0"], ["--sample-guide-scale=3.0,4.0"]),
         (["--sample-guide-scale", "3", "--t5-cpu"], ["--sample-guide-scale=3", "--t5-cpu"]),
+        (["--sample-guide-scale", "1", "2", "3"], ["--sample-guide-scale=1,2,3"]),  # refused later, by name
         (["--magcache_K", "3", "--magcache_thresh", "0.06"], ["--magcache-K=3", "--magcache-thresh=0.06"]),
         (["--use_magcache", "--retention_ratio", "0.2"], ["--use-magcache", "--retention-ratio=0.2"]),
         (["--ulysses_size", "1", "--prompt_extend_method", "local_qwen"], []),
@@ -366,6 +348,47 @@ def test_normalize_argv_refuses(argv, fragment):
         normalize_argv(argv)
 
 
+OPTIONS = {"--frame-num": True, "--crf": True, "--prompt": True, "--use-magcache": False, "--help": False}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--foo"], "unknown option --foo; see --help for the options"),  # no '--crf' for '--foo'
+        (["--frame-nmu=3"], "unknown option --frame-nmu; did you mean --frame-num?"),
+        (["--frame_nmu", "3"], "unknown option --frame_nmu; did you mean --frame-num?"),
+        (["--crff", "3"], "unknown option --crff; did you mean --crf?"),
+        (["-x"], "unknown option -x; see --help for the options"),
+        (["cat"], "unexpected argument 'cat': this command takes options only (see --help)"),
+        (["--prompt", "a", "cat"], "unexpected argument 'cat' after --prompt: quote a value that has spaces"),
+        (["--prompt=a", "cat"], "unexpected argument 'cat' after --prompt"),
+        (["--use-magcache", "yes"], "unexpected argument 'yes': --use-magcache is a flag and takes no value"),
+    ],
+)
+def test_option_names_are_checked(argv, message):
+    with pytest.raises(UserError) as info:
+        check_option_names(argv, OPTIONS)
+    assert str(info.value).startswith(message)
+
+
+def test_valid_option_names_pass():
+    check_option_names(
+        ["--frame-num", "81", "--prompt=a cat", "--use-magcache", "--crf", "-1", "--help"], OPTIONS
+    )
+    check_option_names([], OPTIONS)
+
+
+def test_limits():
+    cfg = TASKS["t2v-A14B"]
+    check_limits(cfg, size="1280*720", frame_num=MAX_FRAME_NUM, sample_steps=MAX_SAMPLE_STEPS)
+    with pytest.raises(UserError, match=f"--frame-num 1005 is over the limit of {MAX_FRAME_NUM}"):
+        check_limits(cfg, frame_num=1005)
+    with pytest.raises(UserError, match=f"--sample-steps 1001 is over the limit of {MAX_SAMPLE_STEPS}"):
+        check_limits(cfg, sample_steps=1001)
+    with pytest.raises(UserError, match="over the limit"):
+        plan_settings(GenerateOptions(sample_steps=100000))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Prompt files
 
@@ -389,6 +412,8 @@ def test_prompt_file_forms_and_problems(tmp_path):
     )
     items, problems = parse_prompt_file(path)
     assert [i.line for i in items] == [2, 4]
+    assert [i.number for i in items] == [1, 2]  # every item line counts, bad ones too
+    assert [p.number for p in sorted(problems, key=lambda p: p.line)] == [3, 4, 5, 6, 7]
     assert items[0].overrides == {"prompt": "a red fox runs through snow"}
     assert items[1].overrides == {
         "prompt": "a boat",
@@ -435,4 +460,5 @@ def test_batch_builds_one_request_per_item(tmp_path, monkeypatch):
     assert first.base_seed != second.base_seed
     problems = {p.line: p.message for p in batch.problems}
     assert "is also written by line 3" in problems[4]
+    assert [p.number for p in batch.problems] == [4, 5]
     assert "--size '1280*704' is not supported by t2v-A14B" in problems[5]

@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 from magcache_generate.magcache.plan import Plan
+
+SPEEDUP_DECIMALS = 3
+
+
+def round_speedup(value: float | None) -> float | None:
+    """The one rounding of every speedup figure (plan, run summary, sidecar, JSON), so all show the same
+    digits; None when there is no finite figure."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, SPEEDUP_DECIMALS)
+
+
+def format_speedup(value: float | None) -> str:
+    rounded = round_speedup(value)
+    return "n/a" if rounded is None else f"{rounded:.{SPEEDUP_DECIMALS}f}x"
 
 
 def plan_json(p: Plan) -> dict:
@@ -36,12 +53,14 @@ def render_plan(p: Plan) -> str:
         skipped = p.skipped_steps(b)
         lines.append(f"  {b} skipped steps {len(skipped)}: {skipped}")
     lines.append(
-        f"  forwards {p.forwards} of {p.dense_forwards} dense -> ideal speedup {p.ideal_speedup:.3f}x"
+        f"  forwards {p.forwards} of {p.dense_forwards} dense -> ideal speedup {format_speedup(p.ideal_speedup)}"
     )
     for e in dict.fromkeys(p.experts):
         fw, dense = p.count(expert=e)
         cfg_free = ", CFG-free (guide scale 1): cond only" if e in p.cfg_free_experts else ""
-        lines.append(f"    {EXPERT_NAMES[e]}: {fw}/{dense} forwards ({dense / fw:.3f}x){cfg_free}")
+        lines.append(
+            f"    {EXPERT_NAMES[e]}: {fw}/{dense} forwards ({format_speedup(dense / fw if fw else None)}){cfg_free}"
+        )
     lines += [f"  warning: {w}" for w in p.warnings]
     if p.no_skip_reason:
         lines.append(f"  note: {p.no_skip_reason}")

@@ -19,7 +19,7 @@ import torch
 
 from magcache_generate.atomic import atomic_write_file
 from magcache_generate.magcache.calibration import CalibrationRecorder, CalibrationRecording, average
-from magcache_generate.magcache.report import render_plan
+from magcache_generate.magcache.report import render_plan, round_speedup
 from magcache_generate.magcache.residual_cache import ResidualCache
 from magcache_generate.magcache.settings import make_plan
 
@@ -113,8 +113,8 @@ def finish_cache(cache: TimedCache | None, request, denoise_seconds: float) -> d
         "calls": calls,
         "forwards": p.forwards,
         "dense_forwards": p.dense_forwards,
-        "ideal_speedup": round(p.ideal_speedup, 4),
-        "measured_speedup": round(dense_estimate / denoise_seconds, 4) if denoise_seconds > 0 else None,
+        "ideal_speedup": round_speedup(p.ideal_speedup),
+        "measured_speedup": round_speedup(dense_estimate / denoise_seconds) if denoise_seconds > 0 else None,
         "measured_speedup_method": "denoise time + skipped calls x mean computed block-stack time, over denoise time",
         "warnings": list(p.warnings),
         "no_skip_reason": p.no_skip_reason,

@@ -55,11 +55,5 @@ def make_plan(
         )
         config = MagCacheConfig(thresh=thresh, K=config.K, retention=config.retention, mode=config.mode)
         log(f"MagCache: --magcache-speedup {options.speedup:g} -> threshold {thresh:.6g}")
-    result = plan(
-        task, timesteps, boundary, config, curve, shift=shift, has_image=has_image, branches=branches
-    )
-    for warning in result.warnings:
-        log(f"[yellow]MagCache warning:[/] {warning}")
-    if result.no_skip_reason:
-        log(f"[yellow]MagCache:[/] {result.no_skip_reason}")
-    return result
+    # warnings and the no-skip reason are part of the plan; render_plan shows them (once)
+    return plan(task, timesteps, boundary, config, curve, shift=shift, has_image=has_image, branches=branches)

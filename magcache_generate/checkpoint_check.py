@@ -1,0 +1,231 @@
+"""Does a checkpoint folder hold what the task needs? Torch-free; reads headers and pickles, no tensor data.
+
+Every DiT shard, the umT5 file and the VAE file are opened and their tensor tables read
+(``checkpoint_probe``); then each file must hold the right model (not the T5 under the VAE's name),
+the VAE must be the task's generation, and the parts must fit together: the DiT's input channels are
+the task's (t2v 16, i2v 36, ti2v 48: the I2V and T2V folders look alike otherwise), its text width is
+the T5's and its output channels are the VAE's latent channels. Each failure is one ``UserError``
+line naming the file and the fix. The strict per-key check against the models runs later, with torch
+(``model_check``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from magcache_generate.checkpoint_probe import (
+    ProbeError,
+    TensorInfo,
+    TensorTable,
+    UnsupportedPickle,
+    probe_safetensors,
+    probe_tensor_file,
+)
+from magcache_generate.request import UserError
+from wan.checkpoint_layout import TransformerFiles
+from wan.configs import TaskConfig
+
+RELEASES = {
+    "t2v-A14B": "Wan-AI/Wan2.2-T2V-A14B",
+    "i2v-A14B": "Wan-AI/Wan2.2-I2V-A14B",
+    "ti2v-5B": "Wan-AI/Wan2.2-TI2V-5B",
+}
+DIT_IN_CHANNELS = {"t2v": 16, "i2v": 36, "ti2v": 48}  # patch_embedding input channels per model type
+VAE_LATENT_CHANNELS = {"2.1": 16, "2.2": 48}
+VAE_MARKER_KEYS = ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")
+T5_MARKER_KEYS = (
+    "token_embedding.weight",
+    "blocks.0.attn.q.weight",
+    "blocks.0.pos_embedding.embedding.weight",
+)
+
+
+@dataclass(frozen=True)
+class DitContents:
+    """One transformer folder: its tensors (with the shard holding each) and its config.json."""
+
+    folder: Path
+    tensors: dict[str, tuple[TensorInfo, Path]]
+    config: dict
+
+
+@dataclass(frozen=True)
+class CheckpointContents:
+    """Tensor tables of every weight file of a task's checkpoint folder. A ``.pth`` table is None when its
+    pickle uses a torch global the torch-free reader does not model: ``model_check`` reads it with torch
+    (memory-mapped, no tensor data) and runs ``check_fit`` then."""
+
+    root: Path
+    task: TaskConfig
+    dits: dict[str, DitContents]  # "" (root) or high_noise_model / low_noise_model
+    t5_file: Path
+    t5: TensorTable | None
+    vae_file: Path
+    vae: TensorTable | None
+
+
+def identify(keys: TensorTable | dict) -> str | None:
+    """Which Wan model a tensor table belongs to, told by a few characteristic keys."""
+    if "patch_embedding.weight" in keys:
+        return "a Wan diffusion transformer (DiT)"
+    if "token_embedding.weight" in keys:
+        return "the umT5 text encoder (models_t5_umt5-xxl-enc-bf16.pth)"
+    if all(k in keys for k in VAE_MARKER_KEYS):
+        return f"a Wan{vae_kind(keys)} VAE (Wan{vae_kind(keys)}_VAE.pth)"
+    if "shared.weight" in keys or any(k.startswith("encoder.block.") for k in keys):
+        return "a transformers UMT5 checkpoint (Hugging Face key names, not Wan's)"
+    return None
+
+
+def vae_kind(keys: TensorTable | dict) -> str:
+    """'2.2' when the encoder has the Wan2.2 nested down-sampling stages, else '2.1' (as wan.vae tells)."""
+    return "2.2" if any(k.startswith("encoder.downsamples.0.downsamples.") for k in keys) else "2.1"
+
+
+def inspect_weights(
+    root: Path, cfg: TaskConfig, dit_files: dict[str, TransformerFiles]
+) -> CheckpointContents:
+    """Read every weight file's tensor table and check it against the task (``dit_files``: the located
+    transformer files per DiT folder)."""
+    release = RELEASES.get(cfg.name, "the official release")
+    dits = {
+        folder: _read_dit(root / folder if folder else root, files, release)
+        for folder, files in dit_files.items()
+    }
+    t5_file, vae_file = root / cfg.t5_checkpoint, root / cfg.vae_checkpoint
+    t5 = _probe(t5_file, "umT5 text encoder", release)
+    vae = _probe(vae_file, "VAE", release)
+    contents = CheckpointContents(root, cfg, dits, t5_file, t5, vae_file, vae)
+    if t5 is not None and vae is not None:
+        check_fit(contents)
+    return contents
+
+
+def check_fit(contents: CheckpointContents) -> None:
+    """Each file holds the model the task needs, and the DiT, T5 and VAE fit together."""
+    release = RELEASES.get(contents.task.name, "the official release")
+    _check_t5(contents, release)
+    _check_vae(contents, release)
+    for dit in contents.dits.values():
+        _check_dit(dit, contents, release)
+
+
+def _probe(path: Path, what: str, release: str) -> TensorTable | None:
+    try:
+        return probe_tensor_file(path)
+    except UnsupportedPickle:
+        return None  # left to torch.load(weights_only=True) in model_check
+    except ProbeError as err:
+        raise UserError(f"'{path}' (the {what}) {err}; download it again from {release}") from None
+
+
+def _read_dit(folder: Path, files: TransformerFiles, release: str) -> DitContents:
+    tensors: dict[str, tuple[TensorInfo, Path]] = {}
+    for shard in files.shards:
+        try:
+            table = probe_safetensors(shard)
+        except ProbeError as err:
+            raise UserError(
+                f"'{shard}' (a transformer shard) {err}; download it again from {release}"
+            ) from None
+        for key, info in table.items():
+            if key in tensors:
+                raise UserError(
+                    f"'{shard}' repeats tensor {key!r} of {tensors[key][1].name}; "
+                    f"the folder mixes two downloads, download it again from {release}"
+                )
+            tensors[key] = (info, shard)
+    if files.index is not None:
+        weight_map = json.loads(files.index.read_text())["weight_map"]
+        for key, name in weight_map.items():
+            if key not in tensors or tensors[key][1].name != name:
+                raise UserError(
+                    f"'{folder / name}' lacks tensor {key!r} that {files.index.name} places there; "
+                    f"the shard does not match the index, download the folder again from {release}"
+                )
+    config: dict = {}
+    if files.config is not None:
+        try:
+            config = json.loads(files.config.read_text())
+        except ValueError:
+            raise UserError(f"'{files.config}' is not valid JSON; download it again from {release}") from None
+        if not isinstance(config, dict):
+            raise UserError(f"'{files.config}' is not a transformer config; download it again from {release}")
+    return DitContents(folder, tensors, config)
+
+
+def _check_t5(contents: CheckpointContents, release: str) -> None:
+    missing = [k for k in T5_MARKER_KEYS if k not in contents.t5]
+    if missing:
+        found = identify(contents.t5)
+        what = f"holds {found}" if found else f"has no tensor {missing[0]!r}"
+        raise UserError(
+            f"'{contents.t5_file}' {what}, not the umT5 text encoder; "
+            f"put {contents.task.t5_checkpoint} from {release} there"
+        )
+
+
+def _check_vae(contents: CheckpointContents, release: str) -> None:
+    cfg, vae = contents.task, contents.vae
+    needed = f"the Wan{cfg.vae_kind} VAE ({cfg.vae_checkpoint} from {release})"
+    missing = [k for k in VAE_MARKER_KEYS if k not in vae]
+    if missing:
+        found = identify(vae)
+        what = f"holds {found}" if found else f"has no tensor {missing[0]!r}"
+        raise UserError(f"'{contents.vae_file}' {what}, not a VAE; {cfg.name} needs {needed}")
+    kind = vae_kind(vae)
+    if kind != cfg.vae_kind:
+        raise UserError(f"'{contents.vae_file}' holds a Wan{kind} VAE, but {cfg.name} needs {needed}")
+    z_dim = vae["conv2.weight"].shape[0] if vae["conv2.weight"].shape else 0
+    if z_dim != VAE_LATENT_CHANNELS[kind]:
+        raise UserError(
+            f"'{contents.vae_file}' has {z_dim} latent channels, not the Wan{kind} VAE's "
+            f"{VAE_LATENT_CHANNELS[kind]}; {cfg.name} needs {needed}"
+        )
+
+
+def _check_dit(dit: DitContents, contents: CheckpointContents, release: str) -> None:
+    cfg = contents.task
+    where = f"'{dit.folder}'"
+    tables = {key: info for key, (info, _) in dit.tensors.items()}
+    for key in ("patch_embedding.weight", "text_embedding.0.weight", "head.head.weight"):
+        if key not in tables:
+            found = identify(tables)
+            what = f"holds {found}" if found else f"has no tensor {key!r}"
+            raise UserError(f"{where} {what}, not a Wan transformer; pass the {release} folder as --ckpt-dir")
+    patch = tables["patch_embedding.weight"].shape  # [dim, in_dim, pt, ph, pw]
+    if len(patch) != 5:
+        raise UserError(
+            f"{where}: tensor 'patch_embedding.weight' has shape {list(patch)}; download it again"
+        )
+    in_dim, expected = patch[1], DIT_IN_CHANNELS[cfg.model_type]
+    if in_dim != expected:
+        kinds = [t for t, n in DIT_IN_CHANNELS.items() if n == in_dim]
+        what = (
+            f"{'an' if kinds[0].startswith('i') else 'a'} {kinds[0]} transformer"
+            if kinds
+            else "a transformer"
+        )
+        raise UserError(
+            f"{where} holds {what} ({in_dim} input channels), but {cfg.name} needs the {cfg.model_type} "
+            f"one ({expected}); pass the {release} folder as --ckpt-dir (or the matching --task)"
+        )
+    text_dim, t5_dim = (
+        tables["text_embedding.0.weight"].shape[-1],
+        contents.t5["token_embedding.weight"].shape[-1],
+    )
+    if text_dim != t5_dim:
+        raise UserError(
+            f"{where} takes text features of width {text_dim} but '{contents.t5_file}' gives {t5_dim}; "
+            f"the files come from different models, download them again from {release}"
+        )
+    out_dim = tables["head.head.weight"].shape[0] // max(1, math.prod(patch[2:]))
+    z_dim = contents.vae["conv2.weight"].shape[0]
+    if out_dim != z_dim:
+        raise UserError(
+            f"{where} predicts {out_dim} latent channels but '{contents.vae_file}' has {z_dim}; "
+            f"{cfg.name} needs {cfg.vae_checkpoint} from {release}"
+        )

@@ -1,0 +1,206 @@
+"""Reading tensor tables from safetensors headers and torch.save pickles, without tensor data or torch."""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from magcache_generate.checkpoint_probe import (
+    ProbeError,
+    TensorInfo,
+    UnsupportedPickle,
+    probe_safetensors,
+    probe_tensor_file,
+    probe_torch_archive,
+)
+
+
+def saved(path: Path, obj, **kwargs) -> Path:
+    torch.save(obj, path, **kwargs)
+    return path
+
+
+def state() -> dict[str, torch.Tensor]:
+    base = torch.arange(12.0)
+    return collections.OrderedDict(
+        weight=torch.zeros(3, 4, dtype=torch.bfloat16),
+        bias=torch.ones(5, dtype=torch.float16),
+        view=base[2:8].view(2, 3),  # a view into a larger storage
+        param=torch.nn.Parameter(torch.zeros(2, 2, 1)),
+        index=torch.zeros(7, dtype=torch.int64),
+        scalar=torch.tensor(1.5),
+    )
+
+
+def test_torch_archive_names_dtypes_and_shapes(tmp_path):
+    table = probe_tensor_file(saved(tmp_path / "m.pth", state()))
+    assert table == {
+        "weight": TensorInfo("bfloat16", (3, 4)),
+        "bias": TensorInfo("float16", (5,)),
+        "view": TensorInfo("float32", (2, 3)),
+        "param": TensorInfo("float32", (2, 2, 1)),
+        "index": TensorInfo("int64", (7,)),
+        "scalar": TensorInfo("float32", ()),
+    }
+    assert probe_tensor_file(saved(tmp_path / "plain.pth", dict(state()))) == table
+
+
+def test_torch_archive_reads_only_the_pickle(tmp_path, monkeypatch):
+    path = saved(tmp_path / "m.pth", state())
+    opened = []
+    original = zipfile.ZipFile.open
+
+    def recording_open(self, name, *args, **kwargs):
+        opened.append(name if isinstance(name, str) else name.filename)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", recording_open)
+    probe_torch_archive(path)
+    assert opened == ["m/data.pkl"]  # tensor bytes (m/data/0, ...) are never opened
+
+
+def test_safetensors_header_matches_safe_open(tmp_path):
+    tensors = {"a": torch.zeros(2, 3), "b": torch.ones(4, dtype=torch.bfloat16), "c": torch.zeros(0, 5)}
+    path = tmp_path / "s.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    table = probe_safetensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        expected = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    assert {k: v.shape for k, v in table.items()} == expected
+    assert table["b"].dtype == "BF16"
+    assert probe_tensor_file(path) == table  # told by content, not by name
+
+
+def test_probing_imports_no_torch(tmp_path):
+    pth = saved(tmp_path / "m.pth", state())
+    shard = tmp_path / "s.safetensors"
+    save_file({"a": torch.zeros(2)}, str(shard))
+    code = (
+        "import sys; from magcache_generate.checkpoint_probe import probe_tensor_file as p; "
+        f"p({str(pth)!r}); p({str(shard)!r}); print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def _bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        (
+            lambda data: data[: len(data) // 2],
+            "truncated or corrupt: the zip directory at its end is missing",
+        ),
+        (lambda data: data[:100], "truncated or corrupt"),
+        (lambda data: b"", "is empty (0 bytes)"),
+        (lambda data: bytes(range(256)) * 40, "neither a torch.save archive nor a safetensors file"),
+    ],
+    ids=["half", "head-only", "empty", "random"],
+)
+def test_damaged_archives(tmp_path, damage, fragment):
+    path = saved(tmp_path / "m.pth", state())
+    path.write_bytes(damage(_bytes(path)))
+    with pytest.raises(ProbeError, match=re.escape(fragment)) as info:
+        probe_tensor_file(path)
+    assert "\n" not in str(info.value)
+
+
+def test_legacy_format_is_refused_as_the_loaders_do(tmp_path):
+    path = saved(tmp_path / "old.pth", state(), _use_new_zipfile_serialization=False)
+    with pytest.raises(ProbeError, match="legacy"):
+        probe_tensor_file(path)
+    with pytest.raises(RuntimeError, match="mmap"):
+        torch.load(path, mmap=True, weights_only=True)
+
+
+def _archive(path: Path, pickled: bytes, entries: dict[str, bytes] | None = None) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("m/data.pkl", pickled)
+        for name, data in (entries or {}).items():
+            archive.writestr(f"m/{name}", data)
+    return path
+
+
+def test_foreign_globals_are_refused_without_running_them(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = _archive(tmp_path / "evil.pth", pickle.dumps({"x": Evil()}, protocol=2))
+    with pytest.raises(ProbeError, match=r"pickles \w+\.print, so it is not a plain state dict"):
+        probe_tensor_file(path)
+
+
+def test_torch_globals_it_does_not_model_are_not_a_verdict(tmp_path):
+    class Untyped:
+        def __reduce__(self):
+            return (torch.UntypedStorage, ())
+
+    path = _archive(tmp_path / "new.pth", pickle.dumps({"x": Untyped()}, protocol=2))
+    with pytest.raises(
+        UnsupportedPickle, match=r"pickles torch\.\S*UntypedStorage, which this reader does not model"
+    ):
+        probe_tensor_file(path)
+
+
+def test_non_tensor_entries_and_missing_bytes(tmp_path):
+    with pytest.raises(ProbeError, match="entry 'step' is not a tensor"):
+        probe_tensor_file(_archive(tmp_path / "a.pth", pickle.dumps({"step": 3}, protocol=2)))
+    with pytest.raises(ProbeError, match="holds a list"):
+        probe_tensor_file(_archive(tmp_path / "b.pth", pickle.dumps([1, 2], protocol=2)))
+
+    # the archive stores fewer bytes than the pickle says tensor 'w' needs
+    good = saved(tmp_path / "m.pth", {"w": torch.zeros(10)})
+    with zipfile.ZipFile(good) as archive:
+        pickled = archive.read("m/data.pkl")
+        data = archive.read("m/data/0")
+    with pytest.raises(ProbeError, match="tensor 'w' needs more bytes than the archive stores"):
+        probe_tensor_file(_archive(tmp_path / "short.pth", pickled, {"data/0": data[:8]}))
+    with pytest.raises(ProbeError, match="bytes of tensor 'w' are missing"):
+        probe_tensor_file(_archive(tmp_path / "none.pth", pickled))
+    assert probe_tensor_file(_archive(tmp_path / "ok.pth", pickled, {"data/0": data})) == {
+        "w": TensorInfo("float32", (10,))
+    }
+
+
+def test_damaged_safetensors(tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_file({"a": torch.zeros(64), "b": torch.zeros(64)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(ProbeError, match="is truncated: tensor 'b' ends at byte"):
+        probe_safetensors(path)
+    path.write_bytes(data[:20])
+    with pytest.raises(ProbeError, match="is truncated: its header needs"):
+        probe_safetensors(path)
+    path.write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(ProbeError, match="unreadable safetensors header"):
+        probe_safetensors(path)
+    path.write_bytes(b"\xff" * 8 + data[8:])
+    with pytest.raises(ProbeError, match="no valid safetensors header"):
+        probe_safetensors(path)
+
+
+def test_the_pickle_walk_matches_torch_load(tmp_path):
+    """The stand-in unpickler sees what torch.load sees, on a file written by this torch."""
+    path = saved(tmp_path / "m.pth", state())
+    loaded = torch.load(path, weights_only=True)
+    table = probe_torch_archive(path)
+    assert list(table) == list(loaded)
+    for key, tensor in loaded.items():
+        assert table[key].shape == tuple(tensor.shape)
+        assert table[key].dtype == str(tensor.dtype).removeprefix("torch.")
