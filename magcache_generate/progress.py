@@ -79,6 +79,10 @@ def summary_table(result: dict) -> Table:
     table.add_row("peak host RSS (GiB)", f"{mem['host_rss_gib']:.2f}")
     if mem.get("gpu_allocated_gib") is not None:
         table.add_row("peak GPU allocated (GiB)", f"{mem['gpu_allocated_gib']:.2f}")
+    if result.get("attention"):
+        table.caption = (
+            f"attention: {result['attention']['actual']} (asked: {result['attention']['requested']})"
+        )
     return table
 
 

@@ -55,6 +55,8 @@ class Request:
     crf: int = 10
     sidecar: bool = True
     vae_tiled: bool = False
+    attention: str = "auto"  # attention kernel (wan.attention_backends.BACKENDS)
+    compile: bool = False  # torch.compile the DiT block
     magcache: MagCacheOptions = field(default_factory=MagCacheOptions)
 
     @property

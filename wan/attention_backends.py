@@ -19,14 +19,11 @@ def backend_installed(name: str) -> bool:
 
 def backend_problem(name: str, device_type: str | None) -> str | None:
     """Why attention backend `name` cannot run on `device_type` ("cpu", "cuda"; None: not known yet),
-    as the end of a one-line message; None if it can."""
+    worded to follow the backend's name; None if it can."""
     if name not in BACKENDS:
-        return f"is not an attention backend; use one of {', '.join(BACKENDS)}"
+        return f"is not an attention backend (one of {', '.join(BACKENDS)})"
     if not backend_installed(name):
-        return (
-            f"needs {PACKAGE_NAMES[name]} (the {PACKAGES[name]} package), which is not installed; "
-            "install it or use --attention auto"
-        )
+        return f"needs {PACKAGE_NAMES[name]} (the {PACKAGES[name]} package), which is not installed"
     if name in CUDA_ONLY and device_type is not None and device_type != "cuda":
-        return f"runs only on CUDA, not on {device_type}; use --attention auto (or flash / math on the CPU)"
+        return f"runs only on CUDA, not on {device_type}"
     return None

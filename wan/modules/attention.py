@@ -54,7 +54,7 @@ class AttentionPolicy:
     def __init__(self, backend: str = "auto"):
         problem = backend_problem(backend, None)
         if problem is not None:
-            raise AttentionBackendError(f"attention {backend!r} {problem}")
+            raise AttentionBackendError(f"attention backend {backend!r} {problem}")
         self.requested = backend
         self.used: dict[str, str] = {}  # call site -> kernel label, e.g. {"self": "sdpa-cudnn/cuda"}
         self._kernels: dict[str, Callable[..., object]] = {}
@@ -64,7 +64,7 @@ class AttentionPolicy:
         """Raise AttentionBackendError if the requested backend cannot run on `device`."""
         problem = backend_problem(self.requested, device.type)
         if problem is not None:
-            raise AttentionBackendError(f"--attention {self.requested} {problem}")
+            raise AttentionBackendError(f"attention backend {self.requested!r} {problem}")
 
     @torch.compiler.disable  # a compiled block calls attention eagerly: external kernels and the record
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: str = "self") -> torch.Tensor:
