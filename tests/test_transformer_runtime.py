@@ -32,7 +32,7 @@ def test_chunked_forward_equals_unchunked_bit_for_bit(model_type, monkeypatch):
     with torch.no_grad():
         ref = model(x, t, ctx, y)
         # the bounded passes inside RMSNorm and RoPE are exact too
-        monkeypatch.setattr(block_module, "NORM_TOKENS", 40)
+        monkeypatch.setattr(block_module, "PASS_TOKENS", 40)
         monkeypatch.setattr(rope_module, "ROTATION_TOKENS", 24)
         assert torch.equal(model(x, t, ctx, y), ref)
         for chunk in (16, 48, 100, 256, 5000):

@@ -114,9 +114,9 @@ class AttentionPolicy:
 
 def _fa3_runs_on(device: torch.device) -> bool:
     """FlashAttention-3 is installed and the device is a Hopper GPU, the architecture it targets."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+    if device.type != "cuda" or not backend_installed("fa3"):
         return False
-    return backend_installed("fa3")
+    return torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _sdpa_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> SDPBackend | None:

@@ -5,13 +5,14 @@ Linears and attention run in bf16, while norms, modulation, the gated residual a
 stream are float32; with fp32 parameters and no autocast everything is float32 (the goldens' regime).
 RoPE is applied in float32 from a cached table (upstream: float64; see `wan.modules.rope`).
 
-Memory (what differs from a literal port, none of it changes a value):
+Memory (what differs from a literal port; none of it changes a value):
 - the block input is normalised, modulated and cast once, then feeds q, k and v;
-- modulation, RMSNorm, RoPE and the residual adds work in place on tensors the block just created,
-  and RMSNorm/RoPE process bounded token slices, so no full-size float32 temporaries pile up;
-- with `BlockRuntime.chunk` set, every token-local stage (norms, projections, FFN, residual adds)
-  runs over token chunks of that size; only attention sees the whole sequence. The FFN hidden state
-  (tokens x ffn_dim) then exists for one chunk at a time.
+- the float32 element-wise stages (norms, modulation, RoPE, gated residual adds) run PASS_TOKENS
+  tokens at a time, writing into their bf16 (or float32) destination, and the residual stream is
+  updated in place once the block owns it, so no full-size float32 temporaries pile up;
+- with `BlockRuntime.chunk` set, every token-local stage (also the projections and the FFN) runs over
+  token chunks of that size; only attention sees the whole sequence. The FFN hidden state (tokens x
+  ffn_dim, the largest temporary) then exists for one chunk at a time.
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ if TYPE_CHECKING:
 
 # Rows of a block's modulation table, in upstream's chunk order.
 SHIFT_MSA, SCALE_MSA, GATE_MSA, SHIFT_FFN, SCALE_FFN, GATE_FFN = range(6)
-NORM_TOKENS = 8192  # rows RMSNorm normalises per pass: bounds its float32 temporaries (row-wise: exact)
+# Tokens per pass of the float32 element-wise stages: bounds their temporaries whatever the sequence
+# length. The stages are row-wise, so the split changes no value; passes are large enough (4096 x dim)
+# that a GPU stays busy between the extra kernel launches.
+PASS_TOKENS = 4096
 Spans = list[tuple[int, int]]
+Rows = Callable[[int, int], tuple[torch.Tensor, ...]]  # tokens a..b -> modulation rows [B, b - a | 1, dim]
 
 
 class BlockRunner(Protocol):
@@ -80,9 +85,13 @@ class Modulation:
 # ----------------------------------------------------------------------------------------------------
 
 
+def autocast_on(device: torch.device) -> bool:
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
 def compute_dtype(layer: nn.Linear, device: torch.device) -> torch.dtype:
     """The dtype a Linear computes in: the autocast dtype inside an autocast region, else its weights'."""
-    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+    if autocast_on(device):
         return torch.get_autocast_dtype(device.type)
     return layer.weight.dtype
 
@@ -95,6 +104,8 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A Linear evaluated in float32 whatever its parameter dtype (upstream's autocast(float32) regions)."""
     bias = layer.bias.float() if layer.bias is not None else None
+    if not autocast_on(x.device):
+        return F.linear(x.float(), layer.weight.float(), bias)
     with torch.autocast(x.device.type, enabled=False):  # stays float32 inside a bf16 autocast region
         return F.linear(x.float(), layer.weight.float(), bias)
 
@@ -133,14 +144,52 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
+def passes(length: int) -> Spans:
+    return token_spans(length, PASS_TOKENS)
+
+
 def modulate(norm: LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """upstream's `norm(x).float() * (1 + scale) + shift` in float32, in place on the fresh norm output."""
     return norm(x).float().mul_(1 + scale).add_(shift)
 
 
+def normalized(
+    norm: LayerNorm, x: torch.Tensor, dtype: torch.dtype, shift_scale: Rows | None = None, start: int = 0
+) -> torch.Tensor:
+    """norm(x), modulated when `shift_scale` gives the rows (tokens start+a .. start+b), cast to `dtype`
+    (the Linear that reads it); computed in float32 PASS_TOKENS tokens at a time."""
+
+    def part(a: int, b: int) -> torch.Tensor:
+        if shift_scale is None:
+            return norm(x[:, a:b]).float()
+        return modulate(norm, x[:, a:b], *shift_scale(start + a, start + b))
+
+    spans = passes(x.shape[1])
+    if len(spans) == 1:
+        return part(*spans[0]).to(dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for a, b in spans:
+        out[:, a:b] = part(a, b)
+    return out
+
+
+def gated_sum(x: torch.Tensor, y: torch.Tensor, gate: Rows, start: int = 0) -> torch.Tensor:
+    """upstream's `x + y * gate` as a new float32 tensor, PASS_TOKENS tokens at a time."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for a, b in passes(x.shape[1]):
+        out[:, a:b] = (y[:, a:b] * gate(start + a, start + b)[0]).add_(x[:, a:b])  # (y * g) + x == x + y * g
+    return out
+
+
+def add_gated_(x: torch.Tensor, y: torch.Tensor, gate: Rows, start: int = 0) -> None:
+    """x += y * gate in place (upstream: `x = x + y * gate`), PASS_TOKENS tokens at a time."""
+    for a, b in passes(x.shape[1]):
+        x[:, a:b].add_(y[:, a:b] * gate(start + a, start + b)[0])
+
+
 class RMSNorm(nn.Module):
     """RMS norm over the full width (all heads together) in float32, cast back, then times the weight
-    (upstream WanRMSNorm). Rows are normalised NORM_TOKENS at a time into the output."""
+    (upstream WanRMSNorm). Rows are normalised PASS_TOKENS at a time into the output."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -150,8 +199,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, self.weight.dtype), device=x.device)
         rows, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
-        for s in range(0, rows.shape[0], NORM_TOKENS):
-            rows_out[s : s + NORM_TOKENS] = self._norm(rows[s : s + NORM_TOKENS])
+        for s in range(0, rows.shape[0], PASS_TOKENS):
+            rows_out[s : s + PASS_TOKENS] = self._norm(rows[s : s + PASS_TOKENS])
         return out
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,24 +231,23 @@ class Attention(nn.Module):
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))  # [B, L, dim] -> [B, L, heads, head_dim]
 
-    def query(self, x: torch.Tensor, dtype: torch.dtype, rope: RopeTable | None, start: int) -> torch.Tensor:
-        return _as_attention_input(self.heads(self.norm_q(linear(self.q, x))), dtype, rope, start)
+    def prepare(
+        self, projected: torch.Tensor, norm: RMSNorm, dtype: torch.dtype, rope: RopeTable | None, start: int
+    ) -> torch.Tensor:
+        """q or k from its projection (`linear(self.q, x)`): RMS norm, RoPE for self-attention (tokens
+        start.. of the table), attention dtype; [B, L, heads, head_dim].
 
-    def key(self, x: torch.Tensor, dtype: torch.dtype, rope: RopeTable | None, start: int) -> torch.Tensor:
-        return _as_attention_input(self.heads(self.norm_k(linear(self.k, x))), dtype, rope, start)
-
-    def value(self, x: torch.Tensor) -> torch.Tensor:
-        return self.heads(linear(self.v, x))
-
-
-def _as_attention_input(
-    x: torch.Tensor, dtype: torch.dtype, rope: RopeTable | None, start: int
-) -> torch.Tensor:
-    """Rotate (self-attention) and cast to the attention dtype; `x` is fresh, so it is reused when it can."""
-    if rope is None:
-        return x.to(dtype)
-    out = x if x.dtype == dtype else torch.empty(x.shape, dtype=dtype, device=x.device)
-    return apply_rope(x, rope, start=start, out=out)
+        Pass the projection as a temporary: it is dropped once normed, and the rotation writes into the
+        fresh norm output when the dtypes agree.
+        """
+        normed = self.heads(norm(projected))
+        del projected
+        if rope is None:
+            return normed.to(dtype)
+        out = (
+            normed if normed.dtype == dtype else torch.empty(normed.shape, dtype=dtype, device=normed.device)
+        )
+        return apply_rope(normed, rope, start=start, out=out)
 
 
 class Block(nn.Module):
@@ -231,32 +279,40 @@ class Block(nn.Module):
         """The block itself: x [B, L, dim] (bf16 for block 0, float32 after) -> float32 [B, L, dim]."""
         table = self.modulation.float() + mod.e0  # [B, U, 6, dim] float32
 
-        def row(i: int, s: int, e: int) -> torch.Tensor:
-            return mod.per_token(table[:, :, i], s, e)
+        def rows(*which: int) -> Rows:
+            return lambda a, b: tuple(mod.per_token(table[:, :, i], a, b) for i in which)
 
         spans = token_spans(x.shape[1], runtime.chunk)
         dtype = compute_dtype(self.self_attn.q, x.device)
-        x = self._self_attention(x, row, runtime, spans, dtype)  # a new float32 tensor (upstream promotion)
+        x = self._self_attention(x, rows, runtime, spans, dtype)  # a new float32 tensor (upstream promotion)
         self._cross_attention(x, context, runtime, spans, dtype)  # in place on it from here on
-        self._ffn(x, row, spans, dtype)
+        self._ffn(x, rows, spans, dtype)
         return x
 
     def _self_attention(
-        self, x: torch.Tensor, row: Callable, runtime: BlockRuntime, spans: Spans, dtype: torch.dtype
+        self,
+        x: torch.Tensor,
+        rows: Callable[..., Rows],
+        runtime: BlockRuntime,
+        spans: Spans,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
         attn, rope = self.self_attn, runtime.rope
 
         def projections(s: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            h = modulate(self.norm1, x[:, s:e], row(SHIFT_MSA, s, e), row(SCALE_MSA, s, e)).to(dtype)
-            return attn.query(h, dtype, rope, s), attn.key(h, dtype, rope, s), attn.value(h)
+            h = normalized(
+                self.norm1, x[:, s:e], dtype, rows(SHIFT_MSA, SCALE_MSA), s
+            )  # one cast for q, k, v
+            q = attn.prepare(linear(attn.q, h), attn.norm_q, dtype, rope, s)
+            k = attn.prepare(linear(attn.k, h), attn.norm_k, dtype, rope, s)
+            return q, k, attn.heads(linear(attn.v, h))
 
         q, k, v = over_spans(spans, projections)
         out = runtime.attention(q, k, v, "self")  # [B, L, heads, head_dim]
         del q, k, v
 
-        def residual(s: int, e: int) -> tuple[torch.Tensor]:  # x + o(out) * gate, summed in place
-            y = linear(attn.o, out[:, s:e].flatten(2)) * row(GATE_MSA, s, e)
-            return (y.add_(x[:, s:e]),)
+        def residual(s: int, e: int) -> tuple[torch.Tensor]:
+            return (gated_sum(x[:, s:e], linear(attn.o, out[:, s:e].flatten(2)), rows(GATE_MSA), s),)
 
         return over_spans(spans, residual)[0]
 
@@ -264,19 +320,28 @@ class Block(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor, runtime: BlockRuntime, spans: Spans, dtype: torch.dtype
     ) -> None:
         attn = self.cross_attn
-        k, v = attn.key(context, dtype, None, 0), attn.value(context)
-        (q,) = over_spans(spans, lambda s, e: (attn.query(self.norm3(x[:, s:e]), dtype, None, s),))
+        k = attn.prepare(linear(attn.k, context), attn.norm_k, dtype, None, 0)
+        v = attn.heads(linear(attn.v, context))
+
+        def query(s: int, e: int) -> tuple[torch.Tensor]:  # temporaries only: each freed once used
+            return (
+                attn.prepare(
+                    linear(attn.q, normalized(self.norm3, x[:, s:e], dtype)), attn.norm_q, dtype, None, s
+                ),
+            )
+
+        (q,) = over_spans(spans, query)
         out = runtime.attention(q, k, v, "cross")
         del q
         for s, e in spans:  # no modulation and no gate (upstream)
             x[:, s:e].add_(linear(attn.o, out[:, s:e].flatten(2)))
 
-    def _ffn(self, x: torch.Tensor, row: Callable, spans: Spans, dtype: torch.dtype) -> None:
+    def _ffn(self, x: torch.Tensor, rows: Callable[..., Rows], spans: Spans, dtype: torch.dtype) -> None:
         for s, e in spans:
-            h = modulate(self.norm2, x[:, s:e], row(SHIFT_FFN, s, e), row(SCALE_FFN, s, e)).to(dtype)
-            hidden = linear(self.ffn[0], h)
-            del h
+            hidden = linear(
+                self.ffn[0], normalized(self.norm2, x[:, s:e], dtype, rows(SHIFT_FFN, SCALE_FFN), s)
+            )
             torch.ops.aten.gelu_(hidden, approximate="tanh")  # in place: same values as nn.GELU
             y = linear(self.ffn[2], hidden)
             del hidden
-            x[:, s:e].add_(y * row(GATE_FFN, s, e))
+            add_gated_(x[:, s:e], y, rows(GATE_FFN), s)

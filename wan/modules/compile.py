@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from wan.modules.block import autocast_on
+
 if TYPE_CHECKING:
     from wan.modules.block import Block, BlockRuntime, Modulation
 
@@ -67,8 +69,6 @@ def _signature(
     def meta(t: torch.Tensor | None) -> tuple[Any, ...] | None:
         return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device)
 
-    device = x.device.type
-    autocast = torch.is_autocast_enabled(device) if device in ("cuda", "cpu") else False
     return (
         meta(x),
         meta(mod.e0),
@@ -77,7 +77,7 @@ def _signature(
         meta(runtime.rope.cos),
         runtime.chunk,
         block.modulation.dtype,
-        autocast,
+        autocast_on(x.device),
         torch.is_grad_enabled(),
         torch.is_inference_mode_enabled(),
     )

@@ -36,7 +36,7 @@ from wan.modules.block import (
     Modulation,
     linear,
     linear_fp32,
-    modulate,
+    normalized,
     token_spans,
 )
 from wan.modules.rope import grid_rope
@@ -136,11 +136,14 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: Modulation, chunk: int | None = None) -> torch.Tensor:
         table = self.modulation.float()[None] + mod.e[:, :, None, :]  # [B, U, 2, dim]
-        spans = token_spans(x.shape[1], chunk)
+
+        def shift_scale(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return mod.per_token(table[:, :, 0], a, b), mod.per_token(table[:, :, 1], a, b)
+
         out = torch.empty((*x.shape[:2], self.head.out_features), dtype=torch.float32, device=x.device)
-        for s, e in spans:
-            shift, scale = mod.per_token(table[:, :, 0], s, e), mod.per_token(table[:, :, 1], s, e)
-            out[:, s:e] = linear_fp32(self.head, modulate(self.norm, x[:, s:e], shift, scale))
+        for s, e in token_spans(x.shape[1], chunk):
+            h = normalized(self.norm, x[:, s:e], torch.float32, shift_scale, s)
+            out[:, s:e] = linear_fp32(self.head, h)
         return out
 
 
