@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from magcache_generate.request import Request
+from magcache_generate.request import Request, UserError
 from magcache_generate.validate import check_attention
-from wan.modules.attention import AttentionPolicy
+from wan.modules.attention import AttentionBackendError, AttentionPolicy
 from wan.modules.compile import BlockCompiler
 from wan.sampling import ModelProvider
 
@@ -38,6 +38,10 @@ class DitRuntime:
     def __init__(self, attention: str, compile: bool, device: torch.device):
         check_attention(attention, device.type)  # --device auto is known only now: before any weight loads
         self.attention = AttentionPolicy(attention)
+        try:
+            self.attention.check_device(device)
+        except AttentionBackendError as err:
+            raise UserError(f"--attention {attention}: {err}; use --attention auto") from None
         self.compiler = BlockCompiler() if compile else None
 
     @classmethod

@@ -1,6 +1,7 @@
 """The attention policy: backend choice, what it reports, refusals, layouts (CPU; CUDA kernels in test_cuda)."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -92,3 +93,39 @@ def test_attention_runs_eagerly_inside_a_compiled_function():
     out = f(q, k, v)
     assert torch.allclose(out.double(), reference_attention(q, k, v), atol=1e-5)
     assert policy.used == {"self": "sdpa-math/cpu"}
+
+
+FAKE_FA3 = """
+import torch
+
+
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False):
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2), None  # some FA3 releases return (out, softmax_lse)
+"""
+
+
+@pytest.fixture
+def package_dir(tmp_path, monkeypatch):
+    """A folder on sys.path for a stand-in `flash_attn_interface`, imported fresh by each test."""
+    sys.modules.pop("flash_attn_interface", None)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("flash_attn_interface", None)
+
+
+def test_package_backend_is_called_in_its_layout_and_reported(package_dir):
+    """A stand-in `flash_attn_interface` (the real one needs a Hopper GPU): [B, L, H, D] in and out."""
+    (package_dir / "flash_attn_interface.py").write_text(FAKE_FA3)
+    policy = AttentionPolicy("fa3")
+    q, k, v = qkv()
+    out = policy(q, k, v, "self")
+    assert torch.allclose(out.double(), reference_attention(q, k, v), atol=1e-5)
+    assert policy.report()["actual"] == "fa3/cpu"
+
+
+def test_broken_package_backend_fails_before_loading(package_dir):
+    (package_dir / "flash_attn_interface.py").write_text("raise ImportError('built for another torch')\n")
+    with pytest.raises(AttentionBackendError, match="does not import"):
+        AttentionPolicy("fa3").check_device(torch.device("cuda"))
+    assert not AttentionPolicy("auto")._imports("fa3")  # auto falls back to SDPA

@@ -44,11 +44,14 @@ class AttentionPolicy:
     """Runs attention with the requested backend and remembers which kernel ran.
 
     `policy(q, k, v, site)` takes and returns [B, L, heads, head_dim], the layout the projections
-    produce. SDPA gets transposed views of it ([B, heads, L, head_dim] with unit stride in head_dim),
-    which every fused SDPA kernel accepts without a copy; their output comes back in the query's
-    memory layout, so transposing it back gives a contiguous [B, L, heads, head_dim] and the caller's
-    reshape to [B, L, dim] is a view. No mask is passed (upstream attends to every row), so nothing
-    pushes SDPA off its fused kernels.
+    produce. SDPA gets transposed views of it: [B, heads, L, head_dim] with strides
+    (L*dim, head_dim, dim, 1). That is the unpacked layout cuDNN's layout check accepts (torch
+    versions that apply it; a `.contiguous()` [B, heads, L, head_dim] copy would fail it), it has unit
+    stride in head_dim (flash, efficient) and offset 0 (efficient's alignment check), and the fused
+    kernels return their output in the query's layout, so transposing back gives a contiguous
+    [B, L, heads, head_dim] and the caller's reshape to [B, L, dim] is a view. No mask is passed
+    (upstream attends to every row), q, k and v share one half-precision dtype on CUDA, head_dim is
+    128: nothing pushes SDPA off its fused kernels. FlashAttention-3/2 take [B, L, heads, head_dim].
     """
 
     def __init__(self, backend: str = "auto"):
@@ -61,10 +64,18 @@ class AttentionPolicy:
         self._auto: dict[torch.device, str] = {}  # what `auto` resolves to on a device (decided once)
 
     def check_device(self, device: torch.device) -> None:
-        """Raise AttentionBackendError if the requested backend cannot run on `device`."""
+        """Raise AttentionBackendError if the requested backend cannot run on `device` (a package
+        backend is imported here, so a broken install fails before any weight loads)."""
         problem = backend_problem(self.requested, device.type)
         if problem is not None:
             raise AttentionBackendError(f"attention backend {self.requested!r} {problem}")
+        if self.requested in PACKAGES:
+            try:
+                self._package_kernel(self.requested)
+            except (ImportError, OSError, AttributeError) as err:
+                raise AttentionBackendError(
+                    f"attention backend {self.requested!r}: {PACKAGES[self.requested]} does not import ({err})"
+                ) from None
 
     @torch.compiler.disable  # a compiled block calls attention eagerly: external kernels and the record
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: str = "self") -> torch.Tensor:
@@ -92,8 +103,15 @@ class AttentionPolicy:
         if q.dtype not in (torch.float16, torch.bfloat16):
             return "auto"
         if q.device not in self._auto:
-            self._auto[q.device] = "fa3" if _fa3_runs_on(q.device) else "auto"
+            self._auto[q.device] = "fa3" if _fa3_runs_on(q.device) and self._imports("fa3") else "auto"
         return self._auto[q.device]
+
+    def _imports(self, name: str) -> bool:
+        try:
+            self._package_kernel(name)
+        except (ImportError, OSError, AttributeError):
+            return False  # installed but broken: `auto` uses SDPA instead
+        return True
 
     def _package_kernel(self, name: str) -> Callable[..., object]:
         if name not in self._kernels:
