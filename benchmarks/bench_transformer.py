@@ -94,6 +94,10 @@ class Timer:
         return statistics.median(times)
 
 
+def sig(value: float, digits: int = 3) -> float:
+    return float(f"{value:.{digits}g}")
+
+
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, timer: Timer) -> float:
     """FLOP/s of an n x n x n matmul in `dtype` on `device` (the reference rate)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -173,15 +177,15 @@ def run(args: argparse.Namespace) -> dict:
                 "ran": policy.describe(),
                 "forward_s": round(forward, 4),
                 "fixed_s": round(fixed, 4),
-                "per_block_s": round(per_block, 4),
-                "block_tflops": round(per_block_flops / per_block / 1e12, 1),
+                "per_block_s": sig(per_block, 4),
+                "block_tflops": sig(per_block_flops / per_block / 1e12),
                 "block_fraction_of_matmul": round(per_block_flops / per_block / rate, 3),
                 "attention_s": round(attention, 4),
-                "attention_tflops": round(attention_flops / attention / 1e12, 1),
+                "attention_tflops": sig(attention_flops / attention / 1e12),
                 "attention_fraction_of_matmul": round(attention_flops / attention / rate, 3),
                 "full_depth_forward_s": round(full, 3),
-                "full_depth_tflops": round(
-                    (per_block_flops * preset.depth + fixed_flops(cfg, tokens)) / full / 1e12, 1
+                "full_depth_tflops": sig(
+                    (per_block_flops * preset.depth + fixed_flops(cfg, tokens)) / full / 1e12
                 ),
                 "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if device.type == "cuda"
@@ -200,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "activation_chunk": model.activation_chunk,
         "compile": args.compile,
-        "matmul": {"size": args.matmul_size, "dtype": args.dtype, "tflops": round(rate / 1e12, 1)},
+        "matmul": {"size": args.matmul_size, "dtype": args.dtype, "tflops": sig(rate / 1e12)},
         "block_flops": per_block_flops,
         "results": rows,
     }
@@ -224,8 +228,8 @@ def print_table(result: dict) -> None:
             print(f"{r['attention']:<10} error: {r['error']}")
             continue
         print(
-            f"{r['attention']:<10} {r['ran']:<22} {r['per_block_s']:>8.4f} {r['block_tflops']:>8.1f} "
-            f"{r['block_fraction_of_matmul']:>6.2f} {r['attention_tflops']:>9.1f} "
+            f"{r['attention']:<10} {r['ran']:<22} {r['per_block_s']:>8.4f} {r['block_tflops']:>8.3g} "
+            f"{r['block_fraction_of_matmul']:>6.2f} {r['attention_tflops']:>9.3g} "
             f"{r['attention_fraction_of_matmul']:>10.2f} {r['full_depth_forward_s']:>12.3f}"
         )
 
