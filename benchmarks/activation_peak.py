@@ -16,6 +16,11 @@ allocates what a fused kernel (cuDNN / flash) allocates: the output in the query
 float32 softmax statistics (B x heads x L); SDPA's math fallback would materialise L x L scores, which
 no fused kernel does. Also outside: cuBLAS/cuDNN workspaces (tens of MiB) and allocator rounding.
 Validated against the H100 run in ../shared/gpu/README.md (peak allocated minus weights).
+
+The same pass also counts the memory traffic of the element-wise work (every op except the GEMMs,
+attention, views and allocations): bytes read plus bytes written, broadcast operands counted once.
+Element-wise kernels are memory-bound, so traffic / bandwidth is a model of their time; it is a
+model, not a timing.
 """
 
 from __future__ import annotations
@@ -62,11 +67,50 @@ CASES = {
 }
 
 
+# Ops that move no data (views, allocations, metadata) or that are not element-wise (GEMMs).
+NO_TRAFFIC = {
+    "view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "alias", "unsqueeze",
+    "squeeze", "as_strided", "detach", "unflatten", "split", "split_with_sizes", "chunk", "unbind",
+    "empty", "empty_like", "empty_strided", "new_empty", "view_as_real", "view_as_complex", "_fused_sdp_choice",
+    "lift_fresh", "_to_copy_meta",
+}  # fmt: skip
+GEMMS = {"linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "convolution", "_convolution", "conv3d"}
+
+
+def footprint(t: torch.Tensor) -> int:
+    """Bytes a kernel touches in `t`: broadcast (stride-0) dimensions counted once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def op_traffic(name: str, args: object, out: object) -> int:
+    """Bytes an element-wise op reads and writes. An output that is one of the inputs unchanged (a
+    no-op `.to` / `.float()` / `type_as`) moves nothing; an in-place op reads and writes its target."""
+    inputs = [t for t in tree_leaves(args) if isinstance(t, torch.Tensor)]
+    outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    in_place = name.endswith("_") or "out" in name
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return (
+            a.untyped_storage()._cdata == b.untyped_storage()._cdata
+            and a.storage_offset() == b.storage_offset()
+        )
+
+    if not in_place and outputs and all(any(same(o, i) for i in inputs) for o in outputs):
+        return 0
+    return sum(footprint(t) for t in inputs) + sum(footprint(t) for t in outputs if not in_place)
+
+
 class LiveBytes(TorchDispatchMode):
-    """Tracks the bytes of live storages created by ops run under it (see the module docstring)."""
+    """Tracks the bytes of live storages created by ops run under it (see the module docstring), and
+    the element-wise traffic."""
 
     def __init__(self, external: list[torch.Tensor]):
         super().__init__()
+        self.traffic = 0
         self.external = {t.untyped_storage()._cdata for t in external}  # parameters: never counted
         self.live = self.peak = 0
         self.peak_op = ""
@@ -99,6 +143,9 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        name = func._schema.name.split("::")[-1]
+        if name not in NO_TRAFFIC and name not in GEMMS:
+            self.traffic += op_traffic(name, (args, kwargs), out)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
@@ -174,6 +221,8 @@ def measure(case: Case, layers: int, chunk: int | None) -> dict:
         "bytes_per_token": round(mode.peak / case.tokens),
         "bytes_per_token_per_dim": round(mode.peak / case.tokens / case.dim, 2),
         "peak_at": mode.peak_op,
+        "elementwise_gb": round(mode.traffic / 1e9, 2),
+        "elementwise_gb_per_block": round(mode.traffic / 1e9 / layers, 2),
     }
 
 
@@ -214,12 +263,15 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"measured code: {result['source']}")
-    print(f"{'case':<22} {'tokens':>7} {'chunk':>6} {'peak GiB':>9} {'B/token':>8} {'B/tok/dim':>9}  peak at")
+    print(
+        f"{'case':<26} {'tokens':>7} {'chunk':>6} {'peak GiB':>9} {'B/token':>8} {'B/tok/dim':>9} "
+        f"{'elem GB/blk':>11}  peak at"
+    )
     for r in rows:
         chunk = "-" if r["activation_chunk"] is None else r["activation_chunk"]
         print(
-            f"{r['case']:<22} {r['tokens']:>7} {chunk!s:>6} {r['peak_gib']:>9.3f} {r['bytes_per_token']:>8}"
-            f" {r['bytes_per_token_per_dim']:>9.2f}  {r['peak_at']}"
+            f"{r['case']:<26} {r['tokens']:>7} {chunk!s:>6} {r['peak_gib']:>9.3f} {r['bytes_per_token']:>8}"
+            f" {r['bytes_per_token_per_dim']:>9.2f} {r['elementwise_gb_per_block']:>11.2f}  {r['peak_at']}"
         )
     for chunk, fit in fits.items():
         print(

@@ -148,28 +148,20 @@ def passes(length: int) -> Spans:
     return token_spans(length, PASS_TOKENS)
 
 
-def modulate(norm: LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """upstream's `norm(x).float() * (1 + scale) + shift` in float32, in place on the fresh norm output."""
-    return norm(x).float().mul_(1 + scale).add_(shift)
-
-
 def normalized(
     norm: LayerNorm, x: torch.Tensor, dtype: torch.dtype, shift_scale: Rows | None = None, start: int = 0
 ) -> torch.Tensor:
-    """norm(x), modulated when `shift_scale` gives the rows (tokens start+a .. start+b), cast to `dtype`
-    (the Linear that reads it); computed in float32 PASS_TOKENS tokens at a time."""
-
-    def part(a: int, b: int) -> torch.Tensor:
-        if shift_scale is None:
-            return norm(x[:, a:b]).float()
-        return modulate(norm, x[:, a:b], *shift_scale(start + a, start + b))
-
-    spans = passes(x.shape[1])
-    if len(spans) == 1:
-        return part(*spans[0]).to(dtype)
+    """norm(x), modulated when `shift_scale` gives the rows (tokens start+a .. start+b), in `dtype`
+    (the Linear that reads it): upstream's `norm(x).float() * (1 + scale) + shift` computed in float32
+    PASS_TOKENS tokens at a time, the last add writing (and rounding) straight into the output."""
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    for a, b in spans:
-        out[:, a:b] = part(a, b)
+    for a, b in passes(x.shape[1]):
+        n = norm(x[:, a:b]).float()
+        if shift_scale is None:
+            out[:, a:b] = n
+        else:
+            shift, scale = shift_scale(start + a, start + b)
+            torch.add(n.mul_(1 + scale), shift, out=out[:, a:b])
     return out
 
 
@@ -177,7 +169,9 @@ def gated_sum(x: torch.Tensor, y: torch.Tensor, gate: Rows, start: int = 0) -> t
     """upstream's `x + y * gate` as a new float32 tensor, PASS_TOKENS tokens at a time."""
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     for a, b in passes(x.shape[1]):
-        out[:, a:b] = (y[:, a:b] * gate(start + a, start + b)[0]).add_(x[:, a:b])  # (y * g) + x == x + y * g
+        torch.add(
+            y[:, a:b] * gate(start + a, start + b)[0], x[:, a:b], out=out[:, a:b]
+        )  # (y*g) + x == x + y*g
     return out
 
 
@@ -189,7 +183,12 @@ def add_gated_(x: torch.Tensor, y: torch.Tensor, gate: Rows, start: int = 0) -> 
 
 class RMSNorm(nn.Module):
     """RMS norm over the full width (all heads together) in float32, cast back, then times the weight
-    (upstream WanRMSNorm). Rows are normalised PASS_TOKENS at a time into the output."""
+    (upstream WanRMSNorm: `norm(x.float()).type_as(x) * weight`, two roundings in bf16, kept).
+
+    The normalisation is `F.rms_norm` without weight (one fused kernel on CUDA where torch has one;
+    elsewhere its float32 composite, identical to upstream's formula), PASS_TOKENS rows at a time
+    into the output; the weight multiply follows in the output dtype.
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -200,13 +199,11 @@ class RMSNorm(nn.Module):
         out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, self.weight.dtype), device=x.device)
         rows, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
         for s in range(0, rows.shape[0], PASS_TOKENS):
-            rows_out[s : s + PASS_TOKENS] = self._norm(rows[s : s + PASS_TOKENS])
+            part = rows[s : s + PASS_TOKENS]
+            # .to(x.dtype): under autocast rms_norm returns float32; upstream rounds to x's dtype first
+            normed = F.rms_norm(part, (part.shape[-1],), eps=self.eps).to(x.dtype)
+            torch.mul(normed, self.weight, out=rows_out[s : s + PASS_TOKENS])
         return out
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -115,8 +115,8 @@ def _rotate(x: torch.Tensor, rope: RopeTable, start: int, out: torch.Tensor) -> 
     sin = rope.sin[start : start + length, None, :]
     pairs = x.unflatten(-1, (d // 2, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    even = x0 * cos - x1 * sin  # float32: the table promotes bf16 inputs
-    odd = x0 * sin + x1 * cos
+    # every product first (float32: the table promotes bf16 inputs), then the writes: out may be x
+    x0c, x1s, x0s, x1c = x0 * cos, x1 * sin, x0 * sin, x1 * cos
     dest = out.unflatten(-1, (d // 2, 2))
-    dest[..., 0].copy_(even)
-    dest[..., 1].copy_(odd)
+    torch.sub(x0c, x1s, out=dest[..., 0])
+    torch.add(x0s, x1c, out=dest[..., 1])
