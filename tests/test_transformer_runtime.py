@@ -215,3 +215,23 @@ def test_compiled_block_with_inductor_on_cpu():
         model.block_runner = BlockCompiler()
         out = model(x, torch.tensor([700]), ctx)
     assert (out - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "w_dtype"), [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)]
+)
+def test_rms_norm_is_upstreams_formula(x_dtype, w_dtype, monkeypatch):
+    """upstream WanRMSNorm: (x.float() * rsqrt(mean(x^2) + eps)).type_as(x) * weight, in passes too."""
+    from wan.modules.block import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(64, 1e-6).to(w_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(64, generator=g))
+    x = (3 * torch.randn(2, 50, 64, generator=g)).to(x_dtype)
+    xf = x.float()
+    ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).type_as(x) * norm.weight
+    with torch.no_grad():
+        assert torch.equal(norm(x), ref)
+        monkeypatch.setattr(block_module, "PASS_TOKENS", 7)
+        assert torch.equal(norm(x), ref)
