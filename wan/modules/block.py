@@ -145,7 +145,9 @@ class LayerNorm(nn.LayerNorm):
 
 
 def passes(length: int) -> Spans:
-    return token_spans(length, PASS_TOKENS)
+    """Element-wise passes over `length` tokens. Under torch.compile one pass: the compiler fuses the
+    element-wise ops itself, so there are no full-size temporaries to bound."""
+    return [(0, length)] if torch.compiler.is_compiling() else token_spans(length, PASS_TOKENS)
 
 
 def normalized(
@@ -198,11 +200,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, self.weight.dtype), device=x.device)
         rows, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
-        for s in range(0, rows.shape[0], PASS_TOKENS):
-            part = rows[s : s + PASS_TOKENS]
+        for s, e in passes(rows.shape[0]):
             # .to(x.dtype): under autocast rms_norm returns float32; upstream rounds to x's dtype first
-            normed = F.rms_norm(part, (part.shape[-1],), eps=self.eps).to(x.dtype)
-            torch.mul(normed, self.weight, out=rows_out[s : s + PASS_TOKENS])
+            normed = F.rms_norm(rows[s:e], (x.shape[-1],), eps=self.eps).to(x.dtype)
+            torch.mul(normed, self.weight, out=rows_out[s:e])
         return out
 
 

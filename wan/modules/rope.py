@@ -103,8 +103,9 @@ def apply_rope(
     if out is None:
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     length = x.shape[1]
-    for s in range(0, length, ROTATION_TOKENS):
-        e = min(s + ROTATION_TOKENS, length)
+    step = length if torch.compiler.is_compiling() else ROTATION_TOKENS  # compiled: fused, no temporaries
+    for s in range(0, length, step):
+        e = min(s + step, length)
         _rotate(x[:, s:e], rope, start + s, out[:, s:e])
     return out
 
