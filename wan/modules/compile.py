@@ -7,6 +7,9 @@ reuse one compiled graph per input signature. `dynamic=False`: one specialised g
 stream), compiled on first use and cached by torch. Attention runs outside the graph (see
 AttentionPolicy), so the chosen kernel is the one that runs, compiled or not.
 
+torch keeps a bounded number of graphs per function (`torch._dynamo.config.recompile_limit`, 8 by
+default: four video sizes in one batch); past it, new sizes run eagerly (torch warns), still correct.
+
 The first call of each new signature is where compilation happens; its host wall time is counted as
 compile time (compilation is synchronous on the host, the GPU work it launches is not waited for, so
 nothing is synchronised).
