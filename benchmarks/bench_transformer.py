@@ -1,128 +1,269 @@
-"""Time per transformer forward and peak memory, random weights, any width / latent size / dtype.
+"""Speed of the DiT forward at real widths: FLOPs, TFLOP/s and the fraction of this device's matmul rate,
+for each attention backend available (random weights).
 
-    python benchmarks/bench_transformer.py --preset tiny
-    python benchmarks/bench_transformer.py --dim 1536 --heads 12 --ffn 8960 --layers 2 --latent 16x9x32x32
-    python benchmarks/bench_transformer.py --preset ti2v-5B --layers 2 --latent 48x31x44x80 --dtype bf16 --device cuda
+    python benchmarks/bench_transformer.py --small                     # CPU dry run (tiny widths)
+    python benchmarks/bench_transformer.py --device cuda               # A14B width, 832x480x81, 2 blocks, bf16
+    python benchmarks/bench_transformer.py --device cuda --size 1280x720x81 --attention cudnn,fa3 --compile
+    python benchmarks/bench_transformer.py --device cuda --preset ti2v-5B --size 1280x704x121 --json
 
-With two layer counts (--layers 1,3) it also prints the per-layer cost, to extrapolate to the full
-depth (40 layers for A14B, 30 for ti2v-5B).
+Per attention backend it times the forward with the blocks (median of --repeat) and without them
+(embeddings and head), so per block = (forward - fixed) / layers, and extrapolates to the full depth.
+The matmul rate is measured on the same device first (a bf16 8192^3 matmul on CUDA). FLOPs count
+multiply-adds of the Linears and attention as 2 (the usual convention), element-wise work as 0.
+CUDA timings use CUDA events, synchronised once per measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from wan.attention_backends import BACKENDS, backend_problem
+from wan.modules.attention import AttentionPolicy
+from wan.modules.compile import BlockCompiler
 from wan.modules.transformer import TransformerConfig, WanTransformer
 from wan.testing.dit import IN_OUT
 
+
+@dataclass(frozen=True)
+class Preset:
+    dim: int
+    heads: int
+    ffn: int
+    model_type: str
+    depth: int  # full depth, for the extrapolation
+    vae_stride: tuple[int, int, int]
+
+
 PRESETS = {
-    "tiny": dict(dim=32, heads=2, ffn=64, model_type="t2v", layers="2"),
-    "mid": dict(dim=512, heads=4, ffn=1536, model_type="t2v", layers="4"),
-    "A14B": dict(dim=5120, heads=40, ffn=13824, model_type="t2v", layers="1,2"),
-    "ti2v-5B": dict(dim=3072, heads=24, ffn=14336, model_type="ti2v", layers="1,2"),
+    "A14B": Preset(5120, 40, 13824, "t2v", 40, (4, 8, 8)),
+    "ti2v-5B": Preset(3072, 24, 14336, "ti2v", 30, (4, 16, 16)),
+    "small": Preset(64, 2, 128, "t2v", 4, (4, 8, 8)),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build(cfg: TransformerConfig, dtype: torch.dtype, device: str) -> WanTransformer:
+def latent_shape(size: str, stride: tuple[int, int, int]) -> tuple[int, int, int]:
+    """'832x480x81' (width x height x frames) -> latent (frames, height, width)."""
+    w, h, f = (int(v) for v in size.lower().split("x"))
+    return (f - 1) // stride[0] + 1, h // stride[1], w // stride[2]
+
+
+def block_flops(tokens: int, dim: int, ffn: int, text_len: int) -> int:
+    """Multiply-adds x 2 of one block: q,k,v,o and cross q,o over the tokens, cross k,v over the text,
+    the two attention matmuls (self: L x L, cross: L x text_len) and the FFN."""
+    linears = 2 * tokens * dim * dim * 6 + 2 * text_len * dim * dim * 2 + 2 * tokens * dim * ffn * 2
+    attention = 4 * tokens * tokens * dim + 4 * tokens * text_len * dim
+    return linears + attention
+
+
+def fixed_flops(cfg: TransformerConfig, tokens: int) -> int:
+    patch = 2 * tokens * cfg.dim * cfg.in_dim * 4
+    text = 2 * cfg.text_len * (cfg.text_dim * cfg.dim + cfg.dim * cfg.dim)
+    head = 2 * tokens * cfg.dim * cfg.out_dim * 4
+    return patch + text + head
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def median(self, fn: Callable[[], object], warmup: int, repeat: int) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeat):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1000)
+            else:
+                start_s = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start_s)
+        return statistics.median(times)
+
+
+def sig(value: float, digits: int = 3) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, timer: Timer) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` on `device` (the reference rate)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timer.median(lambda: a @ b, warmup=3, repeat=10)
+    return 2 * n**3 / seconds
+
+
+def build(cfg: TransformerConfig, dtype: torch.dtype, device: torch.device) -> WanTransformer:
     with torch.device(device):
         model = WanTransformer(cfg).to(dtype)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
     return model.eval().requires_grad_(False)
 
 
-def peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def available_backends(device: torch.device, requested: str) -> list[str]:
+    names = BACKENDS if requested == "all" else tuple(requested.split(","))
+    return [n for n in names if backend_problem(n, device.type) is None]
 
 
-def bench(args: argparse.Namespace, layers: int) -> dict:
-    c, f, h, w = (int(v) for v in args.latent.split("x"))
-    in_dim, out_dim = IN_OUT[args.model_type]
+def run(args: argparse.Namespace) -> dict:
+    preset = PRESETS[args.preset]
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    timer = Timer(device)
+    in_dim, out_dim = IN_OUT[preset.model_type]
+    latent = latent_shape(args.size, preset.vae_stride)
+    tokens = latent[0] * (latent[1] // 2) * (latent[2] // 2)
     cfg = TransformerConfig(
-        model_type=args.model_type,
+        model_type=preset.model_type,
         in_dim=in_dim,
         out_dim=out_dim,
-        dim=args.dim,
-        ffn_dim=args.ffn,
-        num_heads=args.heads,
-        num_layers=layers,
+        dim=preset.dim,
+        ffn_dim=preset.ffn,
+        num_heads=preset.heads,
+        num_layers=args.layers,
         text_len=args.text_len,
         text_dim=args.text_dim,
     )
-    dtype, device = DTYPES[args.dtype], args.device
+    rate = matmul_rate(device, dtype, args.matmul_size, timer)
     model = build(cfg, dtype, device)
-    x = torch.randn(1, 16 if args.model_type == "i2v" else c, f, h, w, device=device)
-    y = torch.randn(1, 20, f, h, w, device=device) if args.model_type == "i2v" else None
+    model.activation_chunk = args.chunk
+    x = torch.randn(1, 16 if preset.model_type == "i2v" else in_dim, *latent, device=device)
     ctx = torch.randn(1, args.text_len, args.text_dim, device=device, dtype=dtype)
     t = torch.tensor([900], device=device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    with torch.inference_mode():
-        for i in range(args.warmup + args.repeat):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(x, t, ctx, y)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-    params = sum(p.numel() for p in model.parameters())
+    blocks, no_blocks = model.blocks, nn.ModuleList()
+    per_block_flops = block_flops(tokens, cfg.dim, cfg.ffn_dim, cfg.text_len)
+    head = cfg.num_heads
+    q = torch.randn(1, tokens, head, cfg.head_dim, device=device, dtype=dtype)
+    rows = []
+    for name in available_backends(device, args.attention):
+        policy = AttentionPolicy(name)
+        model.attention = policy
+        model.block_runner = BlockCompiler() if args.compile else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.inference_mode():
+            try:
+                model.blocks = blocks
+                forward = timer.median(lambda: model(x, t, ctx), args.warmup, args.repeat)
+                model.blocks = no_blocks
+                fixed = timer.median(lambda: model(x, t, ctx), 1, args.repeat)
+                attention = timer.median(lambda p=policy: p(q, q, q, "bench"), 1, args.repeat)
+            except RuntimeError as err:  # a backend that cannot take these inputs
+                rows.append({"attention": name, "error": str(err).splitlines()[0][:200]})
+                continue
+            finally:
+                model.blocks = blocks
+        per_block = (forward - fixed) / args.layers
+        attention_flops = 4 * tokens * tokens * cfg.dim
+        full = fixed + per_block * preset.depth
+        rows.append(
+            {
+                "attention": name,
+                "ran": policy.describe(),
+                "forward_s": round(forward, 4),
+                "fixed_s": round(fixed, 4),
+                "per_block_s": sig(per_block, 4),
+                "block_tflops": sig(per_block_flops / per_block / 1e12),
+                "block_fraction_of_matmul": round(per_block_flops / per_block / rate, 3),
+                "attention_s": round(attention, 4),
+                "attention_tflops": sig(attention_flops / attention / 1e12),
+                "attention_fraction_of_matmul": round(attention_flops / attention / rate, 3),
+                "full_depth_forward_s": round(full, 3),
+                "full_depth_tflops": sig(
+                    (per_block_flops * preset.depth + fixed_flops(cfg, tokens)) / full / 1e12
+                ),
+                "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                if device.type == "cuda"
+                else None,
+                "compile_s": round(model.block_runner.compile_seconds, 1) if args.compile else None,
+            }
+        )
     return {
-        "layers": layers,
-        "tokens": f * h * w // 4,
-        "params_M": round(params / 1e6, 2),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "size": args.size,
+        "tokens": tokens,
+        "layers_run": args.layers,
+        "full_depth": preset.depth,
         "dtype": args.dtype,
-        "device": device,
-        "forward_s_median": round(statistics.median(times), 4),
-        "peak_memory_MiB": round(peak_memory_mb(device), 1),
+        "activation_chunk": model.activation_chunk,
+        "compile": args.compile,
+        "matmul": {"size": args.matmul_size, "dtype": args.dtype, "tflops": sig(rate / 1e12)},
+        "block_flops": per_block_flops,
+        "results": rows,
     }
+
+
+def print_table(result: dict) -> None:
+    print(
+        f"{result['device']}, torch {result['torch']}: {result['preset']} {result['size']} "
+        f"({result['tokens']} tokens), {result['layers_run']} blocks run, {result['dtype']}, "
+        f"chunk {result['activation_chunk']}, compile {result['compile']}"
+    )
+    print(f"matmul {result['matmul']['size']}^3 {result['dtype']}: {result['matmul']['tflops']} TFLOP/s")
+    print(f"FLOP per block: {result['block_flops'] / 1e12:.2f} T")
+    depth = f"{result['full_depth']}-block s"
+    print(
+        f"{'attention':<10} {'ran':<22} {'s/block':>8} {'TFLOP/s':>8} {'of mm':>6} {'attn TF/s':>9} "
+        f"{'attn of mm':>10} {depth:>12}"
+    )
+    for r in result["results"]:
+        if "error" in r:
+            print(f"{r['attention']:<10} error: {r['error']}")
+            continue
+        print(
+            f"{r['attention']:<10} {r['ran']:<22} {r['per_block_s']:>8.4f} {r['block_tflops']:>8.3g} "
+            f"{r['block_fraction_of_matmul']:>6.2f} {r['attention_tflops']:>9.3g} "
+            f"{r['attention_fraction_of_matmul']:>10.2f} {r['full_depth_forward_s']:>12.3f}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=PRESETS)
-    parser.add_argument("--dim", type=int)
-    parser.add_argument("--heads", type=int)
-    parser.add_argument("--ffn", type=int)
-    parser.add_argument("--layers", help="one count or a comma list, e.g. 1,3")
-    parser.add_argument("--model-type", choices=IN_OUT)
-    parser.add_argument("--latent", default="16x5x16x16", help="C x F x H x W of the latent")
+    parser.add_argument("--preset", choices=PRESETS, default="A14B")
+    parser.add_argument("--size", default="832x480x81", help="W x H x frames")
+    parser.add_argument(
+        "--layers", type=int, default=2, help="blocks to run (per-block time is extrapolated)"
+    )
+    parser.add_argument("--attention", default="all", help="comma list of backends, or all (those available)")
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--chunk", type=int, default=None, help="activation_chunk (tokens)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks")
     parser.add_argument("--text-len", type=int, default=512)
     parser.add_argument("--text-dim", type=int, default=4096)
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--matmul-size", type=int, default=8192)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--small", action="store_true", help="CPU dry run: tiny widths and size, fp32")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    preset = PRESETS.get(args.preset, PRESETS["tiny"])
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    results = [bench(args, int(n)) for n in str(args.layers).split(",")]
-    if len(results) >= 2:
-        a, b = results[0], results[-1]
-        per_layer = (b["forward_s_median"] - a["forward_s_median"]) / (b["layers"] - a["layers"])
-        results.append(
-            {
-                "per_layer_s": round(per_layer, 4),
-                "fixed_s": round(a["forward_s_median"] - per_layer * a["layers"], 4),
-            }
-        )
-    print(json.dumps(results, indent=None if args.json else 2))
+    if args.small:
+        args.preset, args.size, args.dtype, args.matmul_size = "small", "64x64x9", "fp32", 512
+        args.text_len, args.text_dim, args.repeat, args.warmup = 16, 32, 3, 1
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
 
 
 if __name__ == "__main__":

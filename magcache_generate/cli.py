@@ -36,6 +36,7 @@ from magcache_generate.validate import (
     plan_settings,
     task_config,
 )
+from wan.attention_backends import BACKENDS as ATTENTION_BACKENDS
 from wan.configs import TASKS
 from wan.errors import CheckpointError
 
@@ -64,6 +65,7 @@ InOutput = functools.partial(typer.Option, rich_help_panel="Output")
 InMagCache = functools.partial(typer.Option, rich_help_panel="MagCache")
 InBatch = functools.partial(typer.Option, rich_help_panel="Batch")
 InLora = functools.partial(typer.Option, rich_help_panel="LoRAs and distilled models")
+InSpeed = functools.partial(typer.Option, rich_help_panel="Speed")
 
 
 class Task(str, Enum):
@@ -81,6 +83,9 @@ class Solver(str, Enum):
 class Distilled(str, Enum):
     lightning = "lightning"
     none = "none"
+
+
+AttentionBackend = Enum("AttentionBackend", {name: name for name in ATTENTION_BACKENDS}, type=str)
 
 
 class MagCacheMode(str, Enum):
@@ -159,6 +164,20 @@ def generate(
     t5_cpu: Annotated[bool, InMemory("--t5-cpu", help="Run the text encoder on the CPU.")] = False,
     vae_tiled: Annotated[
         bool, InMemory("--vae-tiled", help="Decode the VAE in tiles (less memory).")
+    ] = False,
+    attention: Annotated[
+        AttentionBackend,
+        InSpeed(
+            help="Attention kernel: auto picks the fastest exact one (FlashAttention-3 if installed, on "
+            "Hopper; else PyTorch SDPA's choice); or force cudnn, flash, efficient, math (SDPA) or fa3, fa2."
+        ),
+    ] = AttentionBackend.auto,
+    compile: Annotated[
+        bool,
+        InSpeed(
+            "--compile",
+            help="torch.compile the transformer block (once per video size; its time is reported apart).",
+        ),
     ] = False,
     save_file: Annotated[
         Path | None, InOutput(help="Output video", show_default="upstream's name pattern, shell-safe")

@@ -138,6 +138,9 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
     rows.append(("peak host RSS (GiB)", f"{mem['host_rss_gib']:.2f}"))
     if mem.get("gpu_allocated_gib") is not None:
         rows.append(("peak GPU allocated (GiB)", f"{mem['gpu_allocated_gib']:.2f}"))
+    if result.get("attention"):
+        attention = result["attention"]
+        rows.append(("attention", f"{attention['actual']} (asked: {attention['requested']})"))
     rows += [(str(label), str(value)) for label, value in result.get("summary_rows", ())]
     return rows
 

@@ -68,6 +68,8 @@ class Request:
     crf: int = 10
     sidecar: bool = True
     vae_tiled: bool = False
+    attention: str = "auto"  # attention kernel (wan.attention_backends.BACKENDS)
+    compile: bool = False  # torch.compile the DiT block
     magcache: MagCacheOptions = field(default_factory=MagCacheOptions)
     loras: tuple[LoraChoice, ...] = ()  # merged into the experts' weights at load time
     distilled: str | None = None  # the step-distillation recipe whose defaults were applied ("lightning")

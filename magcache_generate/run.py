@@ -19,6 +19,7 @@ from rich.markup import escape
 
 import wan
 from magcache_generate import __version__
+from magcache_generate.dit_runtime import DitRuntime
 from magcache_generate.loras import expert_specs, lora_records
 from magcache_generate.magcache.calibration import CalibrationRecorder
 from magcache_generate.magcache.session import CalibrationCollector, build_cache, finish_cache
@@ -57,6 +58,7 @@ class Components:
         self.t5_device = torch.device("cpu") if first.t5_cpu else self.device
         self.offload = first.offload_model
         self.reporter = reporter
+        self.dit_runtime = DitRuntime.for_request(first, self.device)  # --attention, --compile
         paths = (
             {"single": self.ckpt}
             if not self.task.two_experts
@@ -226,12 +228,13 @@ def generate_one(
         else nullcontext()
     )
     load_before = components.experts.load_seconds
+    compile_before = components.dit_runtime.compile_seconds
     start = time.perf_counter()
     with autocast:
         latent = sample(
             noise,
             schedule,
-            components.experts,
+            components.dit_runtime.models(components.experts),
             context,
             context_null,
             guide_scale=request.guide_scale,
@@ -241,8 +244,11 @@ def generate_one(
             on_step=on_step,
         )
     expert_load = components.experts.load_seconds - load_before
+    compile_seconds = components.dit_runtime.compile_seconds - compile_before
     timings["load_transformer"] = expert_load
-    timings["denoise"] = time.perf_counter() - start - expert_load
+    if request.compile:
+        timings["compile"] = compile_seconds
+    timings["denoise"] = time.perf_counter() - start - expert_load - compile_seconds
 
     if components.offload:
         components.experts.offload_all()
@@ -273,6 +279,8 @@ def generate_one(
         "peak_memory": peak_memory(device),
         "sampling": sampling_record(request, schedule, dit_calls),
         "loras": lora_records(request.loras, task),
+        "attention": components.dit_runtime.report(),
+        "compile_s": round(compile_seconds, 4) if request.compile else None,
         "request": _jsonable(dataclasses.asdict(request)),
         "negative_prompt_used": negative,
         "versions": package_versions(),

@@ -25,6 +25,7 @@ from magcache_generate.magcache.policy import MODES, MagCacheConfig, MagCacheCon
 from magcache_generate.naming import default_save_file
 from magcache_generate.preflight import check_checkpoint_dir, check_image, check_outputs
 from magcache_generate.request import MagCacheOptions, Request, UserError
+from wan.attention_backends import backend_installed, backend_problem
 from wan.configs import SIZES, TASKS, TaskConfig
 
 # Upstream generate.py EXAMPLE_PROMPT: the prompt used when --prompt is not given.
@@ -85,6 +86,8 @@ class GenerateOptions:
     crf: int = 10
     device: str = "auto"
     vae_tiled: bool = False
+    attention: str = "auto"
+    compile: bool = False
     use_magcache: bool = False
     magcache_thresh: float | None = None
     magcache_k: int | None = None
@@ -151,6 +154,7 @@ def build_request(
         )
     seed = _resolve_seed(options.base_seed, rng)
     image = check_image(options.image, cfg)
+    check_attention(options.attention, None if options.device == "auto" else options.device.split(":")[0])
 
     save_file = options.save_file
     if save_file is None:
@@ -190,6 +194,8 @@ def build_request(
         overwrite=options.overwrite,
         crf=options.crf,
         vae_tiled=options.vae_tiled,
+        attention=options.attention,
+        compile=options.compile,
         magcache=magcache,
         loras=resolve_loras(cfg, options.lora, options.lora_high, options.lora_low, options.lora_dir),
         distilled=recipe_name(options),
@@ -320,6 +326,20 @@ def _resolve_seed(seed: int, rng: random.Random | None) -> int:
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"--base-seed {seed} is out of range; use 0..{MAX_SEED}, or -1 for a random seed")
     return seed
+
+
+def check_attention(name: str, device_type: str | None) -> None:
+    """--attention must name a backend that is installed and runs on the device ("cpu", "cuda"; None
+    for --device auto, checked again once the device is known, still before any weight loads)."""
+    problem = backend_problem(name, device_type)
+    if problem is None:
+        return
+    fix = (
+        "install it, or use --attention auto"
+        if not backend_installed(name)
+        else "use --attention auto (flash and math also run on the CPU)"
+    )
+    raise UserError(f"--attention {name} {problem}; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------------

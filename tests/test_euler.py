@@ -80,8 +80,10 @@ def test_the_dit_receives_float_timesteps():
     t = Conditioning().model_timestep(937.5, latent)
     assert t.dtype == torch.float32 and t.tolist() == [937.5]
     assert Conditioning().model_timestep(937, latent).dtype == torch.int64  # unipc / dpm++: int64 as upstream
-    per_token = Conditioning(first_frame=torch.zeros(1, 48, 1, 4, 4)).model_timestep(
-        833.3333129882812, latent
+    per_token = (
+        Conditioning(first_frame=torch.zeros(1, 48, 1, 4, 4))
+        .model_timestep(833.3333129882812, latent)
+        .dense()
     )
     assert (
         per_token.dtype == torch.float32 and per_token[0, 0] == 0 and per_token[0, -1] == np.float32(833.3333)

@@ -31,7 +31,9 @@ def test_every_documented_option_exists():
     unknown = []
     for option in sorted(table_options()):
         # upstream spellings go through the same normalisation as a real command line
-        takes_value = option.replace("_", "-") in options or option == "--lora_dir2"  # fork alias of --lora-dir
+        takes_value = (
+            option.replace("_", "-") in options or option == "--lora_dir2"
+        )  # fork alias of --lora-dir
         spelled = normalize_argv([option, "1"] if takes_value else [option])
         name = spelled[0].partition("=")[0] if spelled else option
         if name not in options:

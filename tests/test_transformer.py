@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from wan.modules.transformer import WanTransformer
+from wan.modules.transformer import TokenTimesteps, WanTransformer
 from wan.testing.dit import random_transformer_state_dict, tiny_transformer_config
 
 
@@ -38,8 +38,19 @@ def test_uniform_per_token_timesteps_equal_scalar():
     n = x.shape[2] * x.shape[3] * x.shape[4] // 4
     with torch.no_grad():
         a = model(x, torch.tensor([731.0]), ctx)
-        b = model(x, torch.full((1, n), 731.0), ctx)
-    assert torch.equal(a, b)
+        b = model(x, TokenTimesteps.from_dense(torch.full((1, n), 731.0)), ctx)
+        c = model(x, TokenTimesteps(torch.tensor([[731.0]]), torch.zeros(1, n, dtype=torch.int64)), ctx)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_dense_per_token_timesteps_are_refused_with_the_fix():
+    model = make("ti2v")
+    x, ctx, _ = inputs(model)
+    n = x.shape[2] * x.shape[3] * x.shape[4] // 4
+    with pytest.raises(ValueError, match="TokenTimesteps"):
+        model(x, torch.full((1, n), 731.0), ctx)
+    with pytest.raises(ValueError, match="expected 12"):
+        model(x, TokenTimesteps(torch.tensor([[1.0]]), torch.zeros(1, n + 1, dtype=torch.int64)), ctx)
 
 
 def test_per_token_timesteps_match_unbatched_embedding():
@@ -49,7 +60,7 @@ def test_per_token_timesteps_match_unbatched_embedding():
     n = x.shape[2] * x.shape[3] * x.shape[4] // 4
     t = torch.full((1, n), 800.0)
     t[0, : n // 2] = 0.0
-    mod = model.embed_time(t, n)
+    mod = model.embed_time(TokenTimesteps.from_dense(t), n)
     per_token = model.embed_time(t.reshape(-1), 1)  # one sample per token: uniform path
     assert torch.allclose(mod.per_token(mod.e)[0], per_token.e[:, 0], atol=1e-6)
 

@@ -1,6 +1,7 @@
 """Parity of the transformer with the official WanModel.forward (goldens `dit_*`, fp32).
 
 Tolerance: max abs error <= 1e-5 * (1 + max |reference|); measured ~5e-7 relative on the dev set.
+Per-token timesteps (ti2v) go in as TokenTimesteps.from_dense(t), the model's per-token form.
 `dit_t2v_batch_padded` holds two samples of different sizes in one upstream call (token padding to
 seq_len). Our API takes one [B, C, F, H, W] tensor, so each sample runs alone with its own timestep
 row; the golden notes state that upstream's padded output equals the unpadded single-sample run.
@@ -11,11 +12,16 @@ import torch
 from goldens import entry, golden_params, indexed, tensors, weights_path
 
 import wan
-from wan.modules.rope import rope_table
+from wan.modules.rope import grid_rope, rope_table
+from wan.modules.transformer import TokenTimesteps
 
 
 def tokens(x: torch.Tensor) -> int:
     return x.shape[1] * x.shape[2] * x.shape[3] // 4
+
+
+def timesteps(t: torch.Tensor, i: int, n: int) -> torch.Tensor | TokenTimesteps:
+    return TokenTimesteps.from_dense(t[i : i + 1, :n]) if t.dim() == 2 else t[i : i + 1]
 
 
 @pytest.mark.parametrize("name", golden_params("dit"))
@@ -28,7 +34,7 @@ def test_dit_matches_official(name):
     assert xs and len(xs) == len(refs) == len(contexts)
     t = data["input.t"]
     for i, x in enumerate(xs):
-        ti = t[i : i + 1, : tokens(x)] if t.dim() == 2 else t[i : i + 1]
+        ti = timesteps(t, i, tokens(x))
         y = ys[i][None] if ys else None
         with torch.no_grad():
             out = model(x[None], ti, contexts[i][None], y)[0]
@@ -45,6 +51,12 @@ def test_dit_rope_table_matches_official(name):
     model = wan.load_transformer(weights_path(entry(name)["weights"]))
     ours = torch.view_as_real(rope_table(model.config.head_dim))[: ref.shape[0]]
     assert torch.equal(ours, ref)
+    # The model's float32 table: token (p, p, p) of a grid holds the official row p, rounded to float32.
+    n = ref.shape[0]
+    table = grid_rope(model.config.head_dim, (n, n, n))
+    diagonal = torch.arange(n) * (n * n + n + 1)
+    assert torch.equal(table.cos[diagonal], ref[..., 0].float())
+    assert torch.equal(table.sin[diagonal], ref[..., 1].float())
 
 
 @pytest.mark.parametrize("name", golden_params("dit"))
@@ -58,8 +70,7 @@ def test_dit_time_and_text_embeddings(name):
     with torch.no_grad():
         for i, x in enumerate(xs):
             n = tokens(x)
-            ti = t[i : i + 1, :n] if t.dim() == 2 else t[i : i + 1]
-            mod = model.embed_time(ti, n)
+            mod = model.embed_time(timesteps(t, i, n), n)
             e_tok = mod.per_token(mod.e).expand(1, n, -1)
             ref_e = data["debug.time_embedding"][i : i + 1, :n]
             assert torch.allclose(e_tok, ref_e, atol=1e-5, rtol=1e-5)

@@ -4,7 +4,9 @@
 - i2v-A14B: `y` = [4-channel first-frame mask | VAE latent of (image, zero frames)], concatenated to
   the model input after the noise, identical in the cond and uncond passes.
 - ti2v-5B with an image: the first latent frame is the image latent, imposed on the initial noise and
-  re-imposed after every solver step; its tokens get timestep 0.
+  re-imposed after every solver step; its tokens get timestep 0. The per-token timesteps are built
+  from the latent shape as TokenTimesteps (values [0, t] and a token index), so the model never has to
+  read timestep values on the host.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from wan.modules.transformer import TokenTimesteps
 
 
 @dataclass(frozen=True)
@@ -27,16 +31,26 @@ class Conditioning:
         mask = first_frame_mask(latent)
         return (1.0 - mask) * self.first_frame + mask * latent
 
-    def model_timestep(self, t: int | float, latent: torch.Tensor) -> torch.Tensor:
-        """The `t` given to the DiT: [B] int64 (float32 for a float `t`, the Euler schedule), or
-        per-token [B, L] float32 with frame-0 tokens at 0."""
-        b = latent.shape[0]
+    def model_timestep(self, t: int | float, latent: torch.Tensor) -> torch.Tensor | TokenTimesteps:
+        """The `t` given to the DiT: [B] int64 (float32 for a float `t`, the Euler schedule), or (ti2v
+        image mode) TokenTimesteps with values [[0, t]] per sample and frame-0 tokens on value 0
+        (upstream's per-token `mask * t`).
+
+        Built with device-side fills only: no host-device copy, no synchronisation.
+        """
+        b, device = latent.shape[0], latent.device
         if self.first_frame is None:
             dtype = torch.float32 if isinstance(t, float) else torch.int64
-            return torch.full((b,), t, dtype=dtype, device=latent.device)
+            return torch.full((b,), t, dtype=dtype, device=device)
         pt, ph, pw = self.patch_size
-        mask = first_frame_mask(latent)[:, 0, ::pt, ::ph, ::pw]  # [B, T, H/2, W/2]
-        return (mask * t).flatten(1)
+        frames, height, width = latent.shape[2:]
+        first = (height // ph) * (width // pw)  # tokens of latent frame 0 (pt is 1 for every task)
+        tokens = -(-frames // pt) * first
+        values = torch.full((b, 2), t, dtype=torch.float32, device=device)
+        values[:, 0] = 0.0
+        index = torch.ones((b, tokens), dtype=torch.int64, device=device)
+        index[:, :first] = 0
+        return TokenTimesteps(values=values, index=index)
 
 
 def first_frame_mask(latent: torch.Tensor) -> torch.Tensor:

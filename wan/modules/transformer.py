@@ -1,9 +1,18 @@
 """The Wan 2.2 diffusion transformer (upstream `WanModel`), one implementation for t2v, i2v and ti2v.
 
 Parameter names equal the official state-dict keys, so official checkpoints load without remapping.
-Precision follows upstream's bf16 regime when the parameters are bf16: sinusoid and RoPE in float64,
-time MLPs, modulation, norms, gated residual adds and the head in float32, other Linears in the
-parameter dtype. With float32 parameters everything is float32 (the goldens' regime).
+Precision follows upstream's bf16 regime when the parameters are bf16 (or fp32 under bf16 autocast):
+sinusoid in float64; time MLPs, modulation, norms, gated residual adds, residual stream and head in
+float32; RoPE in float32 from a cached table (upstream: float64, a ~1e-7 relative difference); other
+Linears and attention in bf16. With float32 parameters everything is float32 (the goldens' regime).
+The blocks live in `wan.modules.block`, the attention kernel choice in `wan.modules.attention`.
+
+Run-time settings, instance attributes read at every forward:
+- `attention`: the AttentionPolicy (kernel choice, and the record of what ran);
+- `activation_chunk`: tokens per chunk of the blocks' token-local stages (None: whole sequence);
+- `block_runner`: None (eager) or a BlockRunner such as `wan.modules.compile.BlockCompiler`;
+- `block_source`: memory placement of the block weights (None: all resident).
+No forward reads a tensor value on the host (no `.item()`, `bool(tensor)`, `torch.unique`, sync).
 """
 
 from __future__ import annotations
@@ -18,7 +27,35 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from wan.modules.rope import apply_rope, grid_freqs
+from wan.modules.attention import AttentionPolicy
+from wan.modules.block import (
+    Block,
+    BlockRunner,
+    BlockRuntime,
+    LayerNorm,
+    Modulation,
+    linear,
+    linear_fp32,
+    normalized,
+    token_spans,
+)
+from wan.modules.rope import grid_rope
+
+__all__ = [
+    "Block",
+    "BlockRuntime",
+    "BlockSource",
+    "Modulation",
+    "ResidualCacheLike",
+    "TokenTimesteps",
+    "TransformerConfig",
+    "WanTransformer",
+]
+
+# activation_chunk is rounded down to a multiple of this: GEMM row tiles stay aligned, so on the CPU
+# a chunked forward equals the unchunked one bit for bit (CPU BLAS rounds rows past a multiple of 4
+# differently), and on CUDA the chunks keep full tiles.
+CHUNK_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
@@ -56,11 +93,6 @@ class BlockSource(Protocol):
     def iter_blocks(self, blocks: nn.ModuleList) -> Iterator[nn.Module]: ...
 
 
-# ----------------------------------------------------------------------------------------------------
-# Small numerics helpers
-# ----------------------------------------------------------------------------------------------------
-
-
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Timestep features in float64, cos half first (upstream order), frequencies 10000^(-i/half)."""
     half = dim // 2
@@ -69,124 +101,28 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
-def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A Linear evaluated in float32 whatever its parameter dtype (upstream's autocast(float32) regions)."""
-    bias = layer.bias.float() if layer.bias is not None else None
-    with torch.autocast(x.device.type, enabled=False):  # stays float32 inside a bf16 autocast region
-        return F.linear(x.float(), layer.weight.float(), bias)
+@dataclass(frozen=True)
+class TokenTimesteps:
+    """Per-token timesteps in the form the model uses without reading tensor values on the host.
 
-
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A Linear in its parameter dtype (upstream runs these in bf16 under autocast)."""
-    return layer(x.to(layer.weight.dtype))
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 and cast back to the input dtype (upstream WanLayerNorm)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
-
-
-class RMSNorm(nn.Module):
-    """RMS norm over the full width (all heads together), in float32, then times the weight."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
-
-
-@dataclass
-class Modulation:
-    """Time conditioning of one forward.
-
-    `e` [B, U, dim] and `e0` [B, U, 6, dim] hold one row per distinct timestep value of a sample;
-    `index` [B, L] maps tokens to rows (None when every token of a sample shares one timestep,
-    which avoids upstream's per-token [B, L, 6, dim] tensor: ~9 GB at 720p A14B).
+    `values` [B, U]: the distinct timestep values of each sample; `index` [B, L] (int64): the row of
+    `values` each token takes. ti2v with an image: values [[0, t]], index 0 on frame-0 tokens, else 1
+    (built from the latent shape by `wan.conditioning`).
     """
 
-    e: torch.Tensor
-    e0: torch.Tensor
-    index: torch.Tensor | None
+    values: torch.Tensor
+    index: torch.Tensor
 
-    def per_token(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows [B, U, dim] -> [B, L, dim] (or [B, 1, dim] to broadcast)."""
-        if self.index is None:
-            return rows
-        return torch.gather(rows, 1, self.index[..., None].expand(-1, -1, rows.shape[-1]))
+    @classmethod
+    def from_dense(cls, t: torch.Tensor) -> TokenTimesteps:
+        """From a dense [B, L] timestep tensor. Reads the values (torch.unique: a host synchronisation
+        on CUDA), so it is for tests and one-off calls; the sampling loop builds the form directly."""
+        values, index = torch.unique(t, return_inverse=True)
+        return cls(values=values[None].expand(t.shape[0], -1), index=index.reshape(t.shape))
 
-
-# ----------------------------------------------------------------------------------------------------
-# Attention and blocks
-# ----------------------------------------------------------------------------------------------------
-
-
-class Attention(nn.Module):
-    """Multi-head attention with RMS q/k norm over the full width (self- or cross-attention)."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
-
-    def forward(self, x: torch.Tensor, source: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
-        b, n = x.shape[0], self.num_heads
-        q = self.norm_q(linear(self.q, x)).unflatten(-1, (n, -1))  # [B, Lq, heads, head_dim]
-        k = self.norm_k(linear(self.k, source)).unflatten(-1, (n, -1))  # [B, Lk, heads, head_dim]
-        v = linear(self.v, source).unflatten(-1, (n, -1))
-        if freqs is not None:
-            q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-        # upstream's flash-attn casts q/k/v to half precision; with fp32 parameters we stay in fp32
-        dtype = v.dtype
-        out = F.scaled_dot_product_attention(
-            q.to(dtype).transpose(1, 2), k.to(dtype).transpose(1, 2), v.transpose(1, 2)
-        )  # [B, heads, Lq, head_dim]
-        out = out.transpose(1, 2).reshape(b, -1, n * out.shape[-1])
-        return linear(self.o, out)
-
-
-class Block(nn.Module):
-    """Gated self-attention, ungated cross-attention (affine norm3), gated tanh-GELU FFN."""
-
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        d = cfg.dim
-        self.modulation = nn.Parameter(torch.zeros(1, 6, d))
-        self.norm1 = LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
-        self.self_attn = Attention(d, cfg.num_heads, cfg.eps)
-        self.norm3 = LayerNorm(d, eps=cfg.eps, elementwise_affine=True)
-        self.cross_attn = Attention(d, cfg.num_heads, cfg.eps)
-        self.norm2 = LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(
-            nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d)
-        )
-
-    def forward(
-        self, x: torch.Tensor, mod: Modulation, context: torch.Tensor, freqs: torch.Tensor
-    ) -> torch.Tensor:
-        table = self.modulation.float() + mod.e0  # [B, U, 6, dim] float32
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (
-            mod.per_token(table[:, :, i]) for i in range(6)
-        )
-        h = self.norm1(x).float() * (1 + scale_msa) + shift_msa
-        x = x + self.self_attn(h, h, freqs) * gate_msa  # from here on x is float32 (upstream promotion)
-        x = x + self.cross_attn(self.norm3(x), context, None)  # no modulation, no gate (upstream)
-        h = self.norm2(x).float() * (1 + scale_ffn) + shift_ffn
-        ffn = self.ffn[2](self.ffn[1](linear(self.ffn[0], h)))
-        return x + ffn * gate_ffn
+    def dense(self) -> torch.Tensor:
+        """The [B, L] timestep of every token (upstream's per-token tensor)."""
+        return torch.gather(self.values, 1, self.index)
 
 
 class Head(nn.Module):
@@ -198,10 +134,17 @@ class Head(nn.Module):
         self.norm = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
 
-    def forward(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mod: Modulation, chunk: int | None = None) -> torch.Tensor:
         table = self.modulation.float()[None] + mod.e[:, :, None, :]  # [B, U, 2, dim]
-        shift, scale = mod.per_token(table[:, :, 0]), mod.per_token(table[:, :, 1])
-        return linear_fp32(self.head, self.norm(x) * (1 + scale) + shift)
+
+        def shift_scale(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return mod.per_token(table[:, :, 0], a, b), mod.per_token(table[:, :, 1], a, b)
+
+        out = torch.empty((*x.shape[:2], self.head.out_features), dtype=torch.float32, device=x.device)
+        for s, e in token_spans(x.shape[1], chunk):
+            h = normalized(self.norm, x[:, s:e], torch.float32, shift_scale, s)
+            out[:, s:e] = linear_fp32(self.head, h)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,7 +153,7 @@ class Head(nn.Module):
 
 
 class WanTransformer(nn.Module):
-    """forward(x [B,C_in,F,H,W], t [B] or [B, F*H*W/4], context [B,L,text_dim], y) -> [B,C_out,F,H,W]."""
+    """forward(x [B,C_in,F,H,W], t [B] or TokenTimesteps, context [B,L,text_dim], y) -> [B,C_out,F,H,W]."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -228,26 +171,51 @@ class WanTransformer(nn.Module):
         self.head = Head(cfg)
         # Memory placement of the blocks (None: all resident); set by a placement policy, never by the model.
         self.block_source: BlockSource | None = None
+        self.attention = AttentionPolicy("auto")
+        self.block_runner: BlockRunner | None = None
+        self._activation_chunk: int | None = None
+
+    @property
+    def activation_chunk(self) -> int | None:
+        """Tokens per chunk of the blocks' token-local stages (FFN, modulation, norms, projections,
+        residual adds); None runs them over the whole sequence. Set by the memory planner; rounded
+        down to a multiple of CHUNK_MULTIPLE (at least CHUNK_MULTIPLE)."""
+        return self._activation_chunk
+
+    @activation_chunk.setter
+    def activation_chunk(self, tokens: int | None) -> None:
+        if tokens is None:
+            self._activation_chunk = None
+            return
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"activation_chunk must be a positive number of tokens or None, not {tokens!r}")
+        self._activation_chunk = max(CHUNK_MULTIPLE, tokens - tokens % CHUNK_MULTIPLE)
 
     # -- conditioning -----------------------------------------------------------------------------
 
-    def embed_time(self, t: torch.Tensor, num_tokens: int) -> Modulation:
-        """Time embedding once per distinct timestep value (same result as upstream's per-token path)."""
-        b = t.shape[0]
-        if t.dim() == 2 and t.shape[1] != num_tokens:
-            raise ValueError(f"per-token timesteps have {t.shape[1]} entries, expected {num_tokens}")
-        t2 = t.reshape(b, -1)
-        uniform = bool((t2 == t2[:, :1]).all())
-        if uniform:
-            values, index = t2[:, :1], None  # [B, 1]
+    def embed_time(self, t: torch.Tensor | TokenTimesteps, num_tokens: int) -> Modulation:
+        """Time embedding once per distinct timestep value (same result as upstream's per-token path).
+
+        `t` is [B] (one timestep per sample) or TokenTimesteps (per-token); nothing is read on the host.
+        """
+        if isinstance(t, TokenTimesteps):
+            if t.index.shape[1] != num_tokens:
+                raise ValueError(
+                    f"per-token timesteps index {t.index.shape[1]} tokens, expected {num_tokens}"
+                )
+            values, index = t.values, t.index  # [B, U], [B, L]
+        elif t.dim() == 1:
+            values, index = t[:, None], None  # [B, 1]
         else:
-            uniq, inverse = torch.unique(t2, return_inverse=True)
-            values, index = uniq[None].expand(b, -1), inverse  # [B, U], [B, L]
+            raise ValueError(
+                f"t has shape {tuple(t.shape)}; give [B], or per-token timesteps as TokenTimesteps "
+                "(TokenTimesteps.from_dense(t) converts a [B, L] tensor)"
+            )
+        b, u = values.shape
         feats = sinusoidal_embedding(values.flatten(), self.config.freq_dim).float()  # [B*U, freq_dim]
         emb = self.time_embedding
         e = linear_fp32(emb[2], F.silu(linear_fp32(emb[0], feats)))  # [B*U, dim]
         e0 = linear_fp32(self.time_projection[1], F.silu(e))  # [B*U, 6*dim]
-        u = values.shape[1]
         return Modulation(e=e.view(b, u, -1), e0=e0.view(b, u, 6, -1), index=index)
 
     def embed_text(self, context: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -266,17 +234,17 @@ class WanTransformer(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
 
     def run_blocks(
-        self, x: torch.Tensor, mod: Modulation, context: torch.Tensor, freqs: torch.Tensor
+        self, x: torch.Tensor, mod: Modulation, context: torch.Tensor, runtime: BlockRuntime
     ) -> torch.Tensor:
         blocks = self.blocks if self.block_source is None else self.block_source.iter_blocks(self.blocks)
         for block in blocks:
-            x = block(x, mod, context, freqs)
+            x = block(x, mod, context, runtime)
         return x
 
     def forward(
         self,
         x: torch.Tensor,
-        t: torch.Tensor,
+        t: torch.Tensor | TokenTimesteps,
         context: torch.Tensor | list[torch.Tensor],
         y: torch.Tensor | None = None,
         *,
@@ -292,13 +260,18 @@ class WanTransformer(nn.Module):
         h = rearrange(patches, "b c f h w -> b (f h w) c")  # tokens in (f, h, w) row-major order
         mod = self.embed_time(t, h.shape[1])
         ctx = self.embed_text(context)
-        freqs = grid_freqs(cfg.head_dim, grid, device=h.device)
+        runtime = BlockRuntime(
+            rope=grid_rope(cfg.head_dim, grid, h.device),
+            attention=self.attention,
+            chunk=self._activation_chunk,
+            runner=self.block_runner,
+        )
 
         def blocks(h_in: torch.Tensor) -> torch.Tensor:
-            return self.run_blocks(h_in, mod, ctx, freqs)
+            return self.run_blocks(h_in, mod, ctx, runtime)
 
         h = cache.run(h, blocks) if cache is not None else blocks(h)
-        out = self.head(h, mod)  # [B, L, p_t*p_h*p_w*out_dim], channel fastest
+        out = self.head(h, mod, runtime.chunk)  # [B, L, p_t*p_h*p_w*out_dim], channel fastest
         pt, ph, pw = cfg.patch_size
         return rearrange(
             out,
