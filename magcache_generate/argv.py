@@ -52,6 +52,7 @@ FLAG_OPTIONS = frozenset(
         "--demo",
         "--use-magcache",
         "--magcache-plan",
+        "--magcache-verify",
         "--json",
         "--help",
         "--version",

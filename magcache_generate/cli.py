@@ -178,6 +178,14 @@ def generate(
     magcache_speedup: Annotated[
         float | None, InMagCache(help="Pick the smallest threshold reaching this ideal speedup.")
     ] = None,
+    magcache_verify: Annotated[
+        bool,
+        InMagCache(
+            "--magcache-verify",
+            help="Also run dense (same seed) and report the measured speedup and PSNR/SSIM vs the dense "
+            "video (written as <name>.dense.mp4).",
+        ),
+    ] = False,
     magcache_plan: Annotated[
         bool,
         InMagCache(
@@ -379,7 +387,7 @@ def error_line(err: BaseException) -> str:
     return " ".join(message.split())
 
 
-def exit_code_for(err: BaseException, debug: bool) -> int:
+def exit_code_for(err: BaseException, debug: bool, prog: str = PROG) -> int:
     """Print ``err`` as one ``error:`` line on stderr (plus the traceback with --debug); its exit code."""
     if isinstance(err, (KeyboardInterrupt, typer.Abort)):
         typer.echo("error: interrupted", err=True)
@@ -387,7 +395,7 @@ def exit_code_for(err: BaseException, debug: bool) -> int:
     if debug:
         traceback.print_exception(err)
     if isinstance(err, ClickException):
-        typer.echo(f"error: {error_line(err)} (see {PROG} --help)", err=True)
+        typer.echo(f"error: {error_line(err)} (see {prog} --help)", err=True)
         return err.exit_code
     if isinstance(err, USER_ERRORS):
         typer.echo(f"error: {error_line(err)}", err=True)
@@ -415,9 +423,16 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: normalise upstream spellings, run the app, exit with its code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    command = typer.main.get_command(app)
+    prog = f"{PROG} compare" if argv[:1] == ["compare"] else PROG
     try:
-        code = command.main(args=normalize_argv(argv), prog_name=PROG, standalone_mode=False)
+        if argv[:1] == ["compare"]:  # `magcache-generate compare A B`: the one subcommand (compare.py)
+            from magcache_generate.compare import command as compare_command
+
+            args = [a for a in argv[1:] if a != "--debug"]
+            code = compare_command().main(args=args, prog_name=prog, standalone_mode=False)
+        else:
+            command = typer.main.get_command(app)
+            code = command.main(args=normalize_argv(argv), prog_name=PROG, standalone_mode=False)
     except (Exception, KeyboardInterrupt) as err:
-        code = exit_code_for(err, debug)
+        code = exit_code_for(err, debug, prog)
     sys.exit(code or 0)

@@ -16,6 +16,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from magcache_generate.quality import summary_line
+
 
 class Reporter:
     """One rich Progress shared by the stages of a run (loading, text, denoising, decode, writing)."""
@@ -89,10 +91,25 @@ def magcache_table(report: dict) -> Table:
     for row in report["calls"]:
         table.add_row(row["expert"], row["branch"], str(row["computed"]), str(row["skipped"]))
     table.add_row("all", "", str(report["forwards"]), str(report["dense_forwards"] - report["forwards"]))
-    table.caption = f"ideal speedup {report['ideal_speedup']:.3f}x" + (
-        f", measured {report['measured_speedup']:.3f}x" if report.get("measured_speedup") else ""
-    )
+    table.caption = magcache_caption(report)
     return table
+
+
+def magcache_caption(report: dict) -> str:
+    """Ideal (from the plan), estimated (a model) and, with --magcache-verify, measured speedup and quality."""
+    parts = [f"ideal speedup {report['ideal_speedup']:.3f}x"]
+    if report.get("estimated_speedup"):
+        parts.append(f"estimated {report['estimated_speedup']:.3f}x (model, not measured)")
+    verify = report.get("verify")
+    if not verify:
+        return ", ".join(parts)
+    if verify.get("measured_speedup"):
+        parts.append(
+            f"measured {verify['measured_speedup']:.3f}x (dense {verify['dense_denoise_s']:.2f} s / "
+            f"MagCache {verify['magcache_denoise_s']:.2f} s)"
+        )
+    lines = [", ".join(parts), f"vs dense {verify['dense_file']}: {summary_line(verify['quality_vs_dense'])}"]
+    return "\n".join(lines)
 
 
 def batch_table(results: list[dict]) -> Table:

@@ -86,6 +86,7 @@ class GenerateOptions:
     magcache_ratios: Path | None = None
     magcache_calibrate: Path | None = None
     magcache_speedup: float | None = None
+    magcache_verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,10 @@ def magcache_options(options: GenerateOptions, *, plan: bool = False) -> MagCach
         raise UserError(f"{given[0]} does not apply to --magcache-calibrate (a dense run); drop it")
     if given and not options.use_magcache:
         raise UserError(f"{given[0]} has no effect without --use-magcache; add --use-magcache (or drop it)")
+    if options.magcache_verify and not options.use_magcache:
+        raise UserError(
+            "--magcache-verify compares a MagCache run with a dense one; add --use-magcache (or drop it)"
+        )
 
     thresh, k, retention = options.magcache_thresh, options.magcache_k, options.retention_ratio
     mode = "aligned" if options.magcache_mode is None else options.magcache_mode
@@ -340,6 +345,7 @@ def magcache_options(options: GenerateOptions, *, plan: bool = False) -> MagCach
         ratios_file=options.magcache_ratios,
         calibrate_file=calibrate,
         speedup=speedup,
+        verify=options.magcache_verify and not plan,
     )
 
 
