@@ -55,7 +55,8 @@ def warm_up(
     autocast: AbstractContextManager,
     device: torch.device,
 ) -> float:
-    """One untimed conditional forward of the schedule's first expert; returns its seconds."""
+    """One untimed conditional forward of the schedule's first expert; returns its seconds (loading that
+    expert included: the dense run would otherwise load it, outside its timing too)."""
     start = time.perf_counter()
     t = int(schedule.timesteps[0])
     model = models.activate(expert_for(t, boundary))
