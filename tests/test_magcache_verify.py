@@ -41,7 +41,7 @@ def test_verify_reports_measured_speedup_and_the_quality_compare_gives(t2v_ckpt,
     report = sidecar["magcache"]
     verify = report["verify"]
     assert report["forwards"] < report["dense_forwards"] == 20  # something was skipped
-    assert "estimated_speedup" in report and "measured" not in report["estimated_speedup_method"][:12]
+    assert report["estimated_speedup_method"].startswith("estimate, not a measurement")
     assert report["measured_speedup"] == verify["measured_speedup"]
     assert verify["measured_speedup"] == pytest.approx(
         verify["dense_denoise_s"] / verify["magcache_denoise_s"], rel=1e-3
