@@ -61,6 +61,7 @@ FLAG_OPTIONS = frozenset(
         "--demo",
         "--use-magcache",
         "--magcache-plan",
+        "--magcache-verify",
         "--json",
         "--help",
         "--version",

@@ -210,6 +210,7 @@ def build_batch(
 
 def _claim_outputs(request: Request, owner: str, owners: dict[Path, str]) -> None:
     outputs = [request.save_file, request.sidecar_file, request.save_frames]
+    outputs.append(request.dense_save_file)
     paths = [p.resolve() for p in outputs if p is not None]
     for path in paths:
         if path in owners:

@@ -215,6 +215,14 @@ def generate(
     magcache_speedup: Annotated[
         float | None, InMagCache(help="Pick the smallest threshold reaching this ideal speedup.")
     ] = None,
+    magcache_verify: Annotated[
+        bool,
+        InMagCache(
+            "--magcache-verify",
+            help="Also run dense (same seed) and report the measured speedup and PSNR/SSIM vs the dense "
+            "video (written as <name>.dense.mp4).",
+        ),
+    ] = False,
     magcache_plan: Annotated[
         bool,
         InMagCache(
@@ -479,7 +487,7 @@ def error_line(err: BaseException) -> str:
     return " ".join(message.split())
 
 
-def exit_code_for(err: BaseException, debug: bool) -> int:
+def exit_code_for(err: BaseException, debug: bool, prog: str = PROG) -> int:
     """Print ``err`` as one ``error:`` line on stderr (plus the traceback with --debug); its exit code."""
     if isinstance(err, (KeyboardInterrupt, typer.Abort)):
         typer.echo("error: interrupted", err=True)
@@ -487,7 +495,7 @@ def exit_code_for(err: BaseException, debug: bool) -> int:
     if debug:
         traceback.print_exception(err)
     if isinstance(err, ClickException):
-        typer.echo(f"error: {error_line(err)} (see {PROG} --help)", err=True)
+        typer.echo(f"error: {error_line(err)} (see {prog} --help)", err=True)
         return err.exit_code
     if isinstance(err, USER_ERRORS):
         typer.echo(f"error: {error_line(err)}", err=True)
@@ -516,11 +524,18 @@ def main(argv: list[str] | None = None) -> None:
     exit with its code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    command = typer.main.get_command(app)
+    prog = f"{PROG} compare" if argv[:1] == ["compare"] else PROG
     try:
-        args = normalize_argv(argv)
-        check_option_names(args, command_options(command))
-        code = command.main(args=args, prog_name=PROG, standalone_mode=False)
+        if argv[:1] == ["compare"]:  # `magcache-generate compare A B`: the one subcommand (compare.py)
+            from magcache_generate.compare import command as compare_command
+
+            args = [a for a in argv[1:] if a != "--debug"]
+            code = compare_command().main(args=args, prog_name=prog, standalone_mode=False)
+        else:
+            command = typer.main.get_command(app)
+            args = normalize_argv(argv)
+            check_option_names(args, command_options(command))
+            code = command.main(args=args, prog_name=PROG, standalone_mode=False)
     except (Exception, KeyboardInterrupt) as err:
-        code = exit_code_for(err, debug)
+        code = exit_code_for(err, debug, prog)
     sys.exit(code or 0)

@@ -26,6 +26,12 @@ def sidecar_path(output: str | Path) -> Path:
     return Path(output).with_suffix(".json")
 
 
+def dense_reference_path(save_file: str | Path) -> Path:
+    """Where ``--magcache-verify`` writes the dense reference video: ``out/video.mp4`` -> ``out/video.dense.mp4``."""
+    path = Path(save_file)
+    return path.with_name(f"{path.stem}.dense{path.suffix}")
+
+
 def default_save_file(task: str, size: str, prompt: str, now: datetime, *, ulysses_size: int = 1) -> str:
     """``{task}_{size}_{ulysses_size}_{prompt[:50]}_{YYYYmmdd_HHMMSS}.mp4``, as upstream's generate.py names it.
 

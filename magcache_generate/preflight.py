@@ -115,6 +115,8 @@ def check_outputs(request: Request) -> None:
         checks.append((request.save_frames, True, FRAME_NAME_PATTERN))
     if request.magcache.calibrate_file is not None:
         checks.append((request.magcache.calibrate_file, False, None))
+    if request.dense_save_file is not None:
+        checks.append((request.dense_save_file, False, None))
     for path, folder, replaceable in checks:
         try:
             check_writable(path, request.overwrite, folder=folder, replaceable=replaceable)

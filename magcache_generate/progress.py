@@ -32,6 +32,7 @@ from rich.text import Text
 
 from magcache_generate.magcache.report import format_speedup
 from magcache_generate.naming import sidecar_path
+from magcache_generate.quality import summary_line
 
 if TYPE_CHECKING:
     from magcache_generate.batch import BatchRow
@@ -161,11 +162,26 @@ def magcache_table(report: dict, console: Console | None = None) -> Table:
     for row in report["calls"]:
         table.add_row(row["expert"], row["branch"], str(row["computed"]), str(row["skipped"]))
     table.add_row("all", "", str(report["forwards"]), str(report["dense_forwards"] - report["forwards"]))
-    table.caption = f"ideal speedup {format_speedup(report['ideal_speedup'])}" + (
-        f", measured {format_speedup(report['measured_speedup'])}" if report.get("measured_speedup") else ""
-    )
+    table.caption = magcache_caption(report)
     table.caption_justify = "left"
     return table
+
+
+def magcache_caption(report: dict) -> str:
+    """Ideal (from the plan), estimated (a model) and, with --magcache-verify, measured speedup and quality."""
+    parts = [f"ideal speedup {format_speedup(report['ideal_speedup'])}"]
+    if report.get("estimated_speedup"):
+        parts.append(f"estimated {format_speedup(report['estimated_speedup'])} (model, not measured)")
+    verify = report.get("verify")
+    if not verify:
+        return ", ".join(parts)
+    if verify.get("measured_speedup"):
+        parts.append(
+            f"measured {format_speedup(verify['measured_speedup'])} (dense {verify['dense_denoise_s']:.2f} s / "
+            f"MagCache {verify['magcache_denoise_s']:.2f} s)"
+        )
+    lines = [", ".join(parts), f"vs dense {verify['dense_file']}: {summary_line(verify['quality_vs_dense'])}"]
+    return "\n".join(lines)
 
 
 def print_result(console: Console, result: dict) -> None:

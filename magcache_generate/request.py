@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from magcache_generate.naming import sidecar_path
+from magcache_generate.naming import dense_reference_path, sidecar_path
 
 
 class UserError(ValueError):
@@ -29,6 +29,7 @@ class MagCacheOptions:
     ratios_file: Path | None = None
     calibrate_file: Path | None = None  # dense run that records ratios into this JSON file
     speedup: float | None = None  # pick the smallest threshold reaching this ideal speedup
+    verify: bool = False  # also run dense (same seed): measured speedup and quality vs the dense video
 
 
 @dataclass(frozen=True)
@@ -77,3 +78,8 @@ class Request:
     @property
     def sidecar_file(self) -> Path:
         return sidecar_path(self.save_file)
+
+    @property
+    def dense_save_file(self) -> Path | None:
+        """The dense reference video of ``--magcache-verify`` (None without it)."""
+        return dense_reference_path(self.save_file) if self.magcache.verify else None

@@ -9,7 +9,6 @@ import dataclasses
 import platform
 import resource
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +22,16 @@ from magcache_generate.dit_runtime import DitRuntime
 from magcache_generate.loras import expert_specs, lora_records
 from magcache_generate.magcache.calibration import CalibrationRecorder
 from magcache_generate.magcache.session import CalibrationCollector, build_cache, finish_cache
+from magcache_generate.magcache.verify import verify_report, warm_up
 from magcache_generate.progress import Reporter, print_result
+from magcache_generate.render import Rendered, SamplingInputs, autocast_for, render_video
 from magcache_generate.request import OutOfMemory, Request
-from magcache_generate.video_io import read_image, to_uint8_frames, write_frames_png, write_mp4, write_sidecar
+from magcache_generate.video_io import read_image, write_sidecar
 from wan.conditioning import Conditioning, i2v_mask, i2v_video
 from wan.configs import SIZES, TASKS, TaskConfig, max_area
 from wan.experts import ExpertPool
 from wan.image_prep import i2v_first_frame, ti2v_first_frame
 from wan.loading import locate_transformer_files, read_transformer_config
-from wan.sampling import StepInfo, sample
 from wan.schedule import make_schedule
 from wan.tokenizer import load_tokenizer
 
@@ -213,81 +213,85 @@ def generate_one(
         timings["encode_image"] = time.perf_counter() - start
 
     schedule = make_schedule(request.sample_solver, request.sample_steps, request.sample_shift)
+    inputs = SamplingInputs(noise, schedule, context, context_null, conditioning)
     cache = build_cache(request, schedule, components.dit_config, reporter)
-    denoise = reporter.task("denoising", total=len(schedule))
-    dit_calls = {"cond": 0, "uncond": 0}
-
-    def on_step(info: StepInfo) -> None:
-        for branch in info.branches:
-            dit_calls[branch] += 1
-        reporter.advance(denoise, detail=f"t={info.timestep:g} {info.expert} cfg {info.guide_scale:g}")
-
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda" and components.dtype == torch.float32
-        else nullcontext()
-    )
-    load_before = components.experts.load_seconds
-    compile_before = components.dit_runtime.compile_seconds
-    start = time.perf_counter()
-    with autocast:
-        latent = sample(
-            noise,
-            schedule,
-            components.dit_runtime.models(components.experts),
-            context,
-            context_null,
-            guide_scale=request.guide_scale,
-            boundary=task.boundary,
-            conditioning=conditioning,
-            cache=cache,
-            on_step=on_step,
+    dense: Rendered | None = None
+    if request.dense_save_file is not None:  # --magcache-verify: warm-up, then the dense reference
+        with reporter.stage("verify: warm-up forward"):
+            warmup = warm_up(
+                components.dit_runtime.models(components.experts),
+                noise,
+                schedule,
+                context,
+                conditioning,
+                boundary=task.boundary,
+                autocast=autocast_for(components),
+                device=device,
+            )
+        timings["verify_warmup"] = warmup
+        dense = render_video(
+            components,
+            request,
+            reporter,
+            inputs,
+            None,
+            save_file=request.dense_save_file,
+            save_frames=None,
+            label="denoising (dense reference)",
         )
-    expert_load = components.experts.load_seconds - load_before
-    compile_seconds = components.dit_runtime.compile_seconds - compile_before
-    timings["load_transformer"] = expert_load
-    if request.compile:
-        timings["compile"] = compile_seconds
-    timings["denoise"] = time.perf_counter() - start - expert_load - compile_seconds
+        timings["verify_dense"] = sum(dense.timings.values())
 
-    if components.offload:
-        components.experts.offload_all()
-    start = time.perf_counter()
-    with reporter.stage("decoding video"):
-        video = components.vae().decode(latent, tiled=request.vae_tiled)[0]
-    timings["decode"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    frames = to_uint8_frames(video.cpu())
-    with reporter.stage("writing video"):
-        write_mp4(frames, request.save_file, fps=task.fps, crf=request.crf, overwrite=request.overwrite)
-        if request.save_frames is not None:
-            write_frames_png(frames, request.save_frames, overwrite=request.overwrite)
-    timings["write"] = time.perf_counter() - start
+    rendered = render_video(
+        components,
+        request,
+        reporter,
+        inputs,
+        cache,
+        save_file=request.save_file,
+        save_frames=request.save_frames,
+    )
+    timings.update(rendered.timings)
 
     result: dict[str, Any] = {
         "task": task.name,
         "seed": request.base_seed,
         "save_file": str(request.save_file),
-        "frames": list(frames.shape),
+        "frames": list(rendered.frames_shape),
         "size_wh": [width, height],
         "fps": task.fps,
         "device": str(device),
         "dtype": str(components.dtype).replace("torch.", ""),
         "steps_run": len(schedule),
-        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "timings_s": {},
         "peak_memory": peak_memory(device),
-        "sampling": sampling_record(request, schedule, dit_calls),
+        "sampling": sampling_record(request, schedule, rendered.dit_calls),
         "loras": lora_records(request.loras, task),
         "attention": components.dit_runtime.report(),
-        "compile_s": round(compile_seconds, 4) if request.compile else None,
+        "compile_s": round(rendered.compile_s, 4) if request.compile else None,
         "request": _jsonable(dataclasses.asdict(request)),
         "negative_prompt_used": negative,
         "versions": package_versions(),
     }
     magcache_report = finish_cache(cache, request, timings["denoise"])
     if magcache_report is not None:
+        if dense is not None:
+            with reporter.stage("verify: PSNR/SSIM vs dense"):
+                verified = verify_report(
+                    dense_file=request.dense_save_file,
+                    magcache_file=request.save_file,
+                    dense_seconds=dense.timings,
+                    magcache_denoise_s=timings["denoise"],
+                    cpu_seconds=(dense.denoise_cpu_s, rendered.denoise_cpu_s)
+                    if device.type == "cpu"
+                    else None,
+                    warmup_s=timings["verify_warmup"],
+                    ideal_speedup=magcache_report["ideal_speedup"],
+                )
+            timings["verify_quality"] = verified.pop("quality_s")
+            magcache_report["measured_speedup"] = verified["measured_speedup"]
+            magcache_report["verify"] = verified
         result["magcache"] = magcache_report
+    result["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
     if calibration is not None and cache is not None and isinstance(cache.inner, CalibrationRecorder):
         calibration.recordings.append(cache.inner.recording())
         calibration.prompts.append(request.prompt)
@@ -358,7 +362,9 @@ def run_requests(
     batch = len(requests) > 1 if batch is None else batch
     results: list[dict[str, Any]] = []
     with Reporter(console) as reporter:
-        components = Components(requests[0], reporter, batch=batch)
+        # --magcache-verify returns to the first expert for its second run: keep parked experts, as a batch
+        verify = any(r.magcache.verify for r in requests)
+        components = Components(requests[0], reporter, batch=batch or verify)
         calibrate_file = requests[0].magcache.calibrate_file
         calibration = CalibrationCollector(calibrate_file) if calibrate_file is not None else None
         for request in requests:

@@ -101,6 +101,7 @@ class GenerateOptions:
     lora_low: Sequence[str] | None = ()  # A14B low-noise expert only
     lora_dir: Sequence[Path] | None = ()  # the Lightning fork's layout; implies --distilled lightning
     distilled: str | None = None  # "lightning" | "none"
+    magcache_verify: bool = False
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,10 @@ def magcache_options(options: GenerateOptions, *, plan: bool = False) -> MagCach
         raise UserError(f"{given[0]} does not apply to --magcache-calibrate (a dense run); drop it")
     if given and not options.use_magcache:
         raise UserError(f"{given[0]} has no effect without --use-magcache; add --use-magcache (or drop it)")
+    if options.magcache_verify and not options.use_magcache:
+        raise UserError(
+            "--magcache-verify compares a MagCache run with a dense one; add --use-magcache (or drop it)"
+        )
 
     thresh, k, retention = options.magcache_thresh, options.magcache_k, options.retention_ratio
     mode = "aligned" if options.magcache_mode is None else options.magcache_mode
@@ -405,6 +410,7 @@ def magcache_options(options: GenerateOptions, *, plan: bool = False) -> MagCach
         ratios_file=options.magcache_ratios,
         calibrate_file=calibrate,
         speedup=speedup,
+        verify=options.magcache_verify and not plan,
     )
 
 

@@ -5,6 +5,10 @@ running the official code on tiny random weights. Tests read the set named by th
 variable ``MAGCACHE_GOLDEN_DIR`` (default: the copy in ``tests/golden``), discover goldens through the
 manifest, use the golden names as test ids and carry the ``golden`` marker, so any golden set of
 this format (other seeds, dims or step counts) can be checked.
+
+A missing folder, a missing manifest or a manifest without the goldens a test asks for FAILS that
+test (one ``MISSING-...`` case naming what is absent) rather than skipping it: a mistyped
+``MAGCACHE_GOLDEN_DIR`` must not turn the parity checks into a green run that checked nothing.
 """
 
 from __future__ import annotations
@@ -32,9 +36,33 @@ def manifest() -> dict:
 
 
 def golden_params(prefix: str) -> list:
-    """pytest params, one per golden whose name starts with ``prefix``, id = golden name."""
+    """pytest params, one per golden whose name starts with ``prefix``, id = golden name; or one
+    failing ``MISSING-<prefix>`` param when the set has none of them."""
     names = sorted(n for n in manifest()["goldens"] if n.startswith(prefix))
+    if not names:
+        return [
+            missing_param(
+                prefix, f"no '{prefix}*' golden: {set_problem(golden_dir(), 'MAGCACHE_GOLDEN_DIR')}"
+            )
+        ]
     return [pytest.param(n, id=n, marks=pytest.mark.golden) for n in names]
+
+
+def set_problem(folder: Path, variable: str) -> str:
+    """Why a golden folder yields no case, for the failure message."""
+    where = f"{variable}={folder}" if variable in os.environ else f"{folder} (default; set {variable})"
+    if not folder.is_dir():
+        return f"the golden folder {where} does not exist"
+    if not (folder / "manifest.json").is_file():
+        return f"the golden folder {where} has no manifest.json"
+    return f"{where}/manifest.json lists none"
+
+
+def missing_param(what: str, reason: str):
+    """A test case that fails with ``reason`` (conftest turns the ``golden_missing`` mark into a failure)."""
+    return pytest.param(
+        None, id=f"MISSING-{what}", marks=[pytest.mark.golden, pytest.mark.golden_missing(reason)]
+    )
 
 
 def entry(name: str) -> dict:

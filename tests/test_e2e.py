@@ -5,6 +5,7 @@ The golden-e2e set (default tests/golden_e2e, or $MAGCACHE_E2E_DIR) holds tiny r
 the official layout and the official uint8 frames (every 8th row pair). Each case runs the CLI with the
 exact argv of its manifest entry and compares our `--save-frames` PNGs on the stored rows.
 Tolerance: mean abs difference <= 0.3 levels and max <= 8 (measured: mean ~2e-5, max 1).
+A missing or empty set fails (one MISSING-e2e case), it does not skip.
 """
 
 import io
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from goldens import missing_param, set_problem
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -36,7 +38,7 @@ def cli() -> list[str]:
 
 CASES = [
     pytest.param(name, id=name, marks=[pytest.mark.golden, pytest.mark.e2e]) for name in manifest()["cases"]
-]
+] or [missing_param("e2e", f"no end-to-end case: {set_problem(E2E_DIR, 'MAGCACHE_E2E_DIR')}")]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -38,7 +38,7 @@ RESULT = {
         "forwards": 3,
         "dense_forwards": 4,
         "ideal_speedup": 1.333,
-        "measured_speedup": 1.29,
+        "estimated_speedup": 1.29,
     },
 }
 
@@ -58,7 +58,7 @@ def test_plain_output_keeps_paths_whole_and_says_where_everything_went():
     assert f"video:   {LONG}" in lines
     assert f"sidecar: {LONG[:-4]}.json" in lines
     assert "total:   12.3 s" in lines
-    assert "ideal speedup 1.333x, measured 1.290x" in lines
+    assert "ideal speedup 1.333x, estimated 1.290x (model, not measured)" in lines
     assert not any(ch in out for ch in "┏┃━│└")  # no box drawing in a log file
     assert all(line == line.rstrip() for line in lines)
 

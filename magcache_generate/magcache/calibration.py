@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -114,11 +115,15 @@ class CalibrationRecording:
 
 
 class CalibrationRecorder:
-    """Runs every call and records the residual statistics; one object per dense run."""
+    """Runs every call and records the residual statistics; one object per dense run.
+
+    The statistics stay on the run device as one small tensor per call and are read back to the host
+    once, by ``recording()`` after the run, so a CUDA forward never waits for the host.
+    """
 
     def __init__(self) -> None:
         self._previous: dict[str, Tensor] = {}  # branch -> residual of its previous call (any expert)
-        self._samples: list[RatioSample] = []
+        self._pending: list[tuple[int, str, str, Tensor]] = []  # (step, branch, expert, [gamma, std, cos])
         self._experts: dict[int, str] = {}
         self._call: tuple[int, str, str] | None = None
 
@@ -143,24 +148,22 @@ class CalibrationRecorder:
                 )
             token_ratio = residual.norm(dim=-1) / previous.norm(dim=-1)
             cos_dis = 1 - F.cosine_similarity(residual, previous, dim=-1, eps=1e-8)
-            self._samples.append(
-                RatioSample(
-                    step,
-                    branch,
-                    expert,
-                    token_ratio.mean().item(),
-                    token_ratio.std().item(),
-                    cos_dis.mean().item(),
-                )
-            )
+            stats = torch.stack([token_ratio.mean(), token_ratio.std(), cos_dis.mean()])
+            self._pending.append((step, branch, expert, stats))
         self._previous[branch] = residual
         return out
 
     def recording(self) -> CalibrationRecording:
+        """The samples so far; the only place the statistics leave the device (one transfer)."""
         experts = tuple(self._experts[s] for s in sorted(self._experts))
         if sorted(self._experts) != list(range(len(experts))):
             raise ValueError(f"calibration saw steps {sorted(self._experts)}; it needs every step from 0")
-        return CalibrationRecording(tuple(self._samples), experts)
+        values = torch.stack([stats for *_, stats in self._pending]).tolist() if self._pending else []
+        samples = tuple(
+            RatioSample(step, branch, expert, *row)
+            for (step, branch, expert, _), row in zip(self._pending, values, strict=True)
+        )
+        return CalibrationRecording(samples, experts)
 
     def to_json(self, provenance: Mapping[str, object]) -> dict:
         return self.recording().to_json(provenance)
