@@ -142,6 +142,14 @@ def generate(
     vae_tiled: Annotated[
         bool, InMemory("--vae-tiled", help="Decode the VAE in tiles (less memory).")
     ] = False,
+    gpu_memory: Annotated[
+        str | None,
+        InMemory(
+            help="GPU memory budget in GB (GiB), or auto: plans resident/streamed DiT blocks, text encoder "
+            "placement, VAE tiling and FFN chunking to fit it",
+            show_default="auto: free memory minus a margin",
+        ),
+    ] = None,
     save_file: Annotated[
         Path | None, InOutput(help="Output video", show_default="upstream's name pattern, shell-safe")
     ] = None,

@@ -75,11 +75,27 @@ def summary_table(result: dict) -> Table:
     steps = result.get("steps_run") or 0
     if steps:
         table.add_row("s/step", f"{result['timings_s'].get('denoise', 0.0) / steps:.3f}")
-    mem = result["peak_memory"]
-    table.add_row("peak host RSS (GiB)", f"{mem['host_rss_gib']:.2f}")
-    if mem.get("gpu_allocated_gib") is not None:
-        table.add_row("peak GPU allocated (GiB)", f"{mem['gpu_allocated_gib']:.2f}")
+    for label, value in memory_rows(result["peak_memory"]):
+        table.add_row(label, value)
     return table
+
+
+def memory_rows(mem: dict) -> list[tuple[str, str]]:
+    """Summary rows for the sidecar's `peak_memory`: host RSS of the item (or the process, where the
+    peak cannot be reset), then GPU peak reserved / allocated per stage."""
+    scope = "this item" if str(mem.get("host_rss_scope", "")).startswith("item") else "process"
+    rows = [(f"peak host RSS, {scope} (GiB)", f"{mem['host_rss_gib']:.2f}")]
+    stages = mem.get("stages") or {}
+    for stage, peaks in stages.items():
+        rows.append(
+            (
+                f"GPU {stage}: reserved / allocated (GiB)",
+                f"{peaks['gpu_reserved_gib']:.2f} / {peaks['gpu_allocated_gib']:.2f}",
+            )
+        )
+    if not stages and mem.get("gpu_allocated_gib") is not None:
+        rows.append(("peak GPU allocated (GiB)", f"{mem['gpu_allocated_gib']:.2f}"))
+    return rows
 
 
 def magcache_table(report: dict) -> Table:

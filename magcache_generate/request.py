@@ -55,6 +55,7 @@ class Request:
     crf: int = 10
     sidecar: bool = True
     vae_tiled: bool = False
+    gpu_memory: float | None = None  # --gpu-memory in GiB; None: auto (free device memory minus a margin)
     magcache: MagCacheOptions = field(default_factory=MagCacheOptions)
 
     @property

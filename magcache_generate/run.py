@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,8 +17,10 @@ from rich.console import Console
 
 import wan
 from magcache_generate import __version__
+from magcache_generate.budget import plan_run
 from magcache_generate.magcache.calibration import CalibrationRecorder
 from magcache_generate.magcache.session import CalibrationCollector, build_cache, finish_cache
+from magcache_generate.metering import StageMeter
 from magcache_generate.progress import Reporter, batch_table, magcache_table, summary_table
 from magcache_generate.request import OutOfMemory, Request
 from magcache_generate.video_io import read_image, to_uint8_frames, write_frames_png, write_mp4, write_sidecar
@@ -45,14 +46,15 @@ def resolve_device(name: str) -> torch.device:
 class Components:
     """Models shared by every request of a batch (same task and checkpoint), loaded lazily."""
 
-    def __init__(self, first: Request, reporter: Reporter, *, batch: bool):
+    def __init__(
+        self, first: Request, reporter: Reporter, *, batch: bool, requests: list[Request] | None = None
+    ):
         self.task: TaskConfig = TASKS[first.task]
         self.ckpt = Path(first.ckpt_dir)
         self.device = resolve_device(first.device)
         # --convert-model-dtype: bf16 parameters (upstream regime b). Otherwise float32 parameters, run
         # under bf16 autocast on CUDA (upstream regime a) and in plain float32 on CPU (the goldens' regime).
         self.dtype = torch.bfloat16 if first.convert_model_dtype else torch.float32
-        self.t5_device = torch.device("cpu") if first.t5_cpu else self.device
         self.offload = first.offload_model
         self.reporter = reporter
         paths = (
@@ -64,6 +66,12 @@ class Components:
             }
         )
         self.dit_config = read_transformer_config(next(iter(paths.values())))
+        # The memory plan, from headers and shapes only: an infeasible budget stops here, before loading.
+        self.memory = plan_run(requests or [first], self.dit_config, self.device, batch=batch)
+        if self.memory is not None:
+            reporter.log(self.memory.render())
+        t5_cpu = first.t5_cpu or (self.memory is not None and self.memory.plan.t5_on_cpu)
+        self.t5_device = torch.device("cpu") if t5_cpu else self.device
         self.experts = ExpertPool(
             paths,
             dtype=self.dtype,
@@ -72,6 +80,8 @@ class Components:
             keep_inactive=batch,
             on_load=self._start_loading,
             on_shard=lambda shard: reporter.advance(self._loading_task, detail=shard.name),
+            placement=self.memory.placement() if self.memory is not None else None,
+            on_warning=lambda message: reporter.log(f"[yellow]warning[/]: {message}"),
         )
         self._loading_task = 0
         self._text_encoder = None
@@ -161,10 +171,17 @@ def prepare_latents(
     return noise[None], Conditioning(first_frame=z), (w, h)
 
 
-def peak_memory(device: torch.device) -> dict[str, float | None]:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"host_rss_gib": round(rss, 3), "gpu_allocated_gib": None if gpu is None else round(gpu, 3)}
+def decode_latent(vae, latent: torch.Tensor, tiled: bool, tile_px: int | None) -> torch.Tensor:
+    """The VAE decode, tiled when asked (--vae-tiled) or when the memory plan needs it (its tile size)."""
+    if tile_px is None:
+        return vae.decode(latent, tiled=tiled)[0]
+    return vae.decode(latent, tiled=True, tile_size=max(1, tile_px // vae.stride[1]))[0]
+
+
+def release_cache(cache: Any) -> None:
+    release = getattr(cache, "release", None)
+    if release is not None:
+        release()
 
 
 def package_versions() -> dict[str, str]:
@@ -191,21 +208,22 @@ def generate_one(
     timings: dict[str, float] = {}
     task = components.task
     device = components.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    meter = StageMeter(device)  # synchronised stage times, GPU peaks per stage, host peak of this item
     negative = request.negative_prompt if request.negative_prompt is not None else task.negative_prompt
 
-    start = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(request.base_seed)
-    with reporter.stage("encoding text"):
-        context, context_null = encode_prompts(components, request.prompt, negative)
-    components.park_text_encoder(keep=batch)
-    timings["encode_text"] = time.perf_counter() - start
+    with meter.stage("encode_text"):
+        with reporter.stage("encoding text"):
+            context, context_null = encode_prompts(components, request.prompt, negative)
+        components.park_text_encoder(keep=batch)
+    timings["encode_text"] = meter.seconds["encode_text"]
 
-    start = time.perf_counter()
-    noise, conditioning, (width, height) = prepare_latents(components, request, generator)
+    with meter.stage("encode_image"):
+        noise, conditioning, (width, height) = prepare_latents(components, request, generator)
     if request.image is not None:
-        timings["encode_image"] = time.perf_counter() - start
+        timings["encode_image"] = meter.seconds["encode_image"]
+    else:
+        meter.gpu.pop("encode_image", None)  # only noise was drawn
 
     schedule = make_schedule(request.sample_solver, request.sample_steps, request.sample_shift)
     cache = build_cache(request, schedule, components.dit_config, reporter)
@@ -220,8 +238,7 @@ def generate_one(
         else nullcontext()
     )
     load_before = components.experts.load_seconds
-    start = time.perf_counter()
-    with autocast:
+    with meter.stage("denoise"), autocast:
         latent = sample(
             noise,
             schedule,
@@ -236,14 +253,16 @@ def generate_one(
         )
     expert_load = components.experts.load_seconds - load_before
     timings["load_transformer"] = expert_load
-    timings["denoise"] = time.perf_counter() - start - expert_load
+    timings["denoise"] = meter.seconds["denoise"] - expert_load
 
+    release_cache(cache)  # MagCache's residuals are not needed by the decode: free them first
+    del noise, conditioning
     if components.offload:
         components.experts.offload_all()
-    start = time.perf_counter()
-    with reporter.stage("decoding video"):
-        video = components.vae().decode(latent, tiled=request.vae_tiled)[0]
-    timings["decode"] = time.perf_counter() - start
+    tile_px = components.memory.decode_tile(request) if components.memory is not None else None
+    with meter.stage("decode"), reporter.stage("decoding video"):
+        video = decode_latent(components.vae(), latent, request.vae_tiled, tile_px)
+    timings["decode"] = meter.seconds["decode"]
 
     start = time.perf_counter()
     frames = to_uint8_frames(video.cpu())
@@ -264,11 +283,13 @@ def generate_one(
         "dtype": str(components.dtype).replace("torch.", ""),
         "steps_run": len(schedule),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
-        "peak_memory": peak_memory(device),
+        "peak_memory": meter.peak_memory(),
         "request": _jsonable(dataclasses.asdict(request)),
         "negative_prompt_used": negative,
         "versions": package_versions(),
     }
+    if components.memory is not None:
+        result["memory_plan"] = components.memory.to_json(request)
     magcache_report = finish_cache(cache, request, timings["denoise"])
     if magcache_report is not None:
         result["magcache"] = magcache_report
@@ -324,7 +345,7 @@ def run_requests(requests: list[Request], *, console: Console, debug: bool = Fal
     batch = len(requests) > 1
     results: list[dict[str, Any]] = []
     with Reporter(console) as reporter:
-        components = Components(requests[0], reporter, batch=batch)
+        components = Components(requests[0], reporter, batch=batch, requests=requests)
         calibrate_file = requests[0].magcache.calibrate_file
         calibration = CalibrationCollector(calibrate_file) if calibrate_file is not None else None
         for request in requests:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from magcache_generate.budget import check_gpu_memory
 from magcache_generate.magcache.policy import MODES, MagCacheConfig, MagCacheConfigError
 from magcache_generate.naming import default_save_file
 from magcache_generate.preflight import check_checkpoint_dir, check_image, check_outputs
@@ -78,6 +79,7 @@ class GenerateOptions:
     crf: int = 10
     device: str = "auto"
     vae_tiled: bool = False
+    gpu_memory: str | None = None  # --gpu-memory GB|auto; None: auto
     use_magcache: bool = False
     magcache_thresh: float | None = None
     magcache_k: int | None = None
@@ -135,6 +137,7 @@ def build_request(
             f"--crf {options.crf} is out of range; use 0 (lossless) to {MAX_CRF} (10 is upstream's)"
         )
     seed = _resolve_seed(options.base_seed, rng)
+    gpu_memory = check_gpu_memory(options.gpu_memory, options.device)
     image = check_image(options.image, cfg)
 
     save_file = options.save_file
@@ -175,6 +178,7 @@ def build_request(
         overwrite=options.overwrite,
         crf=options.crf,
         vae_tiled=options.vae_tiled,
+        gpu_memory=gpu_memory,
         magcache=magcache,
     )
     check_outputs(request)

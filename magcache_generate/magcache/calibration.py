@@ -145,6 +145,10 @@ class CalibrationRecorder:
         self._previous[branch] = residual
         return out
 
+    def release(self) -> None:
+        """Free the residuals kept for the next call's ratio (after the last call)."""
+        self._previous = {}
+
     def recording(self) -> CalibrationRecording:
         experts = tuple(self._experts[s] for s in sorted(self._experts))
         if sorted(self._experts) != list(range(len(experts))):

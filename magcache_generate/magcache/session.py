@@ -45,6 +45,10 @@ class TimedCache:
 
         return self.inner.run(h, timed)
 
+    def release(self) -> None:
+        """Free the tensors the cache holds (before the VAE decode)."""
+        self.inner.release()
+
 
 def _sync(t: torch.Tensor) -> None:
     if t.device.type == "cuda":

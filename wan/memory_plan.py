@@ -1,0 +1,440 @@
+"""The memory planner: from task, DiT shape, size, frames, weight dtype and a GPU budget, decide BEFORE
+any weight loads how many DiT blocks stay resident (the rest stream from host memory), whether the
+text encoder runs on the CPU, whether and how the VAE decodes in tiles, and whether the DiT's FFN and
+modulation run in token chunks. Pure arithmetic on shapes: no torch, no I/O.
+
+Every estimate is a formula whose coefficients live in the model dataclasses below (`ActivationModel`,
+`DecodeModel`, `Overheads`), each documented with where its numbers come from, so they can be
+recalibrated in one place. Budgets and estimates are in bytes; GiB (2^30) only when printed.
+
+The planner targets peak RESERVED memory (what the CUDA caching allocator holds), estimated as the
+peak of live tensors (allocated) times a per-stage fragmentation factor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from wan.configs import TaskConfig
+
+GIB = 2**30
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------
+
+
+class TransformerShape(Protocol):
+    """What the planner reads from a DiT config (`wan.modules.transformer.TransformerConfig` fits)."""
+
+    dim: int
+    ffn_dim: int
+    num_layers: int
+    num_heads: int
+    in_dim: int
+    out_dim: int
+    text_dim: int
+    text_len: int
+    freq_dim: int
+    patch_size: tuple[int, int, int]
+
+
+def block_params(dim: int, ffn_dim: int) -> int:
+    """Parameters of one DiT block: two attentions (q, k, v, o with biases, q/k RMS norms),
+    the affine norm3, the 6-row modulation and the two FFN Linears."""
+    attention = 4 * (dim * dim + dim) + 2 * dim
+    return 2 * attention + 2 * dim + 6 * dim + (dim * ffn_dim + ffn_dim) + (ffn_dim * dim + dim)
+
+
+def nonblock_params(cfg: TransformerShape) -> int:
+    """Embeddings, time MLPs and head: the part that always stays resident."""
+    d, patch = cfg.dim, math.prod(cfg.patch_size)
+    patch_embedding = cfg.in_dim * patch * d + d
+    text = cfg.text_dim * d + d + d * d + d
+    time = cfg.freq_dim * d + d + d * d + d + d * 6 * d + 6 * d
+    head = 2 * d + d * patch * cfg.out_dim + patch * cfg.out_dim
+    return patch_embedding + text + time + head
+
+
+@dataclass(frozen=True)
+class MemoryRequest:
+    """One generation as the planner sees it. `budget` is in bytes."""
+
+    task: TaskConfig
+    dit: TransformerShape
+    width: int
+    height: int
+    frames: int
+    budget: int
+    weight_bytes: int = 2  # bytes per DiT parameter: 2 (bf16, --convert-model-dtype) or 4 (float32)
+    offload: bool = True  # --offload-model: one expert (and no T5) on the device at a time
+    t5_cpu: bool = False  # the user asked for the text encoder on the CPU
+    vae_tiled: bool = False  # the user asked for a tiled decode
+    residual_cache: bool = False  # MagCache (or its calibration) keeps block-stack residuals
+    vae_during_denoise: bool = False  # the VAE is already on the device while denoising (image, batch)
+    t5_bytes: int = 0  # umT5 weights (the file's size); 0: the official 11.4 GB
+    vae_bytes: int = 0  # VAE weights; 0: the official float32 size of the task's VAE
+
+    @property
+    def tokens(self) -> int:
+        st, ss = self.task.vae_stride[0], self.task.vae_stride[1]
+        _, ph, pw = self.dit.patch_size
+        return ((self.frames - 1) // st + 1) * (self.height // ss // ph) * (self.width // ss // pw)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(channels, frames, height, width) of the latent video."""
+        st, ss = self.task.vae_stride[0], self.task.vae_stride[1]
+        return (self.dit.out_dim, (self.frames - 1) // st + 1, self.height // ss, self.width // ss)
+
+    @property
+    def experts_on_device(self) -> int:
+        return 2 if self.task.two_experts and not self.offload else 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# The models and their coefficients (the one place to recalibrate)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Live activation bytes of one DiT forward, per token, in multiples of the model width `dim`
+    (and of `ffn_dim` for the FFN hidden state):
+
+        bytes = L*dim*stream + max(L*dim*attention, C*(dim*modulation + ffn_dim*ffn_hidden))
+                + L*dim*4*residual_slots (MagCache) + L*head_dim*rope
+
+    with L the tokens of one forward and C = min(chunk, L) the tokens per FFN/modulation chunk.
+
+    Calibration (earlier H100 run, `../shared/gpu/README.md`, bf16 weights, 4-block forwards, peak
+    allocated minus the weights): 6.35 GiB at 32,760 tokens (A14B 480p), 14.55 GiB at 75,600 (A14B
+    720p), 3.21 GiB at 27,280 (ti2v-5B 704p): 40.6, 40.4 and 41.1 bytes per token per dim. Today's
+    forward peaks inside self-attention (float64/complex128 RoPE copies of q and k), hence
+    stream 8 + attention 33 = 41, and chunking the FFN cannot lower it yet. Once the RoPE/cast diet
+    lands, `benchmarks/activation_peak.py` gives the new attention and FFN figures: set them here.
+    """
+
+    stream: float = 8.0  # the fp32 residual stream and the block-stack input, alive all forward
+    attention: float = 33.0  # one block's attention temporaries (q, k, v, norms, RoPE, output)
+    modulation: float = 12.0  # the FFN half's fp32 norm and modulated input (chunked with the FFN)
+    ffn_hidden: float = 4.0  # per FFN-width element: hidden state and GELU output, bf16
+    rope: float = 8.0  # the RoPE table, per token per head_dim element (complex64 today)
+    residual_slots: int = 2  # MagCache residuals held at once (one per CFG branch), fp32
+
+    def forward_bytes(self, req: MemoryRequest, chunk: int | None) -> int:
+        tokens, dim = req.tokens, req.dit.dim
+        c = tokens if chunk is None else min(chunk, tokens)
+        ffn = c * (dim * self.modulation + req.dit.ffn_dim * self.ffn_hidden)
+        total = tokens * dim * self.stream + max(tokens * dim * self.attention, ffn)
+        total += tokens * (dim // req.dit.num_heads) * self.rope
+        if req.residual_cache:
+            total += tokens * dim * 4 * self.residual_slots
+        if req.weight_bytes == 4:  # bf16 autocast copies of the two largest weights in flight
+            total += 2 * 2 * dim * req.dit.ffn_dim
+        return int(total)
+
+
+@dataclass(frozen=True)
+class DecodeModel:
+    """Live bytes of a VAE decode (float32) from shapes: T frames of H x W pixels out, t latent frames
+    of h x w cells in, tiles of th x tw pixels:
+
+        untiled: 12*T*H*W (the output video) + per_pixel*H*W (the working set of one latent frame's
+                 chunk at full resolution, with every causal conv's 2-frame cache; independent of T)
+        tiled:   max(stem, body) where
+                 stem = features + stem_per_cell*h*w + attention*4*(h*w)^2  (the latent-resolution
+                        stem and its frame-global attention, one latent frame at a time)
+                 body = 12*T*H*W + 4*H*W (output, blend weights) + features + per_pixel*th*tw
+                        + 24*T*th*tw (one tile's output and its weighted copy)
+                 features = 4*stem_channels*t*h*w (the stem output for the whole clip)
+
+    Measured with `benchmarks/decode_memory.py` (exact live tensor bytes at the dispatcher, real
+    widths, on the meta device at full size): per_pixel 17,200 (2.1) and 17,450 (2.2) bytes; the
+    formula is within 4% of the measured peak untiled and with 256 px tiles at 480p/720p/704p.
+    `attention` counts the score matrices of the math-path attention that CPU/meta runs use (fitted
+    conservatively: +20% at 720p with 128 px tiles); CUDA's memory-efficient kernel needs none.
+    """
+
+    per_pixel: float
+    stem_channels: int
+    stem_per_cell: float = 0.0
+    attention: float = 3.0
+
+    def untiled_bytes(self, req: MemoryRequest) -> int:
+        return int(12 * req.frames * req.width * req.height + self.per_pixel * req.width * req.height)
+
+    def tiled_bytes(self, req: MemoryRequest, tile_px: int) -> int:
+        frames, pixels = req.frames, req.width * req.height
+        _, t, h, w = req.latent_shape
+        tile = min(tile_px, req.height) * min(tile_px, req.width)
+        features = 4 * self.stem_channels * t * h * w
+        stem = features + self.stem_per_cell * h * w + self.attention * 4 * (h * w) ** 2
+        body = 12 * frames * pixels + 4 * pixels + features + self.per_pixel * tile + 24 * frames * tile
+        return int(max(stem, body))
+
+
+DECODE_MODELS = {
+    "2.1": DecodeModel(per_pixel=17_200.0, stem_channels=384, stem_per_cell=16 * 384),
+    "2.2": DecodeModel(per_pixel=17_450.0, stem_channels=1024, stem_per_cell=16 * 1024),
+}
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Fixed costs and allocator behaviour.
+
+    `fragmentation`: reserved over allocated per stage. The earlier H100 runs saw about 2% while
+    denoising (33.1 GiB allocated, 36.7 GB in use with the CUDA context) and much more in the VAE
+    decode (22.1 GiB allocated, 29.9 GB in use): its chunk shapes vary, so freed blocks fit badly.
+    `fixed`: cuBLAS/cuDNN workspaces, small tensors, allocator rounding.
+    """
+
+    fixed: int = GIB // 4
+    t5_activations: int = GIB // 2  # one umT5-xxl forward over 512 tokens, with slack
+    fragmentation: dict[str, float] = field(
+        default_factory=lambda: {"text": 0.05, "denoise": 0.05, "decode": 0.25}
+    )
+    t5_default_bytes: int = 11_400_000_000  # models_t5_umt5-xxl-enc-bf16.pth
+    vae_default_bytes: dict[str, int] = field(
+        default_factory=lambda: {"2.1": 126_892_531 * 4, "2.2": 704_688_668 * 4}
+    )
+
+
+ACTIVATIONS = ActivationModel()
+OVERHEADS = Overheads()
+CHUNKS = (16384, 8192, 4096, 2048, 1024)  # FFN/modulation token chunks, tried in this order
+TILE_PIXELS = (512, 384, 256, 192, 128, 64)  # VAE tile edges (pixels), tried in this order
+DEFAULT_TILE_PIXELS = 256  # what --vae-tiled uses when the budget allows (wan.vae's default)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    num_layers: int
+    resident_blocks: int
+    block_bytes: int
+    t5_on_cpu: bool
+    vae_tile_px: int | None  # None: untiled decode
+    activation_chunk: int | None  # tokens per FFN/modulation chunk; None: unchunked
+    estimates: dict[str, int]  # stage -> estimated peak reserved bytes
+    tokens: int
+
+    @property
+    def streamed_blocks(self) -> int:
+        return self.num_layers - self.resident_blocks
+
+    @property
+    def vae_tiled(self) -> bool:
+        return self.vae_tile_px is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "budget_gib": round(self.budget / GIB, 3),
+            "resident_blocks": self.resident_blocks,
+            "streamed_blocks": self.streamed_blocks,
+            "block_gib": round(self.block_bytes / GIB, 4),
+            "t5_on_cpu": self.t5_on_cpu,
+            "vae_tiled": self.vae_tiled,
+            "vae_tile_px": self.vae_tile_px,
+            "activation_chunk": self.activation_chunk,
+            "tokens": self.tokens,
+            "estimated_peak_gib": {k: round(v / GIB, 3) for k, v in self.estimates.items()},
+        }
+
+    def render(self, where: str = "") -> str:
+        """The plan in one short block (three lines)."""
+        head = f"memory plan: budget {self.budget / GIB:.1f} GiB{f' on {where}' if where else ''}"
+        if self.streamed_blocks:
+            dit = (
+                f"DiT {self.resident_blocks} of {self.num_layers} blocks resident, {self.streamed_blocks} "
+                f"streamed from host memory ({self.block_bytes / GIB:.2f} GiB each, 2 device buffers)"
+            )
+        else:
+            dit = f"DiT all {self.num_layers} blocks resident"
+        chunk = f"FFN in {self.activation_chunk}-token chunks" if self.activation_chunk else "FFN unchunked"
+        t5 = "text encoder on CPU" if self.t5_on_cpu else "text encoder on GPU"
+        vae = f"VAE decode tiled ({self.vae_tile_px} px tiles)" if self.vae_tiled else "VAE decode untiled"
+        est = ", ".join(f"{k} {v / GIB:.1f}" for k, v in self.estimates.items())
+        return f"{head}\n  {dit}; {chunk}\n  {t5}; {vae}; estimated peak GiB: {est}"
+
+
+class PlanInfeasibleError(ValueError):
+    """No placement fits; the message names the smallest budget that works, or what fits the budget."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage estimates (allocated bytes, before fragmentation)
+# ----------------------------------------------------------------------------------------------------
+
+
+def block_bytes(req: MemoryRequest) -> int:
+    return block_params(req.dit.dim, req.dit.ffn_dim) * req.weight_bytes
+
+
+def _t5_bytes(req: MemoryRequest) -> int:
+    return req.t5_bytes or OVERHEADS.t5_default_bytes
+
+
+def _vae_bytes(req: MemoryRequest) -> int:
+    return req.vae_bytes or OVERHEADS.vae_default_bytes[req.task.vae_kind]
+
+
+def _latent_bytes(req: MemoryRequest) -> int:
+    """Noise, the latent, both CFG outputs, their combination and the solver's history (float32)."""
+    return 12 * 4 * math.prod(req.latent_shape)
+
+
+def _reserved(stage: str, allocated: int) -> int:
+    return int(allocated * (1 + OVERHEADS.fragmentation[stage])) + OVERHEADS.fixed
+
+
+def text_stage(req: MemoryRequest, t5_on_cpu: bool) -> int:
+    vae = _vae_bytes(req) if req.vae_during_denoise else 0  # a batch keeps the VAE loaded
+    return _reserved("text", vae + (0 if t5_on_cpu else _t5_bytes(req) + OVERHEADS.t5_activations))
+
+
+def denoise_stage(req: MemoryRequest, resident: int, chunk: int | None, t5_on_cpu: bool) -> int:
+    n = req.dit.num_layers
+    weights = nonblock_params(req.dit) * req.weight_bytes + min(resident, n) * block_bytes(req)
+    buffers = min(2, n - resident) * block_bytes(req)
+    context = 2 * req.dit.text_len * (req.dit.text_dim + req.dit.dim) * 4
+    total = req.experts_on_device * (weights + buffers) + context + _latent_bytes(req)
+    total += ACTIVATIONS.forward_bytes(req, chunk)
+    if req.vae_during_denoise:
+        total += _vae_bytes(req)
+    if not req.offload and not t5_on_cpu:
+        total += _t5_bytes(req)  # without offloading the text encoder stays
+    return _reserved("denoise", total)
+
+
+def decode_stage(req: MemoryRequest, tile_px: int | None, resident: int, t5_on_cpu: bool) -> int:
+    model = DECODE_MODELS[req.task.vae_kind]
+    work = model.untiled_bytes(req) if tile_px is None else model.tiled_bytes(req, tile_px)
+    total = _vae_bytes(req) + work + _latent_bytes(req)
+    if not req.offload:  # the DiT (and the text encoder) stay on the device
+        total += req.experts_on_device * (
+            nonblock_params(req.dit) * req.weight_bytes
+            + min(resident + 2, req.dit.num_layers) * block_bytes(req)
+        )
+        total += 0 if t5_on_cpu else _t5_bytes(req)
+    return _reserved("decode", total)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------------------------------
+
+
+def _resident_blocks(req: MemoryRequest, chunk: int | None, t5_on_cpu: bool) -> int | None:
+    """The most resident blocks (per expert) whose denoise stage fits; None if none does."""
+    n = req.dit.num_layers
+    if denoise_stage(req, n, chunk, t5_on_cpu) <= req.budget:
+        return n
+    for resident in range(n - 1, -1, -1):  # few dozen layers: a scan is clearer than algebra
+        if denoise_stage(req, resident, chunk, t5_on_cpu) <= req.budget:
+            return resident
+    return None
+
+
+def _try_plan(req: MemoryRequest) -> MemoryPlan | None:
+    t5_choices = (True,) if req.t5_cpu else (False, True)
+    for t5_on_cpu in t5_choices:
+        if text_stage(req, t5_on_cpu) > req.budget:
+            continue
+        for chunk in (None, *CHUNKS):
+            resident = _resident_blocks(req, chunk, t5_on_cpu)
+            if resident is None:
+                continue
+            if not t5_on_cpu and not req.offload and resident < req.dit.num_layers:
+                break  # a text encoder held all run long must not cost DiT blocks: try it on the CPU
+            tile = _decode_tile(req, resident, t5_on_cpu)
+            if tile is False:
+                break
+            estimates = {
+                "text": text_stage(req, t5_on_cpu),
+                "denoise": denoise_stage(req, resident, chunk, t5_on_cpu),
+                "decode": decode_stage(req, tile, resident, t5_on_cpu),
+            }
+            return MemoryPlan(
+                budget=req.budget,
+                num_layers=req.dit.num_layers,
+                resident_blocks=resident,
+                block_bytes=block_bytes(req),
+                t5_on_cpu=t5_on_cpu,
+                vae_tile_px=tile,
+                activation_chunk=chunk,
+                estimates=estimates,
+                tokens=req.tokens,
+            )
+    return None
+
+
+def _decode_tile(req: MemoryRequest, resident: int, t5_on_cpu: bool) -> int | bool | None:
+    """None (untiled), a tile edge in pixels, or False when no tile fits."""
+    if not req.vae_tiled and decode_stage(req, None, resident, t5_on_cpu) <= req.budget:
+        return None
+    candidates = [p for p in TILE_PIXELS if p <= DEFAULT_TILE_PIXELS] if req.vae_tiled else TILE_PIXELS
+    for tile in candidates:
+        if decode_stage(req, tile, resident, t5_on_cpu) <= req.budget:
+            return tile
+    return False
+
+
+def minimum_budget(req: MemoryRequest) -> int:
+    """The smallest budget (bytes) at which `req` has a plan: everything streamed, smallest chunk and
+    tile, text encoder on the CPU."""
+    lean = max(
+        text_stage(req, True),
+        denoise_stage(req, 0, CHUNKS[-1], True),
+        decode_stage(req, TILE_PIXELS[-1], 0, True),
+    )
+    return math.ceil(lean / (GIB / 10)) * (GIB // 10)  # rounded up to 0.1 GiB
+
+
+def largest_frames(req: MemoryRequest) -> int | None:
+    """The most frames (4n+1, up to the request's) that fit `req.budget` at this size; None if none."""
+    if _try_plan(replace(req, frames=1)) is None:
+        return None
+    lo, hi = 0, (req.frames - 1) // 4  # frames = 4n+1; lo fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _try_plan(replace(req, frames=4 * mid + 1)) is not None:
+            lo = mid
+        else:
+            hi = mid - 1
+    return 4 * lo + 1
+
+
+def fits(req: MemoryRequest) -> bool:
+    """Whether this size, frame count and budget have a plan (for validation limits)."""
+    return _try_plan(req) is not None
+
+
+def plan_memory(req: MemoryRequest, *, budget_source: str = "--gpu-memory") -> MemoryPlan:
+    """The plan for `req`, or PlanInfeasibleError naming the smallest budget that works at this size and
+    the most frames that fit the given budget (or what else would help)."""
+    plan = _try_plan(req)
+    if plan is not None:
+        return plan
+    budget = f"{req.budget / GIB:.1f} GiB"
+    what = f"{req.task.name} at {req.width}*{req.height} with {req.frames} frames"
+    message = (
+        f"{budget_source} ({budget}) is too small: {what} needs at least {minimum_budget(req) / GIB:.1f} GiB"
+    )
+    frames = largest_frames(req)
+    if frames is not None:
+        message += f"; within {budget} use --frame-num {frames} or fewer at this size"
+    elif req.weight_bytes == 4:
+        message += "; --convert-model-dtype (bf16 weights) halves the DiT's share"
+    else:
+        message += "; free GPU memory or use a larger GPU"
+    raise PlanInfeasibleError(message)
