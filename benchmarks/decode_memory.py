@@ -1,4 +1,4 @@
-"""Peak memory of the VAE decode vs the planner's formula (`wan.memory_plan.DECODE_MODELS`).
+"""Peak memory of the VAE decode vs the planner's formula (`wan.memory_plan.VAE_MODELS`).
 
 The peak is counted exactly at the dispatcher (`wan.testing.live_bytes.LiveBytes`: live tensor bytes,
 what CUDA reports as allocated minus rounding and library workspaces), for real-width VAEs:
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wan.configs import TASKS
-from wan.memory_plan import DECODE_MODELS, GIB, MemoryRequest
+from wan.memory_plan import GIB, VAE_MODELS, MemoryRequest
 from wan.modules.transformer import TransformerConfig
 from wan.testing.live_bytes import LiveBytes
 from wan.testing.vae import tiny_vae_state_dict
@@ -51,7 +51,7 @@ def build(kind: str, real: bool) -> WanVAE:
 def formula(kind: str, width: int, height: int, frames: int, tile_px: int | None) -> int:
     dit = TransformerConfig("t2v", 16, 16, 64, 128, 2, 1)  # only patch_size/out_dim matter here
     req = MemoryRequest(TASKS[TASK_OF[kind]], dit, width, height, frames, budget=0)
-    model = DECODE_MODELS[kind]
+    model = VAE_MODELS[kind]
     return model.untiled_bytes(req) if tile_px is None else model.tiled_bytes(req, tile_px)
 
 

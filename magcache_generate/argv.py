@@ -29,6 +29,7 @@ VALUE_OPTIONS = frozenset(
         "--save-frames",
         "--crf",
         "--device",
+        "--gpu-memory",
         "--prompt-file",
         "--magcache-thresh",
         "--magcache-K",

@@ -152,6 +152,7 @@ def memory_request(request: Request, dit_config: Any, budget: int, *, batch: boo
         t5_cpu=request.t5_cpu,
         vae_tiled=request.vae_tiled,
         residual_cache=request.magcache.enabled or request.magcache.calibrate_file is not None,
+        image=request.image is not None,
         vae_during_denoise=batch or request.image is not None,
         t5_bytes=t5.stat().st_size if t5.is_file() else 0,
         vae_bytes=vae.stat().st_size if vae.is_file() else 0,

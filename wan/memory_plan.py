@@ -74,6 +74,7 @@ class MemoryRequest:
     t5_cpu: bool = False  # the user asked for the text encoder on the CPU
     vae_tiled: bool = False  # the user asked for a tiled decode
     residual_cache: bool = False  # MagCache (or its calibration) keeps block-stack residuals
+    image: bool = False  # an input image is VAE-encoded before denoising (i2v: a whole clip)
     vae_during_denoise: bool = False  # the VAE is already on the device while denoising (image, batch)
     t5_bytes: int = 0  # umT5 weights (the file's size); 0: the official 11.4 GB
     vae_bytes: int = 0  # VAE weights; 0: the official float32 size of the task's VAE
@@ -139,7 +140,7 @@ class ActivationModel:
 
 
 @dataclass(frozen=True)
-class DecodeModel:
+class VaeMemoryModel:
     """Live bytes of a VAE decode (float32) from shapes: T frames of H x W pixels out, t latent frames
     of h x w cells in, tiles of th x tw pixels:
 
@@ -157,12 +158,21 @@ class DecodeModel:
     formula is within 4% of the measured peak untiled and with 256 px tiles at 480p/720p/704p.
     `attention` counts the score matrices of the math-path attention that CPU/meta runs use (fitted
     conservatively: +20% at 720p with 128 px tiles); CUDA's memory-efficient kernel needs none.
+
+    The encode (image tasks; there is no tiled encode) is 12*T*H*W (the input clip) +
+    encode_per_pixel*H*W, measured the same way: 13,300 (2.1, independent of T) and 2,144 (2.2, one
+    frame) bytes per pixel.
     """
 
     per_pixel: float
     stem_channels: int
+    encode_per_pixel: float
     stem_per_cell: float = 0.0
     attention: float = 3.0
+
+    def encode_bytes(self, req: MemoryRequest, frames: int) -> int:
+        pixels = req.width * req.height
+        return int(12 * frames * pixels + self.encode_per_pixel * pixels)
 
     def untiled_bytes(self, req: MemoryRequest) -> int:
         return int(12 * req.frames * req.width * req.height + self.per_pixel * req.width * req.height)
@@ -177,9 +187,9 @@ class DecodeModel:
         return int(max(stem, body))
 
 
-DECODE_MODELS = {
-    "2.1": DecodeModel(per_pixel=17_200.0, stem_channels=384, stem_per_cell=16 * 384),
-    "2.2": DecodeModel(per_pixel=17_450.0, stem_channels=1024, stem_per_cell=16 * 1024),
+VAE_MODELS = {
+    "2.1": VaeMemoryModel(17_200.0, stem_channels=384, encode_per_pixel=13_300.0, stem_per_cell=16 * 384),
+    "2.2": VaeMemoryModel(17_450.0, stem_channels=1024, encode_per_pixel=2_144.0, stem_per_cell=16 * 1024),
 }
 
 
@@ -196,7 +206,7 @@ class Overheads:
     fixed: int = GIB // 4
     t5_activations: int = GIB // 2  # one umT5-xxl forward over 512 tokens, with slack
     fragmentation: dict[str, float] = field(
-        default_factory=lambda: {"text": 0.05, "denoise": 0.05, "decode": 0.25}
+        default_factory=lambda: {"text": 0.05, "encode": 0.25, "denoise": 0.05, "decode": 0.25}
     )
     t5_default_bytes: int = 11_400_000_000  # models_t5_umt5-xxl-enc-bf16.pth
     vae_default_bytes: dict[str, int] = field(
@@ -316,16 +326,29 @@ def denoise_stage(req: MemoryRequest, resident: int, chunk: int | None, t5_on_cp
     return _reserved("denoise", total)
 
 
+def _held_besides_vae(req: MemoryRequest, resident: int, t5_on_cpu: bool) -> int:
+    """What stays on the device next to the VAE: without offloading, the DiT and the text encoder."""
+    if req.offload:
+        return 0
+    dit = nonblock_params(req.dit) * req.weight_bytes + min(resident + 2, req.dit.num_layers) * block_bytes(
+        req
+    )
+    return req.experts_on_device * dit + (0 if t5_on_cpu else _t5_bytes(req))
+
+
+def encode_stage(req: MemoryRequest, resident: int, t5_on_cpu: bool) -> int:
+    """The image encode before denoising (0 without an image): i2v encodes a whole clip, ti2v a frame."""
+    if not req.image:
+        return 0
+    frames = req.frames if req.task.image == "required" else 1
+    work = VAE_MODELS[req.task.vae_kind].encode_bytes(req, frames)
+    return _reserved("encode", _vae_bytes(req) + work + _held_besides_vae(req, resident, t5_on_cpu))
+
+
 def decode_stage(req: MemoryRequest, tile_px: int | None, resident: int, t5_on_cpu: bool) -> int:
-    model = DECODE_MODELS[req.task.vae_kind]
+    model = VAE_MODELS[req.task.vae_kind]
     work = model.untiled_bytes(req) if tile_px is None else model.tiled_bytes(req, tile_px)
-    total = _vae_bytes(req) + work + _latent_bytes(req)
-    if not req.offload:  # the DiT (and the text encoder) stay on the device
-        total += req.experts_on_device * (
-            nonblock_params(req.dit) * req.weight_bytes
-            + min(resident + 2, req.dit.num_layers) * block_bytes(req)
-        )
-        total += 0 if t5_on_cpu else _t5_bytes(req)
+    total = _vae_bytes(req) + work + _latent_bytes(req) + _held_besides_vae(req, resident, t5_on_cpu)
     return _reserved("decode", total)
 
 
@@ -346,36 +369,49 @@ def _resident_blocks(req: MemoryRequest, chunk: int | None, t5_on_cpu: bool) -> 
 
 
 def _try_plan(req: MemoryRequest) -> MemoryPlan | None:
-    t5_choices = (True,) if req.t5_cpu else (False, True)
-    for t5_on_cpu in t5_choices:
+    """The first plan that fits, preferring (in this order) the text encoder on the GPU, no FFN
+    chunking, and as many resident blocks as the denoise (and, without offloading, the VAE) allow."""
+    n = req.dit.num_layers
+    for t5_on_cpu in (True,) if req.t5_cpu else (False, True):
         if text_stage(req, t5_on_cpu) > req.budget:
             continue
         for chunk in (None, *CHUNKS):
-            resident = _resident_blocks(req, chunk, t5_on_cpu)
-            if resident is None:
+            top = _resident_blocks(req, chunk, t5_on_cpu)
+            if top is None:
                 continue
-            if not t5_on_cpu and not req.offload and resident < req.dit.num_layers:
+            if not t5_on_cpu and not req.offload and top < n:
                 break  # a text encoder held all run long must not cost DiT blocks: try it on the CPU
-            tile = _decode_tile(req, resident, t5_on_cpu)
-            if tile is False:
-                break
-            estimates = {
-                "text": text_stage(req, t5_on_cpu),
-                "denoise": denoise_stage(req, resident, chunk, t5_on_cpu),
-                "decode": decode_stage(req, tile, resident, t5_on_cpu),
-            }
-            return MemoryPlan(
-                budget=req.budget,
-                num_layers=req.dit.num_layers,
-                resident_blocks=resident,
-                block_bytes=block_bytes(req),
-                t5_on_cpu=t5_on_cpu,
-                vae_tile_px=tile,
-                activation_chunk=chunk,
-                estimates=estimates,
-                tokens=req.tokens,
-            )
+            # without offloading the resident blocks stay through the VAE stages: fewer may be needed
+            for resident in range(top, -1, -1) if not req.offload else (top,):
+                tile = _decode_tile(req, resident, t5_on_cpu)
+                if tile is not False and encode_stage(req, resident, t5_on_cpu) <= req.budget:
+                    return _plan(req, resident, chunk, t5_on_cpu, tile)
+            break  # the chunk does not change the VAE stages
     return None
+
+
+def _plan(
+    req: MemoryRequest, resident: int, chunk: int | None, t5_on_cpu: bool, tile: int | None
+) -> MemoryPlan:
+    estimates = {
+        "text": text_stage(req, t5_on_cpu),
+        "encode": encode_stage(req, resident, t5_on_cpu),
+        "denoise": denoise_stage(req, resident, chunk, t5_on_cpu),
+        "decode": decode_stage(req, tile, resident, t5_on_cpu),
+    }
+    if not req.image:
+        del estimates["encode"]
+    return MemoryPlan(
+        budget=req.budget,
+        num_layers=req.dit.num_layers,
+        resident_blocks=resident,
+        block_bytes=block_bytes(req),
+        t5_on_cpu=t5_on_cpu,
+        vae_tile_px=tile,
+        activation_chunk=chunk,
+        estimates=estimates,
+        tokens=req.tokens,
+    )
 
 
 def _decode_tile(req: MemoryRequest, resident: int, t5_on_cpu: bool) -> int | bool | None:
@@ -394,6 +430,7 @@ def minimum_budget(req: MemoryRequest) -> int:
     tile, text encoder on the CPU."""
     lean = max(
         text_stage(req, True),
+        encode_stage(req, 0, True),
         denoise_stage(req, 0, CHUNKS[-1], True),
         decode_stage(req, TILE_PIXELS[-1], 0, True),
     )
