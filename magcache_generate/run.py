@@ -335,7 +335,9 @@ def out_of_memory(request: Request, err: BaseException) -> OutOfMemory:
         if not used
     ]
     advice = f"add {' '.join(flags)}, or " if flags else ""
-    return OutOfMemory(f"out of memory ({first}); {advice}lower --size or --frame-num")
+    given = "" if request.gpu_memory is None else f" than {request.gpu_memory:g}"
+    budget = f"a smaller --gpu-memory{given} (the memory plan's estimate was short), "
+    return OutOfMemory(f"out of memory ({first}); {advice}{budget}or lower --size or --frame-num")
 
 
 def run_requests(requests: list[Request], *, console: Console, debug: bool = False) -> list[dict[str, Any]]:
