@@ -125,9 +125,14 @@ def resolve_budget(request: Request, device: torch.device) -> tuple[int, str] | 
             return None
         gib = parse_gpu_memory(simulated)
         return int(gib * GIB), f"{SIMULATE_ENV}={simulated} (CPU, fake device split)"
-    if given is not None:
-        return int(given * GIB), f"--gpu-memory {given:g}"
     free, total = torch.cuda.mem_get_info(device)
+    if given is not None:
+        if given * GIB > total:
+            raise UserError(
+                f"--gpu-memory {given:g} is more than {device} has ({total / GIB:.1f} GiB); "
+                "give at most that, or auto"
+            )
+        return int(given * GIB), f"--gpu-memory {given:g}"
     margin = AUTO_MARGIN_FIXED + int(AUTO_MARGIN_FRACTION * total)
     return max(0, free - margin), f"--gpu-memory auto ({free / GIB:.1f} GiB free on {device} minus a margin)"
 

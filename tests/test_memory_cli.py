@@ -135,3 +135,19 @@ def test_streamed_run_through_the_cli_equals_the_resident_run(ckpt, tmp_path, mo
         memory = record["peak_memory"]
         assert memory["host_rss_gib"] > 0 and memory["gpu_allocated_gib"] is None
         assert memory["host_rss_scope"].startswith(("item", "process"))
+
+
+def test_auto_budget_and_a_budget_above_the_card(monkeypatch):
+    from magcache_generate.budget import resolve_budget
+    from magcache_generate.request import Request
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * mp.GIB, 8 * mp.GIB))
+    request = Request(
+        "t2v-A14B", Path(), "x", "832*480", 5, "unipc", 2, 5.0, (1.0, 1.0), 0, Path("x.mp4"), gpu_memory=None
+    )
+    cuda = torch.device("cuda", 0)
+    budget, source = resolve_budget(request, cuda)
+    assert budget == 6 * mp.GIB - (mp.GIB // 2 + int(0.02 * 8 * mp.GIB)) and "auto" in source
+    assert resolve_budget(dataclasses.replace(request, gpu_memory=7.5), cuda)[0] == int(7.5 * mp.GIB)
+    with pytest.raises(UserError, match=r"more than cuda:0 has \(8\.0 GiB\)"):
+        resolve_budget(dataclasses.replace(request, gpu_memory=12.0), cuda)

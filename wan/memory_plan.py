@@ -260,9 +260,9 @@ class MemoryPlan:
             "estimated_peak_gib": {k: round(v / GIB, 3) for k, v in self.estimates.items()},
         }
 
-    def render(self, where: str = "") -> str:
-        """The plan in one short block (three lines)."""
-        head = f"memory plan: budget {self.budget / GIB:.1f} GiB{f' on {where}' if where else ''}"
+    def render(self, source: str = "") -> str:
+        """The plan in one short block (three lines); `source` says where the budget came from."""
+        head = f"memory plan for {self.budget / GIB:.1f} GiB{f' ({source})' if source else ''}:"
         if self.streamed_blocks:
             dit = (
                 f"DiT {self.resident_blocks} of {self.num_layers} blocks resident, {self.streamed_blocks} "
@@ -465,7 +465,8 @@ def plan_memory(req: MemoryRequest, *, budget_source: str = "--gpu-memory") -> M
     budget = f"{req.budget / GIB:.1f} GiB"
     what = f"{req.task.name} at {req.width}*{req.height} with {req.frames} frames"
     message = (
-        f"{budget_source} ({budget}) is too small: {what} needs at least {minimum_budget(req) / GIB:.1f} GiB"
+        f"{budget_source}: {budget} is too small for {what}, which needs at least "
+        f"{minimum_budget(req) / GIB:.1f} GiB"
     )
     frames = largest_frames(req)
     if frames is not None:
