@@ -3,7 +3,8 @@
 - Wall time of a stage is read after synchronising the device at both ends, so queued GPU work is
   charged to the stage that queued it (without it, a CUDA decode looked almost free).
 - GPU: peak allocated AND peak reserved (what the caching allocator holds, what `nvidia-smi` sees
-  minus the CUDA context) per stage, the peak counters being reset when each stage starts.
+  minus the CUDA context) per stage; each stage starts with the allocator's cache emptied and the
+  peak counters reset.
 - Host: peak resident set of THIS item, not of the process: on Linux the kernel's high-water mark is
   reset at the item's start (writing "5" to /proc/self/clear_refs) and read from VmHWM at its end.
   Where that is impossible it falls back to `ru_maxrss` (the process lifetime) and says so.
@@ -74,6 +75,9 @@ class StageMeter:
         cuda = self.device.type == "cuda"
         synchronize(self.device)
         if cuda:
+            # Blocks cached by the previous stage (e.g. the decode's) would count against this one and
+            # fragment it: a stage starts from what is really in use.
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         try:

@@ -154,10 +154,11 @@ class VaeMemoryModel:
                  features = 4*stem_channels*t*h*w (the stem output for the whole clip)
 
     Measured with `benchmarks/decode_memory.py` (exact live tensor bytes at the dispatcher, real
-    widths, on the meta device at full size): per_pixel 17,200 (2.1) and 17,450 (2.2) bytes; the
-    formula is within 4% of the measured peak untiled and with 256 px tiles at 480p/720p/704p.
-    `attention` counts the score matrices of the math-path attention that CPU/meta runs use (fitted
-    conservatively: +20% at 720p with 128 px tiles); CUDA's memory-efficient kernel needs none.
+    widths, on the meta device at full size): per_pixel 17,200 (2.1) and 17,450 (2.2) bytes. Formula
+    vs measured: untiled within 0.1% (480p/720p x81, 704p x121); tiled (128 and 256 px tiles, 8
+    cases) -0.5% to +14%. `attention` counts the score matrices of the math-path attention that
+    CPU/meta runs use (fitted: 2.8); CUDA's memory-efficient kernel needs none, so on CUDA the
+    720p tiled estimate is high by up to ~1.5 GiB.
 
     The encode (image tasks; there is no tiled encode) is 12*T*H*W (the input clip) +
     encode_per_pixel*H*W, measured the same way: 13,300 (2.1, independent of T) and 2,144 (2.2, one
@@ -168,7 +169,7 @@ class VaeMemoryModel:
     stem_channels: int
     encode_per_pixel: float
     stem_per_cell: float = 0.0
-    attention: float = 3.0
+    attention: float = 2.8
 
     def encode_bytes(self, req: MemoryRequest, frames: int) -> int:
         pixels = req.width * req.height
