@@ -7,7 +7,7 @@ import torch
 import wan
 import wan.placement as placement_module
 from wan.experts import ExpertPool
-from wan.placement import FlatLayout, HostBlock, Placement, resident_bytes, streamed_source
+from wan.placement import FlatLayout, Placement, resident_bytes, streamed_source
 from wan.testing.dit import tiny_transformer_config, write_transformer_folder
 
 CPU = torch.device("cpu")
@@ -137,19 +137,27 @@ def test_flat_layout_aligns_every_view(folder):
     assert layout.numel >= sum(p.numel() for p in model.blocks[0].parameters())
 
 
-def test_page_locking_failure_degrades_to_pageable_with_one_warning(monkeypatch):
+def test_page_locking_failure_degrades_to_pageable_with_one_warning(folder, monkeypatch):
+    calls = []
+
     class FailingCudart:
         def cudaHostRegister(self, ptr, size, flags):
+            calls.append(size)
             return 2  # cudaErrorMemoryAllocation
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: FailingCudart())
-    monkeypatch.setattr(placement_module, "_PIN_WARNED", False)
-    layout = FlatLayout(torch.float32, (("w", 0, (4,)),), 64)
+    monkeypatch.setattr(placement_module, "_consume_cuda_error", lambda: None)
     warnings = []
-    blocks = [HostBlock(layout, pin=True, on_warning=warnings.append) for _ in range(3)]
-    assert not any(b.pinned for b in blocks)
+    model = wan.load_transformer(
+        folder, placement=Placement(CPU, resident_blocks=2, pin=True), on_warning=warnings.append
+    )
+    source = streamed_source(model)
+    assert len(calls) == 1 and not any(block.pinned for block in source.host.values())
     assert len(warnings) == 1 and "pageable" in warnings[0]
+    x, t, ctx = inputs(model.config)
+    with torch.inference_mode():
+        assert torch.equal(model(x, t, ctx), load(folder)(x, t, ctx))
 
 
 def test_pool_streams_parks_and_reactivates(tmp_path):

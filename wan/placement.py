@@ -24,12 +24,13 @@ import copy
 import math
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+Warn = Callable[[str], None]
 ALIGN_BYTES = 256  # every parameter view in a flat buffer starts on this boundary (vectorised kernels)
 
 
@@ -48,9 +49,6 @@ class Placement:
 
     def is_streamed(self, index: int) -> bool:
         return self.resident_blocks is not None and index >= self.resident_blocks
-
-    def streams(self, num_layers: int) -> bool:
-        return self.resident_blocks is not None and self.resident_blocks < num_layers
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,35 +94,41 @@ class FlatLayout:
 
 
 class HostBlock:
-    """One streamed block's weights in one flat host tensor, page-locked when asked and possible."""
+    """One streamed block's weights in one flat host tensor, page-locked when asked and possible.
 
-    def __init__(self, layout: FlatLayout, pin: bool, on_warning=None):
+    `pin_error`: None (not attempted: no CUDA, or not asked), 0 (page-locked) or the CUDA error."""
+
+    def __init__(self, layout: FlatLayout, pin: bool):
         self.flat = torch.empty(layout.numel, dtype=layout.dtype)
-        self.pinned = pin and _register_page_locked(self.flat, on_warning)
+        self.pin_error = _page_lock(self.flat) if pin else None
         if self.pinned:
             weakref.finalize(self, _unregister_page_locked, self.flat)
 
+    @property
+    def pinned(self) -> bool:
+        return self.pin_error == 0
 
-_PIN_WARNED = False
 
-
-def _register_page_locked(flat: torch.Tensor, on_warning=None) -> bool:
+def _page_lock(flat: torch.Tensor) -> int | None:
     """Page-lock exactly this tensor's memory (cudaHostRegister): torch's pinned allocator rounds
-    every request up to a power of two (a 0.7 GB A14B block would take 1 GiB)."""
-    global _PIN_WARNED
+    every request up to a power of two (a 0.7 GB A14B block would take 1 GiB). The CUDA error code,
+    0 on success, None without CUDA."""
     if not torch.cuda.is_available():
-        return False
+        return None
     error = int(torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel() * flat.element_size(), 0))
-    if error == 0:
-        return True
-    if not _PIN_WARNED:
-        _PIN_WARNED = True
-        message = (
-            f"could not page-lock host memory for streamed DiT blocks (CUDA error {error}); "
-            "using pageable memory: correct but slower copies"
-        )
-        (on_warning or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(message)
-    return False
+    if error:
+        _consume_cuda_error()
+    return error
+
+
+def _consume_cuda_error() -> None:
+    """A failed runtime call leaves its error recorded for the thread; the next kernel launch check
+    would raise it as if that kernel had failed. Launch one here and swallow what it reports."""
+    try:
+        torch.zeros(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    except Exception:  # the stale error itself, whatever torch wraps it in
+        pass
 
 
 def _unregister_page_locked(flat: torch.Tensor) -> None:
@@ -282,15 +286,25 @@ class WeightSink:
     Only one full copy of the weights ever exists: the streamed blocks' host buffers are that copy.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, placement: Placement, on_warning=None):
+    def __init__(
+        self, model: nn.Module, dtype: torch.dtype, placement: Placement, on_warning: Warn | None = None
+    ):
         self.model, self.dtype, self.placement = model, dtype, placement
         num_layers = len(model.blocks)
         self.layout = FlatLayout.of(model.blocks[0], dtype) if num_layers else None
         self.host: dict[int, HostBlock] = {}
         self._host_views: dict[int, dict[str, torch.Tensor]] = {}
+        pin = placement.pin
         for index in range(num_layers):
             if placement.is_streamed(index):
-                block = HostBlock(self.layout, placement.pin, on_warning)
+                block = HostBlock(self.layout, pin)
+                if block.pin_error:  # warn once, stop trying: every later block stays pageable too
+                    pin = False
+                    _warn(
+                        f"could not page-lock host memory for streamed DiT blocks (CUDA error {block.pin_error}); "
+                        "using pageable memory: correct but slower copies",
+                        on_warning,
+                    )
                 self.host[index] = block
                 self._host_views[index] = self.layout.views(block.flat)
 
@@ -316,6 +330,13 @@ class WeightSink:
             model.block_source = source
             source.acquire()
         return model
+
+
+def _warn(message: str, on_warning: Warn | None) -> None:
+    if on_warning is not None:
+        on_warning(message)
+    else:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _block_key(key: str) -> tuple[int | None, str]:
