@@ -184,7 +184,11 @@ def plan_run(
                 )
             )
         except PlanInfeasibleError as err:
-            where = f"prompt-file item {index + 1}: " if batch else ""
+            where = (
+                f"prompt-file item {index + 1} ({request.size}, {request.frame_num} frames): "
+                if batch
+                else ""
+            )
             raise UserError(f"{where}{err}") from None
     leanest = min(plans, key=lambda p: (p.resident_blocks, p.activation_chunk or math.inf))
     chunks = [p.activation_chunk for p in plans if p.activation_chunk is not None]
