@@ -151,3 +151,24 @@ def test_auto_budget_and_a_budget_above_the_card(monkeypatch):
     assert resolve_budget(dataclasses.replace(request, gpu_memory=7.5), cuda)[0] == int(7.5 * mp.GIB)
     with pytest.raises(UserError, match=r"more than cuda:0 has \(8\.0 GiB\)"):
         resolve_budget(dataclasses.replace(request, gpu_memory=12.0), cuda)
+
+
+def test_magcache_residuals_are_freed_before_the_decode(ckpt, tmp_path, monkeypatch):
+    import magcache_generate.run as run
+
+    events = []
+    release, decode = run.release_cache, run.decode_latent
+
+    def recording_release(cache):
+        release(cache)
+        events.append(("release", len(cache.inner._residuals)))
+
+    def recording_decode(*args, **kwargs):
+        events.append(("decode", None))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(run, "release_cache", recording_release)
+    monkeypatch.setattr(run, "decode_latent", recording_decode)
+    argv = ["--ckpt-dir", str(ckpt), "--save-file", str(tmp_path / "m.mp4"), "--device", "cpu", *BASE]
+    assert run_cli([*argv, "--use-magcache", "--magcache-thresh", "1e-12"]) == 0
+    assert events == [("release", 0), ("decode", None)]
