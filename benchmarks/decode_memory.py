@@ -1,4 +1,4 @@
-"""Peak memory of the VAE decode vs the planner's formula (`wan.memory_plan.VAE_MODELS`).
+"""Peak memory of the VAE decode vs the planner's formula (`wan.memory_costs.VAE_MODELS`).
 
 The peak is counted exactly at the dispatcher (`wan.testing.live_bytes.LiveBytes`: live tensor bytes,
 what CUDA reports as allocated minus rounding and library workspaces), for real-width VAEs:
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wan.configs import TASKS
-from wan.memory_plan import GIB, VAE_MODELS, MemoryRequest
+from wan.memory_costs import GIB, VAE_MODELS, MemoryRequest
 from wan.modules.transformer import TransformerConfig
 from wan.testing.live_bytes import LiveBytes
 from wan.testing.vae import tiny_vae_state_dict

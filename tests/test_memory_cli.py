@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import wan.memory_costs as costs
 import wan.memory_plan as mp
 from magcache_generate import cli
 from magcache_generate.budget import SIMULATE_ENV, parse_gpu_memory
@@ -104,16 +105,18 @@ def streaming_budget(ckpt: Path, resident: int) -> float:
         t5_bytes=(ckpt / task.t5_checkpoint).stat().st_size,
         vae_bytes=(ckpt / task.vae_checkpoint).stat().st_size,
     )
-    return (mp.denoise_stage(req, resident, None, False) + 1000) / mp.GIB
+    return (costs.denoise_stage(req, resident, None, False) + 1000) / mp.GIB
 
 
 def test_streamed_run_through_the_cli_equals_the_resident_run(ckpt, tmp_path, monkeypatch):
     # Planner coefficients scaled so that a tiny model's activations, not its VAE or fixed costs,
     # set the budget: then a budget between two block counts forces streaming.
-    monkeypatch.setattr(mp, "ACTIVATIONS", mp.ActivationModel(stream=20_000.0))
-    monkeypatch.setattr(mp, "OVERHEADS", mp.Overheads(fixed=0, t5_activations=0))
-    vae = {k: dataclasses.replace(v, per_pixel=0.0, encode_per_pixel=0.0) for k, v in mp.VAE_MODELS.items()}
-    monkeypatch.setattr(mp, "VAE_MODELS", vae)
+    monkeypatch.setattr(costs, "ACTIVATIONS", costs.ActivationModel(stream=20_000.0))
+    monkeypatch.setattr(costs, "OVERHEADS", costs.Overheads(fixed=0, t5_activations=0))
+    vae = {
+        k: dataclasses.replace(v, per_pixel=0.0, encode_per_pixel=0.0) for k, v in costs.VAE_MODELS.items()
+    }
+    monkeypatch.setattr(costs, "VAE_MODELS", vae)
 
     def generate(name: str) -> None:
         argv = ["--ckpt-dir", str(ckpt), "--save-file", str(tmp_path / f"{name}.mp4"), "--device", "cpu"]

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import wan.memory_costs as costs
 import wan.memory_plan as mp
 from wan.configs import TASKS
 from wan.memory_plan import GIB, MemoryRequest, PlanInfeasibleError, plan_memory
@@ -36,8 +37,8 @@ def test_parameter_counts_match_the_model(cfg):
         model = WanTransformer(small)
     block = sum(p.numel() for p in model.blocks[0].parameters())
     total = sum(p.numel() for p in model.parameters())
-    assert mp.block_params(cfg.dim, cfg.ffn_dim) == block
-    assert mp.nonblock_params(cfg) == total - 2 * block
+    assert costs.block_params(cfg.dim, cfg.ffn_dim) == block
+    assert costs.nonblock_params(cfg) == total - 2 * block
 
 
 def test_the_planner_does_not_import_torch():
@@ -121,12 +122,12 @@ def test_magcache_residuals_cost_memory():
 def test_the_ffn_is_chunked_only_when_that_is_what_makes_it_fit(monkeypatch):
     # coefficients where the FFN half dominates (as after the activation diet)
     monkeypatch.setattr(
-        mp, "ACTIVATIONS", mp.ActivationModel(attention=10.0, modulation=12.0, ffn_hidden=8.0)
+        costs, "ACTIVATIONS", costs.ActivationModel(attention=10.0, modulation=12.0, ffn_hidden=8.0)
     )
     roomy = plan_memory(request(size=(1280, 720), gib=30))
     assert roomy.activation_chunk is None
     req = request(size=(1280, 720), gib=30)
-    unchunked_floor = mp.denoise_stage(req, 0, None, True)
+    unchunked_floor = costs.denoise_stage(req, 0, None, True)
     tight = plan_memory(dataclasses.replace(req, budget=unchunked_floor - GIB))
     assert tight.activation_chunk is not None and tight.resident_blocks >= 0
     assert tight.estimates["denoise"] <= tight.budget
@@ -138,7 +139,7 @@ def test_image_tasks_plan_the_encode():
     t2v = plan_memory(request(gib=40))
     assert "encode" not in t2v.estimates
     req = request("i2v-A14B", I2V, (1280, 720), gib=12, image=True)
-    assert mp.encode_stage(req, 0, True) > req.budget  # no tiled encode exists
+    assert costs.encode_stage(req, 0, True) > req.budget  # no tiled encode exists
     with pytest.raises(PlanInfeasibleError):
         plan_memory(req)
 
@@ -184,7 +185,7 @@ def test_decode_formula_matches_the_measured_peak(kind, task, size, frames, tile
     )
     measured = live_peak(decode)
     req = request(task, TI2V if kind == "2.2" else A14B, size, frames)
-    model = mp.VAE_MODELS[kind]
+    model = costs.VAE_MODELS[kind]
     predicted = model.untiled_bytes(req) if tile is None else model.tiled_bytes(req, tile)
     assert measured * 0.95 <= predicted <= measured * 1.25
 
@@ -194,5 +195,5 @@ def test_encode_formula_matches_the_measured_peak():
     video = torch.empty(1, 3, 9, 256, 512, device="meta")
     measured = live_peak(lambda: vae.model.encode(video)) + video.numel() * 4  # the input clip counts too
     req = request("i2v-A14B", I2V, (512, 256), 9, image=True)
-    predicted = mp.VAE_MODELS["2.1"].encode_bytes(req, 9)
+    predicted = costs.VAE_MODELS["2.1"].encode_bytes(req, 9)
     assert measured * 0.95 <= predicted <= measured * 1.1
