@@ -33,6 +33,7 @@ VALUE_OPTIONS = frozenset(
         "--save-frames",
         "--crf",
         "--device",
+        "--gpu-memory",
         "--prompt-file",
         "--magcache-thresh",
         "--magcache-K",

@@ -179,6 +179,14 @@ def generate(
             help="torch.compile the transformer block (once per video size; its time is reported apart).",
         ),
     ] = False,
+    gpu_memory: Annotated[
+        str | None,
+        InMemory(
+            help="GPU memory budget in GB (GiB), or auto: plans resident/streamed DiT blocks, text encoder "
+            "placement, VAE tiling and FFN chunking to fit it",
+            show_default="auto: free memory minus a margin",
+        ),
+    ] = None,
     save_file: Annotated[
         Path | None, InOutput(help="Output video", show_default="upstream's name pattern, shell-safe")
     ] = None,

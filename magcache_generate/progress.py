@@ -135,10 +135,7 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
     if calls:
         only = " (cond only: guide scale 1)" if not calls.get("uncond") else ""
         rows.append(("DiT calls", f"{sum(calls.values())}{only}"))
-    mem = result["peak_memory"]
-    rows.append(("peak host RSS (GiB)", f"{mem['host_rss_gib']:.2f}"))
-    if mem.get("gpu_allocated_gib") is not None:
-        rows.append(("peak GPU allocated (GiB)", f"{mem['gpu_allocated_gib']:.2f}"))
+    rows += memory_rows(result["peak_memory"])
     if result.get("attention"):
         attention = result["attention"]
         rows.append(("attention", f"{attention['actual']} (asked: {attention['requested']})"))
@@ -153,6 +150,24 @@ def summary_table(result: dict, console: Console | None = None) -> Table:
     for label, value in summary_rows(result):
         table.add_row(label, value)
     return table
+
+
+def memory_rows(mem: dict) -> list[tuple[str, str]]:
+    """Summary rows for the sidecar's `peak_memory`: host RSS of the item (or the process, where the
+    peak cannot be reset), then GPU peak reserved / allocated per stage."""
+    scope = "this item" if str(mem.get("host_rss_scope", "")).startswith("item") else "process"
+    rows = [(f"peak host RSS, {scope} (GiB)", f"{mem['host_rss_gib']:.2f}")]
+    stages = mem.get("stages") or {}
+    for stage, peaks in stages.items():
+        rows.append(
+            (
+                f"GPU {stage}: reserved / allocated (GiB)",
+                f"{peaks['gpu_reserved_gib']:.2f} / {peaks['gpu_allocated_gib']:.2f}",
+            )
+        )
+    if not stages and mem.get("gpu_allocated_gib") is not None:
+        rows.append(("peak GPU allocated (GiB)", f"{mem['gpu_allocated_gib']:.2f}"))
+    return rows
 
 
 def magcache_table(report: dict, console: Console | None = None) -> Table:

@@ -11,12 +11,13 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from magcache_generate.magcache.session import TimedCache
 from magcache_generate.magcache.verify import synchronize
+from magcache_generate.metering import StageMeter
 from magcache_generate.progress import Reporter
 from magcache_generate.request import Request
 from magcache_generate.video_io import to_uint8_frames, write_frames_png, write_mp4
@@ -65,6 +66,19 @@ class _MeteredExperts:
         return model
 
 
+def decode_latent(vae, latent: torch.Tensor, tiled: bool, tile_px: int | None) -> torch.Tensor:
+    """The VAE decode, tiled when asked (--vae-tiled) or when the memory plan needs it (its tile size)."""
+    if tile_px is None:
+        return vae.decode(latent, tiled=tiled)[0]
+    return vae.decode(latent, tiled=True, tile_size=max(1, tile_px // vae.stride[1]))[0]
+
+
+def release_cache(cache: Any) -> None:
+    release = getattr(cache, "release", None)
+    if release is not None:
+        release()
+
+
 def autocast_for(components: Components) -> AbstractContextManager:
     """bf16 autocast for float32 parameters on CUDA (upstream's default regime); nothing otherwise."""
     if components.device.type == "cuda" and components.dtype == torch.float32:
@@ -79,11 +93,15 @@ def render_video(
     inputs: SamplingInputs,
     cache: TimedCache | None,
     *,
+    meter: StageMeter,
     save_file: Path,
     save_frames: Path | None,
     label: str = "denoising",
+    stage_prefix: str = "",
 ) -> Rendered:
-    """Denoise, decode and write one video; the denoising time is device-synchronised, loads excluded."""
+    """Denoise, decode and write one video. The stage times come from `meter` (device-synchronised, with
+    per-stage GPU peaks under `stage_prefix` + denoise/decode); expert loads and compiling are excluded
+    from the denoising time."""
     timings: dict[str, float] = {}
     task, device = components.task, components.device
     denoise = reporter.task(label, total=len(inputs.schedule))
@@ -96,9 +114,9 @@ def render_video(
 
     experts = _MeteredExperts(components.dit_runtime.models(components.experts), device)
     compile_before = components.dit_runtime.compile_seconds
-    synchronize(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    with autocast_for(components):
+    denoise_stage = f"{stage_prefix}denoise"
+    with meter.stage(denoise_stage), autocast_for(components):
+        cpu_start = time.process_time()
         latent = sample(
             inputs.noise,
             inputs.schedule,
@@ -111,20 +129,21 @@ def render_video(
             cache=cache,
             on_step=on_step,
         )
-    synchronize(device)
-    denoise_cpu_s = time.process_time() - cpu_start - experts.cpu_seconds
+        denoise_cpu_s = time.process_time() - cpu_start - experts.cpu_seconds
     compile_s = components.dit_runtime.compile_seconds - compile_before
     timings["load_transformer"] = experts.seconds
     if request.compile:
         timings["compile"] = compile_s
-    timings["denoise"] = time.perf_counter() - start - experts.seconds - compile_s
+    timings["denoise"] = meter.seconds[denoise_stage] - experts.seconds - compile_s
 
+    release_cache(cache)  # MagCache's residuals are not needed by the decode: free them first
     if components.offload:
         components.experts.offload_all()
-    start = time.perf_counter()
-    with reporter.stage("decoding video"):
-        video = components.vae().decode(latent, tiled=request.vae_tiled)[0]
-    timings["decode"] = time.perf_counter() - start
+    tile_px = components.memory.decode_tile(request) if components.memory is not None else None
+    decode_stage = f"{stage_prefix}decode"
+    with meter.stage(decode_stage), reporter.stage("decoding video"):
+        video = decode_latent(components.vae(), latent, request.vae_tiled, tile_px)
+    timings["decode"] = meter.seconds[decode_stage]
 
     start = time.perf_counter()
     frames = to_uint8_frames(video.cpu())

@@ -71,6 +71,7 @@ class Request:
     vae_tiled: bool = False
     attention: str = "auto"  # attention kernel (wan.attention_backends.BACKENDS)
     compile: bool = False  # torch.compile the DiT block
+    gpu_memory: float | None = None  # --gpu-memory in GiB; None: auto (free device memory minus a margin)
     magcache: MagCacheOptions = field(default_factory=MagCacheOptions)
     loras: tuple[LoraChoice, ...] = ()  # merged into the experts' weights at load time
     distilled: str | None = None  # the step-distillation recipe whose defaults were applied ("lightning")

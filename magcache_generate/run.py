@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,13 @@ from rich.markup import escape
 
 import wan
 from magcache_generate import __version__
+from magcache_generate.budget import plan_run
 from magcache_generate.dit_runtime import DitRuntime
 from magcache_generate.loras import expert_specs, lora_records
 from magcache_generate.magcache.calibration import CalibrationRecorder
 from magcache_generate.magcache.session import CalibrationCollector, build_cache, finish_cache
 from magcache_generate.magcache.verify import verify_report, warm_up
+from magcache_generate.metering import StageMeter
 from magcache_generate.progress import Reporter, print_result
 from magcache_generate.render import Rendered, SamplingInputs, autocast_for, render_video
 from magcache_generate.request import OutOfMemory, Request
@@ -48,14 +49,15 @@ def resolve_device(name: str) -> torch.device:
 class Components:
     """Models shared by every request of a batch (same task and checkpoint), loaded lazily."""
 
-    def __init__(self, first: Request, reporter: Reporter, *, batch: bool):
+    def __init__(
+        self, first: Request, reporter: Reporter, *, batch: bool, requests: list[Request] | None = None
+    ):
         self.task: TaskConfig = TASKS[first.task]
         self.ckpt = Path(first.ckpt_dir)
         self.device = resolve_device(first.device)
         # --convert-model-dtype: bf16 parameters (upstream regime b). Otherwise float32 parameters, run
         # under bf16 autocast on CUDA (upstream regime a) and in plain float32 on CPU (the goldens' regime).
         self.dtype = torch.bfloat16 if first.convert_model_dtype else torch.float32
-        self.t5_device = torch.device("cpu") if first.t5_cpu else self.device
         self.offload = first.offload_model
         self.reporter = reporter
         self.dit_runtime = DitRuntime.for_request(first, self.device)  # --attention, --compile
@@ -68,6 +70,12 @@ class Components:
             }
         )
         self.dit_config = read_transformer_config(next(iter(paths.values())))
+        # The memory plan, from headers and shapes only: an infeasible budget stops here, before loading.
+        self.memory = plan_run(requests or [first], self.dit_config, self.device, batch=batch)
+        if self.memory is not None:
+            reporter.log(self.memory.render())
+        t5_cpu = first.t5_cpu or (self.memory is not None and self.memory.plan.t5_on_cpu)
+        self.t5_device = torch.device("cpu") if t5_cpu else self.device
         self.experts = ExpertPool(
             paths,
             dtype=self.dtype,
@@ -77,6 +85,8 @@ class Components:
             on_load=self._start_loading,
             on_shard=lambda shard: reporter.advance(self._loading_task, detail=shard.name),
             loras=expert_specs(first.loras, list(paths)),  # merged as each expert loads
+            placement=self.memory.placement() if self.memory is not None else None,
+            on_warning=lambda message: reporter.log(f"[yellow]warning[/]: {message}"),
         )
         self._loading_task = 0
         self._text_encoder = None
@@ -166,12 +176,6 @@ def prepare_latents(
     return noise[None], Conditioning(first_frame=z), (w, h)
 
 
-def peak_memory(device: torch.device) -> dict[str, float | None]:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"host_rss_gib": round(rss, 3), "gpu_allocated_gib": None if gpu is None else round(gpu, 3)}
-
-
 def package_versions() -> dict[str, str]:
     import transformers
 
@@ -196,21 +200,22 @@ def generate_one(
     timings: dict[str, float] = {}
     task = components.task
     device = components.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    meter = StageMeter(device)  # synchronised stage times, GPU peaks per stage, host peak of this item
     negative = request.negative_prompt if request.negative_prompt is not None else task.negative_prompt
 
-    start = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(request.base_seed)
-    with reporter.stage("encoding text"):
-        context, context_null = encode_prompts(components, request.prompt, negative)
-    components.park_text_encoder(keep=batch)
-    timings["encode_text"] = time.perf_counter() - start
+    with meter.stage("encode_text"):
+        with reporter.stage("encoding text"):
+            context, context_null = encode_prompts(components, request.prompt, negative)
+        components.park_text_encoder(keep=batch)
+    timings["encode_text"] = meter.seconds["encode_text"]
 
-    start = time.perf_counter()
-    noise, conditioning, (width, height) = prepare_latents(components, request, generator)
+    with meter.stage("encode_image"):
+        noise, conditioning, (width, height) = prepare_latents(components, request, generator)
     if request.image is not None:
-        timings["encode_image"] = time.perf_counter() - start
+        timings["encode_image"] = meter.seconds["encode_image"]
+    else:
+        meter.gpu.pop("encode_image", None)  # only noise was drawn
 
     schedule = make_schedule(request.sample_solver, request.sample_steps, request.sample_shift)
     inputs = SamplingInputs(noise, schedule, context, context_null, conditioning)
@@ -235,6 +240,8 @@ def generate_one(
             reporter,
             inputs,
             None,
+            meter=meter,
+            stage_prefix="verify_dense_",
             save_file=request.dense_save_file,
             save_frames=None,
             label="denoising (dense reference)",
@@ -247,6 +254,7 @@ def generate_one(
         reporter,
         inputs,
         cache,
+        meter=meter,
         save_file=request.save_file,
         save_frames=request.save_frames,
     )
@@ -263,7 +271,7 @@ def generate_one(
         "dtype": str(components.dtype).replace("torch.", ""),
         "steps_run": len(schedule),
         "timings_s": {},
-        "peak_memory": peak_memory(device),
+        "peak_memory": meter.peak_memory(),
         "sampling": sampling_record(request, schedule, rendered.dit_calls),
         "loras": lora_records(request.loras, task),
         "attention": components.dit_runtime.report(),
@@ -272,6 +280,8 @@ def generate_one(
         "negative_prompt_used": negative,
         "versions": package_versions(),
     }
+    if components.memory is not None:
+        result["memory_plan"] = components.memory.to_json(request)
     magcache_report = finish_cache(cache, request, timings["denoise"])
     if magcache_report is not None:
         if dense is not None:
@@ -349,7 +359,9 @@ def out_of_memory(request: Request, err: BaseException) -> OutOfMemory:
         if not used
     ]
     advice = f"add {' '.join(flags)}, or " if flags else ""
-    return OutOfMemory(f"out of memory ({first}); {advice}lower --size or --frame-num")
+    given = "" if request.gpu_memory is None else f" than {request.gpu_memory:g}"
+    budget = f"a smaller --gpu-memory{given} (the memory plan's estimate was short), "
+    return OutOfMemory(f"out of memory ({first}); {advice}{budget}or lower --size or --frame-num")
 
 
 def run_requests(
@@ -364,7 +376,7 @@ def run_requests(
     with Reporter(console) as reporter:
         # --magcache-verify returns to the first expert for its second run: keep parked experts, as a batch
         verify = any(r.magcache.verify for r in requests)
-        components = Components(requests[0], reporter, batch=batch or verify)
+        components = Components(requests[0], reporter, batch=batch or verify, requests=requests)
         calibrate_file = requests[0].magcache.calibrate_file
         calibration = CalibrationCollector(calibrate_file) if calibrate_file is not None else None
         for request in requests:

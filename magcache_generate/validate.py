@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from magcache_generate.budget import check_gpu_memory
 from magcache_generate.distilled import apply_distilled, recipe_name
 from magcache_generate.loras import resolve_loras
 from magcache_generate.magcache.policy import MODES, MagCacheConfig, MagCacheConfigError
@@ -88,6 +89,7 @@ class GenerateOptions:
     vae_tiled: bool = False
     attention: str = "auto"
     compile: bool = False
+    gpu_memory: str | None = None  # --gpu-memory GB|auto; None: auto
     use_magcache: bool = False
     magcache_thresh: float | None = None
     magcache_k: int | None = None
@@ -154,6 +156,7 @@ def build_request(
             f"--crf {options.crf} is out of range; use 0 (lossless) to {MAX_CRF} (10 is upstream's)"
         )
     seed = _resolve_seed(options.base_seed, rng)
+    gpu_memory = check_gpu_memory(options.gpu_memory, options.device)
     image = check_image(options.image, cfg)
     check_attention(options.attention, None if options.device == "auto" else options.device.split(":")[0])
 
@@ -197,6 +200,7 @@ def build_request(
         vae_tiled=options.vae_tiled,
         attention=options.attention,
         compile=options.compile,
+        gpu_memory=gpu_memory,
         magcache=magcache,
         loras=resolve_loras(cfg, options.lora, options.lora_high, options.lora_low, options.lora_dir),
         distilled=recipe_name(options),

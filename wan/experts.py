@@ -1,9 +1,12 @@
 """Lazy, device-aware holder of the DiT experts (upstream `_prepare_model_for_timestep`).
 
-- An expert is loaded on first use, straight to the run device in the run dtype (no float32 detour).
-- With `offload`, only the active expert stays on the accelerator: the other one moves to host RAM,
-  or is freed when it will not be needed again (`keep_inactive=False`: one video per process, where
-  the loop never returns to the high-noise expert), so two A14B experts never sit in host RAM together.
+- An expert is loaded on first use, straight to its places in the run dtype (no float32 detour):
+  the `Placement` (from the memory plan) says which blocks stay on the device and which stream
+  from host memory; those land directly in their host buffers, the only host copy.
+- With `offload`, only the active expert stays on the accelerator: the other one moves to host RAM
+  (batch runs, which come back to it) only if the host has room for it, else it is freed and
+  reloaded when needed; for one video per process (`keep_inactive=False`) it is always freed, since
+  the loop never returns to the high-noise expert. So two A14B experts never fill host RAM.
 - Without `offload` both stay on the device once loaded (fastest when they fit: 2 x 28.6 GB in bf16).
 - There is never more than one copy of a model.
 - Each expert's LoRAs (`loras[expert]`) are merged into its weights as they load (`wan.lora`).
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +24,20 @@ from torch import nn
 
 from wan.loading import load_transformer
 from wan.lora import LoraSpec, build_merge, expert_label
+from wan.placement import Placement, device_of, move_resident, resident_bytes, streamed_source
+
+HOST_HEADROOM = 4 * 2**30  # host RAM left free after parking an expert (the OS, the VAE, frames)
+
+
+def available_host_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in open("/proc/meminfo").read().splitlines():  # noqa: SIM115 - a tiny procfs read
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class ExpertPool:
@@ -34,15 +52,21 @@ class ExpertPool:
         on_load: Callable[[str, Path], None] | None = None,
         on_shard: Callable[[Path], None] | None = None,
         loras: Mapping[str, Sequence[LoraSpec]] | None = None,
+        placement: Placement | None = None,
+        host_available: Callable[[], int | None] = available_host_memory,
+        on_warning: Callable[[str], None] | None = None,
     ):
         self.paths = paths
         self.loras = dict(loras or {})
         self.dtype, self.device = dtype, device
         self.offload, self.keep_inactive = offload, keep_inactive
-        self.on_load, self.on_shard = on_load, on_shard
+        self.on_load, self.on_shard, self.on_warning = on_load, on_shard, on_warning
+        self.placement = placement or Placement(device)
+        self.host_available = host_available
         self.models: dict[str, nn.Module] = {}
         self.active: str | None = None
         self.load_seconds = 0.0
+        self._expert_bytes = 0  # host + device bytes of one loaded expert (the largest seen)
 
     def activate(self, expert: str) -> nn.Module:
         if expert not in self.paths:
@@ -54,8 +78,6 @@ class ExpertPool:
         if model is None:
             if self.on_load:
                 self.on_load(expert, self.paths[expert])
-            import time
-
             start = time.perf_counter()
             merge = build_merge(
                 self.paths[expert], self.loras.get(expert, ()), device=self.device, where=expert_label(expert)
@@ -63,29 +85,51 @@ class ExpertPool:
             model = load_transformer(
                 self.paths[expert],
                 dtype=self.dtype,
-                device=self.device,
                 on_shard=self.on_shard,
+                placement=self.placement,
+                on_warning=self.on_warning,
                 transform=merge,
             )
             if merge is not None:
                 merge.finish()
             self.load_seconds += time.perf_counter() - start
             self.models[expert] = model
-        elif _device_of(model) != self.device:
-            model.to(self.device)
+            size = sum(p.numel() * p.element_size() for p in model.parameters())
+            self._expert_bytes = max(self._expert_bytes, size)
+        elif device_of(model) != self.device:
+            move_resident(model, self.device)
         return model
 
     def _park(self, expert: str) -> None:
         model = self.models.get(expert)
         if model is None:
             return
-        if self.keep_inactive:
-            model.to("cpu")  # a no-op for CPU runs
+        if self.keep_inactive and self._host_has_room(model):
+            move_resident(model, torch.device("cpu"))  # a no-op for CPU runs
         else:
+            _drop_streaming(model)
             del self.models[expert]
             del model
             gc.collect()
         _empty_cache(self.device)
+
+    def _host_has_room(self, model: nn.Module) -> bool:
+        """Whether parking `model`'s device part in host RAM leaves room for loading the other expert."""
+        if self.device.type == "cpu":
+            return True  # nothing moves
+        free = self.host_available()
+        if free is None:
+            return True
+        pending = 0 if len(self.models) == len(self.paths) else self._expert_bytes  # a load still to come
+        need = resident_bytes(model) + pending + HOST_HEADROOM
+        if free >= need:
+            return True
+        if self.on_warning:
+            self.on_warning(
+                f"not keeping the idle DiT expert in host RAM ({need / 2**30:.1f} GiB needed, "
+                f"{free / 2**30:.1f} GiB free): it will be reloaded when needed"
+            )
+        return False
 
     def offload_all(self) -> None:
         """Before the VAE decode: experts leave the accelerator (upstream offload_model)."""
@@ -94,14 +138,19 @@ class ExpertPool:
         self.active = None
 
     def release(self) -> None:
+        for model in self.models.values():
+            _drop_streaming(model)
         self.models.clear()
         self.active = None
         gc.collect()
         _empty_cache(self.device)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def _drop_streaming(model: nn.Module) -> None:
+    """Before a streamed model is freed: no copy may still read its host buffers."""
+    source = streamed_source(model)
+    if source is not None:
+        source.release()
 
 
 def _empty_cache(device: torch.device) -> None:

@@ -153,6 +153,10 @@ class CalibrationRecorder:
         self._previous[branch] = residual
         return out
 
+    def release(self) -> None:
+        """Free the residuals kept for the next call's ratio (after the last call)."""
+        self._previous = {}
+
     def recording(self) -> CalibrationRecording:
         """The samples so far; the only place the statistics leave the device (one transfer)."""
         experts = tuple(self._experts[s] for s in sorted(self._experts))

@@ -96,6 +96,10 @@ class ResidualCache:
         self._done[(call.step, call.branch)] = False
         return h + residual
 
+    def release(self) -> None:
+        """Free the stored residuals (after the last call; the report keeps working)."""
+        self._residuals = {}
+
     def report(self) -> dict[str, dict[str, dict[str, int]]]:
         """Calls that ran so far: report[expert][branch] = {"computed": n, "skipped": m}."""
         out: dict[str, dict[str, dict[str, int]]] = {}

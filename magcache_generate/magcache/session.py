@@ -69,6 +69,10 @@ class TimedCache:
         cuda = [start.elapsed_time(end) / 1000 for start, end in self._cuda_events]
         return self._cpu_seconds + cuda
 
+    def release(self) -> None:
+        """Free the tensors the cache holds (before the VAE decode)."""
+        self.inner.release()
+
 
 @dataclass
 class CalibrationCollector:

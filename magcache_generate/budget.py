@@ -1,0 +1,200 @@
+"""`--gpu-memory GB|auto`: the GPU memory budget of a run, and the memory plan built from it before any
+weight loads (`wan.memory_plan` does the arithmetic; this module feeds it a run's facts).
+
+`parse_gpu_memory` is torch-free (the CLI checks the flag before importing torch); `plan_run` needs
+the device and the DiT config read off the checkpoint headers.
+
+GB here means GiB (2^30 bytes), as nvidia-smi and torch count. `auto` is the device's free memory
+minus a margin. A CPU run takes no budget; setting MAGCACHE_SIMULATE_GPU_GIB (GiB) makes a CPU run
+plan as if it had a GPU of that budget and stream blocks through the fake device split (for testing
+the streaming path end to end without a GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from magcache_generate.request import Request, UserError
+from wan.configs import SIZES, TASKS
+
+if TYPE_CHECKING:
+    import torch
+
+    from wan.memory_plan import MemoryPlan, MemoryRequest
+    from wan.placement import Placement
+
+GIB = 2**30
+SIMULATE_ENV = "MAGCACHE_SIMULATE_GPU_GIB"
+AUTO_MARGIN_FIXED = GIB // 2  # auto budget = free - (0.5 GiB + 2% of the card)
+AUTO_MARGIN_FRACTION = 0.02
+_NUMBER = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:gib|gb|g)?\s*", re.IGNORECASE)
+
+
+def parse_gpu_memory(value: str | float | None) -> float | None:
+    """`--gpu-memory`: None or "auto" -> None (automatic); "8", "8GB", "7.5GiB" -> GiB as a float."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        text = repr(value)
+    else:
+        text = value
+        if text.strip().lower() == "auto":
+            return None
+    match = _NUMBER.fullmatch(text)
+    number = float(match.group(1)) if match else math.nan
+    if not math.isfinite(number) or number <= 0:
+        raise UserError(
+            f"--gpu-memory {value!r} is not a budget; give GiB as a number > 0 (e.g. 8 or 7.5), or auto"
+        )
+    return number
+
+
+def check_gpu_memory(value: str | float | None, device: str) -> float | None:
+    """The parsed budget; a budget on a --device cpu run is refused (a CPU run has no GPU to plan)."""
+    budget = parse_gpu_memory(value)
+    if budget is not None and device == "cpu":
+        raise UserError(f"--gpu-memory {value} applies to GPU runs, and --device is cpu; drop --gpu-memory")
+    return budget
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan of a run
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunMemory:
+    """The memory plan of a run (all its requests) and where its budget came from."""
+
+    plan: MemoryPlan
+    source: str  # "--gpu-memory 8" | "--gpu-memory auto (...)" | the CPU simulation
+    device: torch.device
+    dit_config: Any
+    batch: bool
+
+    def placement(self) -> Placement:
+        from wan.placement import Placement
+
+        plan = self.plan
+        return Placement(
+            self.device,
+            resident_blocks=plan.resident_blocks if plan.streamed_blocks else None,
+            pin=self.device.type == "cuda",
+            activation_chunk=plan.activation_chunk,
+        )
+
+    def decode_tile(self, request: Request) -> int | None:
+        """This request's VAE tile edge in pixels (None: untiled), planned for its own size."""
+        from wan.memory_plan import plan_memory
+
+        req = memory_request(request, self.dit_config, self.plan.budget, batch=self.batch)
+        return plan_memory(req, budget_source=self.source).vae_tile_px
+
+    def to_json(self, request: Request) -> dict[str, Any]:
+        tile = self.decode_tile(request)
+        return {
+            **self.plan.to_json(),
+            "vae_tiled": tile is not None,
+            "vae_tile_px": tile,
+            "budget_source": self.source,
+            "device": str(self.device),
+        }
+
+    def render(self) -> str:
+        return self.plan.render(self.source)
+
+
+def resolve_budget(request: Request, device: torch.device) -> tuple[int, str] | None:
+    """(budget bytes, where it came from), or None when no plan applies (a CPU run)."""
+    import torch
+
+    given = request.gpu_memory
+    if device.type != "cuda":
+        if given is not None:
+            raise UserError(
+                f"--gpu-memory {given:g} applies to GPU runs, and this run is on the CPU "
+                "(no CUDA device); drop --gpu-memory"
+            )
+        simulated = os.environ.get(SIMULATE_ENV)
+        if not simulated:
+            return None
+        gib = parse_gpu_memory(simulated)
+        return int(gib * GIB), f"{SIMULATE_ENV}={simulated} (CPU, fake device split)"
+    free, total = torch.cuda.mem_get_info(device)
+    if given is not None:
+        if given * GIB > total:
+            raise UserError(
+                f"--gpu-memory {given:g} is more than {device} has ({total / GIB:.1f} GiB); "
+                "give at most that, or auto"
+            )
+        return int(given * GIB), f"--gpu-memory {given:g}"
+    margin = AUTO_MARGIN_FIXED + int(AUTO_MARGIN_FRACTION * total)
+    return max(0, free - margin), f"--gpu-memory auto ({free / GIB:.1f} GiB free on {device} minus a margin)"
+
+
+def memory_request(request: Request, dit_config: Any, budget: int, *, batch: bool) -> MemoryRequest:
+    """What the planner needs to know about one request (reads two file sizes, no tensor data)."""
+    from wan.memory_plan import MemoryRequest
+
+    task = TASKS[request.task]
+    width, height = SIZES[request.size]  # with an image it is an area budget: the same token count
+    files = request.ckpt_dir
+    t5, vae = files / task.t5_checkpoint, files / task.vae_checkpoint
+    return MemoryRequest(
+        task=task,
+        dit=dit_config,
+        width=width,
+        height=height,
+        frames=request.frame_num,
+        budget=budget,
+        weight_bytes=2 if request.convert_model_dtype else 4,
+        offload=request.offload_model,
+        t5_cpu=request.t5_cpu,
+        vae_tiled=request.vae_tiled,
+        residual_cache=request.magcache.enabled or request.magcache.calibrate_file is not None,
+        image=request.image is not None,
+        vae_during_denoise=batch or request.image is not None,
+        t5_bytes=t5.stat().st_size if t5.is_file() else 0,
+        vae_bytes=vae.stat().st_size if vae.is_file() else 0,
+    )
+
+
+def plan_run(
+    requests: list[Request], dit_config: Any, device: torch.device, *, batch: bool
+) -> RunMemory | None:
+    """Plan every request within the budget, before any weight loads; the DiT placement of the run is
+    the leanest of them (fewest resident blocks, smallest chunk). None for a CPU run."""
+    from wan.memory_plan import PlanInfeasibleError, plan_memory
+
+    budget = resolve_budget(requests[0], device)
+    if budget is None:
+        return None
+    budget_bytes, source = budget
+    plans = []
+    for index, request in enumerate(requests):
+        try:
+            plans.append(
+                plan_memory(
+                    memory_request(request, dit_config, budget_bytes, batch=batch), budget_source=source
+                )
+            )
+        except PlanInfeasibleError as err:
+            where = (
+                f"prompt-file item {index + 1} ({request.size}, {request.frame_num} frames): "
+                if batch
+                else ""
+            )
+            raise UserError(f"{where}{err}") from None
+    leanest = min(plans, key=lambda p: (p.resident_blocks, p.activation_chunk or math.inf))
+    chunks = [p.activation_chunk for p in plans if p.activation_chunk is not None]
+    combined = dataclasses.replace(
+        leanest,
+        activation_chunk=min(chunks) if chunks else None,
+        t5_on_cpu=any(p.t5_on_cpu for p in plans),
+    )
+    return RunMemory(combined, source, device, dit_config, batch)

@@ -1,0 +1,106 @@
+"""Honest memory and time figures of one generated item, stage by stage.
+
+- Wall time of a stage is read after synchronising the device at both ends, so queued GPU work is
+  charged to the stage that queued it (without it, a CUDA decode looked almost free).
+- GPU: peak allocated AND peak reserved (what the caching allocator holds, what `nvidia-smi` sees
+  minus the CUDA context) per stage; each stage starts with the allocator's cache emptied and the
+  peak counters reset.
+- Host: peak resident set of THIS item, not of the process: on Linux the kernel's high-water mark is
+  reset at the item's start (writing "5" to /proc/self/clear_refs) and read from VmHWM at its end.
+  Where that is impossible it falls back to `ru_maxrss` (the process lifetime) and says so.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GIB = 2**30
+HOST_SCOPE_ITEM = "item (VmHWM reset at its start)"
+HOST_SCOPE_PROCESS = "process lifetime (ru_maxrss)"
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def reset_host_peak() -> bool:
+    """Reset the kernel's resident-set high-water mark of this process; False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+def host_peak_bytes(item_scope: bool) -> tuple[int, str]:
+    """(peak resident bytes, what it covers)."""
+    if item_scope:
+        hwm = _status_kib("VmHWM")
+        if hwm is not None:
+            return hwm * 1024, HOST_SCOPE_ITEM
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), HOST_SCOPE_PROCESS
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StageMeter:
+    """Times and memory peaks of the stages of one item: `with meter.stage("decode"): ...`."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.gpu: dict[str, dict[str, float]] = {}
+        self._item_scope = reset_host_peak()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        cuda = self.device.type == "cuda"
+        synchronize(self.device)
+        if cuda:
+            # Blocks cached by the previous stage (e.g. the decode's) would count against this one and
+            # fragment it: a stage starts from what is really in use.
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            if cuda:
+                peaks = {
+                    "gpu_allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB,
+                    "gpu_reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB,
+                }
+                seen = self.gpu.get(name, {})
+                self.gpu[name] = {k: round(max(v, seen.get(k, 0.0)), 3) for k, v in peaks.items()}
+
+    def peak_memory(self) -> dict[str, Any]:
+        """The sidecar's `peak_memory`: host RSS of this item, GPU peaks overall and per stage."""
+        host, scope = host_peak_bytes(self._item_scope)
+        record: dict[str, Any] = {"host_rss_gib": round(host / GIB, 3), "host_rss_scope": scope}
+        if self.device.type != "cuda":
+            record["gpu_allocated_gib"] = None
+            return record
+        for key in ("gpu_allocated_gib", "gpu_reserved_gib"):
+            record[key] = max((stage[key] for stage in self.gpu.values()), default=0.0)
+        record["stages"] = dict(self.gpu)
+        return record

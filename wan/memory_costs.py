@@ -1,0 +1,289 @@
+"""What a generation costs in GPU memory, stage by stage, as formulas on shapes: the inputs the planner
+sees (`MemoryRequest`), the cost models with their coefficients (`ActivationModel`, `VaeMemoryModel`,
+`Overheads`: the one place to recalibrate, each documented with where its numbers come from) and the
+per-stage estimates. Pure arithmetic: no torch, no I/O. Bytes throughout; GiB only when printed.
+
+Estimates are of peak RESERVED memory (what the CUDA caching allocator holds): the peak of live
+tensors (allocated) times a per-stage fragmentation factor, plus fixed costs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from wan.configs import TaskConfig
+
+GIB = 2**30
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------
+
+
+class TransformerShape(Protocol):
+    """What the planner reads from a DiT config (`wan.modules.transformer.TransformerConfig` fits)."""
+
+    dim: int
+    ffn_dim: int
+    num_layers: int
+    num_heads: int
+    in_dim: int
+    out_dim: int
+    text_dim: int
+    text_len: int
+    freq_dim: int
+    patch_size: tuple[int, int, int]
+
+
+def block_params(dim: int, ffn_dim: int) -> int:
+    """Parameters of one DiT block: two attentions (q, k, v, o with biases, q/k RMS norms),
+    the affine norm3, the 6-row modulation and the two FFN Linears."""
+    attention = 4 * (dim * dim + dim) + 2 * dim
+    return 2 * attention + 2 * dim + 6 * dim + (dim * ffn_dim + ffn_dim) + (ffn_dim * dim + dim)
+
+
+def nonblock_params(cfg: TransformerShape) -> int:
+    """Embeddings, time MLPs and head: the part that always stays resident."""
+    d, patch = cfg.dim, math.prod(cfg.patch_size)
+    patch_embedding = cfg.in_dim * patch * d + d
+    text = cfg.text_dim * d + d + d * d + d
+    time = cfg.freq_dim * d + d + d * d + d + d * 6 * d + 6 * d
+    head = 2 * d + d * patch * cfg.out_dim + patch * cfg.out_dim
+    return patch_embedding + text + time + head
+
+
+@dataclass(frozen=True)
+class MemoryRequest:
+    """One generation as the planner sees it. `budget` is in bytes."""
+
+    task: TaskConfig
+    dit: TransformerShape
+    width: int
+    height: int
+    frames: int
+    budget: int
+    weight_bytes: int = 2  # bytes per DiT parameter: 2 (bf16, --convert-model-dtype) or 4 (float32)
+    offload: bool = True  # --offload-model: one expert (and no T5) on the device at a time
+    t5_cpu: bool = False  # the user asked for the text encoder on the CPU
+    vae_tiled: bool = False  # the user asked for a tiled decode
+    residual_cache: bool = False  # MagCache (or its calibration) keeps block-stack residuals
+    image: bool = False  # an input image is VAE-encoded before denoising (i2v: a whole clip)
+    vae_during_denoise: bool = False  # the VAE is already on the device while denoising (image, batch)
+    t5_bytes: int = 0  # umT5 weights (the file's size); 0: the official 11.4 GB
+    vae_bytes: int = 0  # VAE weights; 0: the official float32 size of the task's VAE
+
+    @property
+    def tokens(self) -> int:
+        st, ss = self.task.vae_stride[0], self.task.vae_stride[1]
+        _, ph, pw = self.dit.patch_size
+        return ((self.frames - 1) // st + 1) * (self.height // ss // ph) * (self.width // ss // pw)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(channels, frames, height, width) of the latent video."""
+        st, ss = self.task.vae_stride[0], self.task.vae_stride[1]
+        return (self.dit.out_dim, (self.frames - 1) // st + 1, self.height // ss, self.width // ss)
+
+    @property
+    def experts_on_device(self) -> int:
+        return 2 if self.task.two_experts and not self.offload else 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# The models and their coefficients (the one place to recalibrate)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Live activation bytes of one DiT forward, per token, in multiples of the model width `dim`
+    (and of `ffn_dim` for the FFN hidden state):
+
+        bytes = L*dim*stream + max(L*dim*attention, C*(dim*modulation + ffn_dim*ffn_hidden))
+                + L*dim*4*residual_slots (MagCache) + L*head_dim*rope
+
+    with L the tokens of one forward and C = min(chunk, L) the tokens per FFN/modulation chunk.
+
+    Calibration (earlier H100 run, `../shared/gpu/README.md`, bf16 weights, 4-block forwards, peak
+    allocated minus the weights): 6.35 GiB at 32,760 tokens (A14B 480p), 14.55 GiB at 75,600 (A14B
+    720p), 3.21 GiB at 27,280 (ti2v-5B 704p): 40.6, 40.4 and 41.1 bytes per token per dim. Today's
+    forward peaks inside self-attention (float64/complex128 RoPE copies of q and k), hence
+    stream 8 + attention 33 = 41, and chunking the FFN cannot lower it yet. Once the RoPE/cast diet
+    lands, `benchmarks/activation_peak.py` gives the new attention and FFN figures: set them here.
+    """
+
+    stream: float = 8.0  # the fp32 residual stream and the block-stack input, alive all forward
+    attention: float = 33.0  # one block's attention temporaries (q, k, v, norms, RoPE, output)
+    modulation: float = 12.0  # the FFN half's fp32 norm and modulated input (chunked with the FFN)
+    ffn_hidden: float = 4.0  # per FFN-width element: hidden state and GELU output, bf16
+    rope: float = 8.0  # the RoPE table, per token per head_dim element (complex64 today)
+    residual_slots: int = 2  # MagCache residuals held at once (one per CFG branch), fp32
+
+    def forward_bytes(self, req: MemoryRequest, chunk: int | None) -> int:
+        tokens, dim = req.tokens, req.dit.dim
+        c = tokens if chunk is None else min(chunk, tokens)
+        ffn = c * (dim * self.modulation + req.dit.ffn_dim * self.ffn_hidden)
+        total = tokens * dim * self.stream + max(tokens * dim * self.attention, ffn)
+        total += tokens * (dim // req.dit.num_heads) * self.rope
+        if req.residual_cache:
+            total += tokens * dim * 4 * self.residual_slots
+        if req.weight_bytes == 4:  # bf16 autocast copies of the two largest weights in flight
+            total += 2 * 2 * dim * req.dit.ffn_dim
+        return int(total)
+
+
+@dataclass(frozen=True)
+class VaeMemoryModel:
+    """Live bytes of a VAE decode (float32) from shapes: T frames of H x W pixels out, t latent frames
+    of h x w cells in, tiles of th x tw pixels:
+
+        untiled: 12*T*H*W (the output video) + per_pixel*H*W (the working set of one latent frame's
+                 chunk at full resolution, with every causal conv's 2-frame cache; independent of T)
+        tiled:   max(stem, body) where
+                 stem = features + stem_per_cell*h*w + attention*4*(h*w)^2  (the latent-resolution
+                        stem and its frame-global attention, one latent frame at a time)
+                 body = 12*T*H*W + 4*H*W (output, blend weights) + features + per_pixel*th*tw
+                        + 24*T*th*tw (one tile's output and its weighted copy)
+                 features = 4*stem_channels*t*h*w (the stem output for the whole clip)
+
+    Measured with `benchmarks/decode_memory.py` (exact live tensor bytes at the dispatcher, real
+    widths, on the meta device at full size): per_pixel 17,200 (2.1) and 17,450 (2.2) bytes. Formula
+    vs measured: untiled within 0.1% (480p/720p x81, 704p x121); tiled (128 and 256 px tiles, 8
+    cases) -0.5% to +14%. `attention` counts the score matrices of the math-path attention that
+    CPU/meta runs use (fitted: 2.8); CUDA's memory-efficient kernel needs none, so on CUDA the
+    720p tiled estimate is high by up to ~1.5 GiB.
+
+    The encode (image tasks; there is no tiled encode) is 12*T*H*W (the input clip) +
+    encode_per_pixel*H*W, measured the same way: 13,300 (2.1, independent of T) and 2,144 (2.2, one
+    frame) bytes per pixel.
+    """
+
+    per_pixel: float
+    stem_channels: int
+    encode_per_pixel: float
+    stem_per_cell: float = 0.0
+    attention: float = 2.8
+
+    def encode_bytes(self, req: MemoryRequest, frames: int) -> int:
+        pixels = req.width * req.height
+        return int(12 * frames * pixels + self.encode_per_pixel * pixels)
+
+    def untiled_bytes(self, req: MemoryRequest) -> int:
+        return int(12 * req.frames * req.width * req.height + self.per_pixel * req.width * req.height)
+
+    def tiled_bytes(self, req: MemoryRequest, tile_px: int) -> int:
+        frames, pixels = req.frames, req.width * req.height
+        _, t, h, w = req.latent_shape
+        tile = min(tile_px, req.height) * min(tile_px, req.width)
+        features = 4 * self.stem_channels * t * h * w
+        stem = features + self.stem_per_cell * h * w + self.attention * 4 * (h * w) ** 2
+        body = 12 * frames * pixels + 4 * pixels + features + self.per_pixel * tile + 24 * frames * tile
+        return int(max(stem, body))
+
+
+VAE_MODELS = {
+    "2.1": VaeMemoryModel(17_200.0, stem_channels=384, encode_per_pixel=13_300.0, stem_per_cell=16 * 384),
+    "2.2": VaeMemoryModel(17_450.0, stem_channels=1024, encode_per_pixel=2_144.0, stem_per_cell=16 * 1024),
+}
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Fixed costs and allocator behaviour.
+
+    `fragmentation`: reserved over allocated per stage. The earlier H100 runs saw about 2% while
+    denoising (33.1 GiB allocated, 36.7 GB in use with the CUDA context) and much more in the VAE
+    decode (22.1 GiB allocated, 29.9 GB in use): its chunk shapes vary, so freed blocks fit badly.
+    `fixed`: cuBLAS/cuDNN workspaces, small tensors, allocator rounding.
+    """
+
+    fixed: int = GIB // 4
+    t5_activations: int = GIB // 2  # one umT5-xxl forward over 512 tokens, with slack
+    fragmentation: dict[str, float] = field(
+        default_factory=lambda: {"text": 0.05, "encode": 0.25, "denoise": 0.05, "decode": 0.25}
+    )
+    t5_default_bytes: int = 11_400_000_000  # models_t5_umt5-xxl-enc-bf16.pth
+    vae_default_bytes: dict[str, int] = field(
+        default_factory=lambda: {"2.1": 126_892_531 * 4, "2.2": 704_688_668 * 4}
+    )
+
+
+ACTIVATIONS = ActivationModel()
+OVERHEADS = Overheads()
+CHUNKS = (16384, 8192, 4096, 2048, 1024)  # FFN/modulation token chunks, tried in this order
+TILE_PIXELS = (512, 384, 256, 192, 128, 64)  # VAE tile edges (pixels), tried in this order
+DEFAULT_TILE_PIXELS = 256  # what --vae-tiled uses when the budget allows (wan.vae's default)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage estimates (allocated bytes, before fragmentation)
+# ----------------------------------------------------------------------------------------------------
+
+
+def block_bytes(req: MemoryRequest) -> int:
+    return block_params(req.dit.dim, req.dit.ffn_dim) * req.weight_bytes
+
+
+def _t5_bytes(req: MemoryRequest) -> int:
+    return req.t5_bytes or OVERHEADS.t5_default_bytes
+
+
+def _vae_bytes(req: MemoryRequest) -> int:
+    return req.vae_bytes or OVERHEADS.vae_default_bytes[req.task.vae_kind]
+
+
+def _latent_bytes(req: MemoryRequest) -> int:
+    """Noise, the latent, both CFG outputs, their combination and the solver's history (float32)."""
+    return 12 * 4 * math.prod(req.latent_shape)
+
+
+def _reserved(stage: str, allocated: int) -> int:
+    return int(allocated * (1 + OVERHEADS.fragmentation[stage])) + OVERHEADS.fixed
+
+
+def text_stage(req: MemoryRequest, t5_on_cpu: bool) -> int:
+    vae = _vae_bytes(req) if req.vae_during_denoise else 0  # a batch keeps the VAE loaded
+    return _reserved("text", vae + (0 if t5_on_cpu else _t5_bytes(req) + OVERHEADS.t5_activations))
+
+
+def denoise_stage(req: MemoryRequest, resident: int, chunk: int | None, t5_on_cpu: bool) -> int:
+    n = req.dit.num_layers
+    weights = nonblock_params(req.dit) * req.weight_bytes + min(resident, n) * block_bytes(req)
+    buffers = min(2, n - resident) * block_bytes(req)
+    context = 2 * req.dit.text_len * (req.dit.text_dim + req.dit.dim) * 4
+    total = req.experts_on_device * (weights + buffers) + context + _latent_bytes(req)
+    total += ACTIVATIONS.forward_bytes(req, chunk)
+    if req.vae_during_denoise:
+        total += _vae_bytes(req)
+    if not req.offload and not t5_on_cpu:
+        total += _t5_bytes(req)  # without offloading the text encoder stays
+    return _reserved("denoise", total)
+
+
+def _held_besides_vae(req: MemoryRequest, resident: int, t5_on_cpu: bool) -> int:
+    """What stays on the device next to the VAE: without offloading, the DiT and the text encoder."""
+    if req.offload:
+        return 0
+    dit = nonblock_params(req.dit) * req.weight_bytes + min(resident + 2, req.dit.num_layers) * block_bytes(
+        req
+    )
+    return req.experts_on_device * dit + (0 if t5_on_cpu else _t5_bytes(req))
+
+
+def encode_stage(req: MemoryRequest, resident: int, t5_on_cpu: bool) -> int:
+    """The image encode before denoising (0 without an image): i2v encodes a whole clip, ti2v a frame."""
+    if not req.image:
+        return 0
+    frames = req.frames if req.task.image == "required" else 1
+    work = VAE_MODELS[req.task.vae_kind].encode_bytes(req, frames)
+    return _reserved("encode", _vae_bytes(req) + work + _held_besides_vae(req, resident, t5_on_cpu))
+
+
+def decode_stage(req: MemoryRequest, tile_px: int | None, resident: int, t5_on_cpu: bool) -> int:
+    model = VAE_MODELS[req.task.vae_kind]
+    work = model.untiled_bytes(req) if tile_px is None else model.tiled_bytes(req, tile_px)
+    total = _vae_bytes(req) + work + _latent_bytes(req) + _held_besides_vae(req, resident, t5_on_cpu)
+    return _reserved("decode", total)

@@ -1,0 +1,395 @@
+"""Memory placement of a DiT: which blocks stay on the device and which stream from host memory.
+
+`Placement` is the policy (decided by the memory planner before anything loads); the loader and the
+expert pool consult it, the sampling loop never sees it. A placed model keeps its first
+`resident_blocks` blocks, embeddings and head on the device. Each later ("streamed") block lives in
+one flat host buffer (page-locked at its exact size on CUDA, pageable with one warning when that
+fails), and `StreamedBlocks`, the transformer's `block_source`, copies it into one of two device
+buffers just ahead of use:
+
+- copies run on a side CUDA stream, overlapped with the compute of the previous block;
+- the compute stream waits for the copy of the block it runs (event `copy_done`), and a copy into a
+  buffer waits until the compute that read that buffer is done (event `compute_done`);
+- the last block of a call prefetches the first streamed block of the NEXT call, so a call that
+  MagCache skips (it never iterates the blocks) copies nothing, and the next computed call starts
+  with its first streamed block already on the way.
+
+On a CPU run the same logic runs with a fake split ("host" and "device" buffers both in RAM, plain
+copies, no streams), so the schedule is testable and the output bit-exact against a resident model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Warn = Callable[[str], None]
+ALIGN_BYTES = 256  # every parameter view in a flat buffer starts on this boundary (vectorised kernels)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a transformer's weights live while it samples.
+
+    `resident_blocks=None` keeps every block on `device` (today's behaviour). `activation_chunk`
+    (tokens per FFN/modulation chunk, None = unchunked) is handed to the model as planned.
+    """
+
+    device: torch.device
+    resident_blocks: int | None = None
+    pin: bool = True
+    activation_chunk: int | None = None
+
+    def is_streamed(self, index: int) -> bool:
+        return self.resident_blocks is not None and index >= self.resident_blocks
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flat parameter buffers
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Parameter name -> (offset, shape) inside one flat tensor of `dtype` holding a whole block."""
+
+    dtype: torch.dtype
+    entries: tuple[tuple[str, int, tuple[int, ...]], ...]
+    numel: int
+
+    @classmethod
+    def of(cls, module: nn.Module, dtype: torch.dtype) -> FlatLayout:
+        """The layout of `module`'s parameters (shapes only; a meta module will do), all in `dtype`."""
+        align = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        entries, offset = [], 0
+        for name, param in module.named_parameters():
+            entries.append((name, offset, tuple(param.shape)))
+            offset += math.ceil(param.numel() / align) * align
+        if any(True for _ in module.buffers()):
+            raise ValueError("streamed blocks must hold parameters only")
+        return cls(dtype, tuple(entries), offset)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            name: flat[offset : offset + math.prod(shape)].view(shape) for name, offset, shape in self.entries
+        }
+
+    def bind(self, module: nn.Module, flat: torch.Tensor) -> None:
+        """Make `module`'s parameters views into `flat` (values are whatever `flat` holds)."""
+        for name, view in self.views(flat).items():
+            owner_path, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_path) if owner_path else module
+            owner._parameters[leaf] = nn.Parameter(view, requires_grad=False)
+
+
+class HostBlock:
+    """One streamed block's weights in one flat host tensor, page-locked when asked and possible.
+
+    `pin_error`: None (not attempted: no CUDA, or not asked), 0 (page-locked) or the CUDA error."""
+
+    def __init__(self, layout: FlatLayout, pin: bool):
+        self.flat = torch.empty(layout.numel, dtype=layout.dtype)
+        self.pin_error = _page_lock(self.flat) if pin else None
+        if self.pinned:
+            weakref.finalize(self, _unregister_page_locked, self.flat)
+
+    @property
+    def pinned(self) -> bool:
+        return self.pin_error == 0
+
+
+def _page_lock(flat: torch.Tensor) -> int | None:
+    """Page-lock exactly this tensor's memory (cudaHostRegister): torch's pinned allocator rounds
+    every request up to a power of two (a 0.7 GB A14B block would take 1 GiB). The CUDA error code,
+    0 on success, None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    error = int(torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel() * flat.element_size(), 0))
+    if error:
+        _consume_cuda_error()
+    return error
+
+
+def _consume_cuda_error() -> None:
+    """A failed runtime call leaves its error recorded for the thread; the next kernel launch check
+    would raise it as if that kernel had failed. Launch one here and swallow what it reports."""
+    try:
+        torch.zeros(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    except Exception:  # the stale error itself, whatever torch wraps it in
+        pass
+
+
+def _unregister_page_locked(flat: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(flat.data_ptr())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Copy engines: a side CUDA stream with events, or plain copies for the CPU fake split
+# ----------------------------------------------------------------------------------------------------
+
+
+class CudaCopier:
+    """Copies on a side stream; events order them against the compute stream both ways."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.copy_done = [torch.cuda.Event(), torch.cuda.Event()]
+        self.compute_done = [torch.cuda.Event(), torch.cuda.Event()]
+
+    def copy(self, slot: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self.compute_done[slot])  # nobody still reads this buffer
+            dst.copy_(src, non_blocking=True)
+            self.copy_done[slot].record(self.stream)
+
+    def before_compute(self, slot: int) -> None:
+        torch.cuda.current_stream(self.device).wait_event(self.copy_done[slot])
+
+    def after_compute(self, slot: int) -> None:
+        self.compute_done[slot].record(torch.cuda.current_stream(self.device))
+
+
+class PlainCopier:
+    """The CPU fake split: synchronous copies, nothing to order."""
+
+    def copy(self, slot: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def before_compute(self, slot: int) -> None:
+        pass
+
+    def after_compute(self, slot: int) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# The block source
+# ----------------------------------------------------------------------------------------------------
+
+
+class StreamedBlocks:
+    """`BlockSource` of a placed model: resident blocks as they are, streamed ones via two buffers.
+
+    `copies` lists the block indices copied host -> device, in order; `events` logs
+    ("copy", block, buffer) and ("run", block, buffer or None for a resident block) for tests.
+    """
+
+    def __init__(
+        self,
+        host: dict[int, HostBlock],
+        layout: FlatLayout,
+        template: nn.Module,
+        device: torch.device,
+        num_layers: int,
+    ):
+        self.host, self.layout, self.device = host, layout, device
+        self.first_streamed = min(host) if host else num_layers
+        self.num_layers = num_layers
+        self._template = template  # a meta Block: the module structure the buffers are bound to
+        self.buffers: list[nn.Module] = []
+        self._flats: list[torch.Tensor] = []
+        self._holds: list[int | None] = [None, None]  # block index in each buffer (copy issued)
+        self._copier: CudaCopier | PlainCopier | None = None
+        self.copies: list[int] = []
+        self.events: list[tuple[str, int, int | None]] = []
+
+    # -- device buffers -----------------------------------------------------------------------------
+
+    @property
+    def acquired(self) -> bool:
+        return bool(self.buffers)
+
+    @property
+    def streamed_indices(self) -> range:
+        return range(self.first_streamed, self.num_layers)
+
+    def acquire(self) -> None:
+        """Allocate the two device buffers and prefetch the first streamed block."""
+        if self.acquired or not self.host:
+            return
+        self._copier = CudaCopier(self.device) if self.device.type == "cuda" else PlainCopier()
+        for _ in range(min(2, len(self.host))):
+            flat = torch.empty(self.layout.numel, dtype=self.layout.dtype, device=self.device)
+            module = copy.deepcopy(self._template)  # meta parameters: nothing is copied
+            self.layout.bind(module, flat)
+            self.buffers.append(module.eval())
+            self._flats.append(flat)
+        self._holds = [None] * len(self.buffers)
+        self._prefetch(self.first_streamed, avoid=None)
+
+    def release(self) -> None:
+        """Free the device buffers (the host copies stay). Waits for copies in flight, so the host
+        buffers may be freed or unpinned right after."""
+        if isinstance(self._copier, CudaCopier):
+            self._copier.stream.synchronize()
+        self.buffers, self._flats, self._holds, self._copier = [], [], [None, None], None
+
+    # -- the schedule ------------------------------------------------------------------------------
+
+    def _slot_of(self, index: int) -> int | None:
+        return self._holds.index(index) if index in self._holds else None
+
+    def _prefetch(self, index: int, avoid: int | None) -> int:
+        """Issue the copy of block `index` into a buffer other than `avoid` (unless already there)."""
+        slot = self._slot_of(index)
+        if slot is not None:
+            return slot
+        slot = next(s for s in range(len(self.buffers)) if s != avoid) if len(self.buffers) > 1 else 0
+        assert self._copier is not None
+        self._copier.copy(slot, self._flats[slot], self.host[index].flat)
+        self._holds[slot] = index
+        self.copies.append(index)
+        self.events.append(("copy", index, slot))
+        return slot
+
+    def iter_blocks(self, blocks: nn.ModuleList) -> Iterator[nn.Module]:
+        if not self.acquired:
+            self.acquire()
+        for index in range(self.first_streamed):
+            self.events.append(("run", index, None))
+            yield blocks[index]
+        copier = self._copier
+        for index in self.streamed_indices:
+            slot = self._prefetch(index, avoid=None)  # normally already issued by the previous block
+            copier.before_compute(slot)
+            following = index + 1 if index + 1 < self.num_layers else self.first_streamed
+            self._prefetch(following, avoid=slot)  # overlaps with this block's compute
+            self.events.append(("run", index, slot))
+            try:
+                yield self.buffers[slot]
+            finally:
+                copier.after_compute(slot)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Placing a model
+# ----------------------------------------------------------------------------------------------------
+
+
+class WeightSink:
+    """Receives a transformer's tensors one at a time (read -> transform -> here) and stores each where
+    the placement says: converted to `dtype` on the device, or into its block's flat host buffer.
+
+    Only one full copy of the weights ever exists: the streamed blocks' host buffers are that copy.
+    """
+
+    def __init__(
+        self, model: nn.Module, dtype: torch.dtype, placement: Placement, on_warning: Warn | None = None
+    ):
+        self.model, self.dtype, self.placement = model, dtype, placement
+        num_layers = len(model.blocks)
+        self.layout = FlatLayout.of(model.blocks[0], dtype) if num_layers else None
+        self.host: dict[int, HostBlock] = {}
+        self._host_views: dict[int, dict[str, torch.Tensor]] = {}
+        pin = placement.pin
+        for index in range(num_layers):
+            if placement.is_streamed(index):
+                block = HostBlock(self.layout, pin)
+                if block.pin_error:  # warn once, stop trying: every later block stays pageable too
+                    pin = False
+                    _warn(
+                        f"could not page-lock host memory for streamed DiT blocks (CUDA error {block.pin_error}); "
+                        "using pageable memory: correct but slower copies",
+                        on_warning,
+                    )
+                self.host[index] = block
+                self._host_views[index] = self.layout.views(block.flat)
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        index, name = _block_key(key)
+        if index is not None and index in self.host:
+            view = self._host_views[index][name]
+            view.copy_(tensor)  # converts to the buffer dtype on the way in
+            _set_tensor(self.model, key, view)
+        else:
+            _set_tensor(self.model, key, tensor.to(device=self.placement.device, dtype=self.dtype))
+
+    def finish(self) -> nn.Module:
+        """The loaded model, its streamed blocks attached as its block source (buffers acquired)."""
+        model = self.model
+        model.activation_chunk = self.placement.activation_chunk
+        if self.host:
+            with torch.device("meta"):  # the structure the device buffers are bound to
+                template = type(model.blocks[0])(model.config)
+            source = StreamedBlocks(
+                self.host, self.layout, template, self.placement.device, len(model.blocks)
+            )
+            model.block_source = source
+            source.acquire()
+        return model
+
+
+def _warn(message: str, on_warning: Warn | None) -> None:
+    if on_warning is not None:
+        on_warning(message)
+    else:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _block_key(key: str) -> tuple[int | None, str]:
+    if key.startswith("blocks."):
+        _, index, name = key.split(".", 2)
+        return int(index), name
+    return None, key
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[name] = value
+
+
+def streamed_source(model: nn.Module) -> StreamedBlocks | None:
+    source = getattr(model, "block_source", None)
+    return source if isinstance(source, StreamedBlocks) else None
+
+
+def resident_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """The submodules that live on the device: everything but the streamed blocks."""
+    source = streamed_source(model)
+    skip = set(source.streamed_indices) if source is not None else set()
+    for name, child in model.named_children():
+        if name == "blocks":
+            yield from (block for i, block in enumerate(child) if i not in skip)
+        else:
+            yield child
+
+
+def move_resident(model: nn.Module, device: torch.device) -> None:
+    """Move the resident part to `device`; streamed blocks stay in host memory. Buffers are acquired
+    on a device and released off it."""
+    for module in resident_modules(model):
+        module.to(device)
+    source = streamed_source(model)
+    if source is None:
+        return
+    if device == source.device:
+        source.acquire()
+    else:
+        source.release()
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters that `move_resident` moves (device buffers not included)."""
+    return sum(p.numel() * p.element_size() for m in resident_modules(model) for p in m.parameters())
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the resident part (the patch embedding lives there)."""
+    return model.patch_embedding.weight.device
