@@ -61,7 +61,7 @@ def test_smaller_budgets_stream_more_blocks_and_every_stage_fits():
         if previous is not None:
             assert plan.resident_blocks <= previous.resident_blocks
         previous = plan
-    assert previous.streamed_blocks > 30 and previous.vae_tiled
+    assert previous.streamed_blocks > 20 and previous.vae_tiled
     assert "streamed from host memory" in previous.render()
 
 

@@ -82,6 +82,11 @@ class MemoryRequest:
         return ((self.frames - 1) // st + 1) * (self.height // ss // ph) * (self.width // ss // pw)
 
     @property
+    def per_token_timesteps(self) -> bool:
+        """ti2v-5B with an image: frame-0 tokens run at timestep 0, so modulation rows are per token."""
+        return self.image and self.task.image == "optional"
+
+    @property
     def latent_shape(self) -> tuple[int, int, int, int]:
         """(channels, frames, height, width) of the latent video."""
         st, ss = self.task.vae_stride[0], self.task.vae_stride[1]
@@ -102,36 +107,47 @@ class ActivationModel:
     """Live activation bytes of one DiT forward, per token, in multiples of the model width `dim`
     (and of `ffn_dim` for the FFN hidden state):
 
-        bytes = L*dim*stream + max(L*dim*attention, C*(dim*modulation + ffn_dim*ffn_hidden))
-                + L*dim*4*residual_slots (MagCache) + L*head_dim*rope
+        unchunked: L*(dim*stream + ffn_dim*ffn_hidden) + fixed
+        chunked:   L*dim*stream + max(L*dim*attention, C*(ffn_dim*ffn_hidden + dim*modulation)) + fixed
+        + dim*token_modulation with per-token timesteps (ti2v-5B with an image)
+        + L*dim*4*residual_slots (MagCache residuals, float32)
 
-    with L the tokens of one forward and C = min(chunk, L) the tokens per FFN/modulation chunk.
+    with L the tokens of one forward and C = min(chunk, L) the tokens per chunk of the token-local
+    stages (norms, modulation, projections, FFN).
 
-    Calibration (earlier H100 run, `../shared/gpu/README.md`, bf16 weights, 4-block forwards, peak
-    allocated minus the weights): 6.35 GiB at 32,760 tokens (A14B 480p), 14.55 GiB at 75,600 (A14B
-    720p), 3.21 GiB at 27,280 (ti2v-5B 704p): 40.6, 40.4 and 41.1 bytes per token per dim. Today's
-    forward peaks inside self-attention (float64/complex128 RoPE copies of q and k), hence
-    stream 8 + attention 33 = 41, and chunking the FFN cannot lower it yet. Once the RoPE/cast diet
-    lands, `benchmarks/activation_peak.py` gives the new attention and FFN figures: set them here.
+    Calibration: `benchmarks/activation_peak.py` (live tensor bytes of a 4-block forward at real widths
+    on the meta device, bf16 weights; validated against the earlier H100 run, which it reproduces for
+    the code before the activation diet: 6.30 vs 6.3-6.6 GiB at A14B 480p). Measured now (GiB,
+    unchunked / chunk 4096 / chunk 16384): A14B 832x480x81 2.751 / 2.234 / 2.766, A14B 1280x720x81
+    6.336 / 5.131 / 5.248, ti2v-5B 1280x704x121 1.705 / 1.164 / 1.398 (1.211 at 4096 with an image).
+    These coefficients give 2.82 / 2.37 / 2.87, 6.48 / 5.43 / 5.43 and 1.73 / 1.19 / 1.72 (1.24 at
+    4096 with an image): never below the measurement, at most +23% above it (ti2v at large chunks). The fp32 residual stream, the
+    block input the loop holds, the float32 RoPE table and the attention inputs and output make up
+    the `stream` part; the FFN hidden state (bf16) is the peak of an unchunked block.
     """
 
-    stream: float = 8.0  # the fp32 residual stream and the block-stack input, alive all forward
-    attention: float = 33.0  # one block's attention temporaries (q, k, v, norms, RoPE, output)
-    modulation: float = 12.0  # the FFN half's fp32 norm and modulated input (chunked with the FFN)
-    ffn_hidden: float = 4.0  # per FFN-width element: hidden state and GELU output, bf16
-    rope: float = 8.0  # the RoPE table, per token per head_dim element (complex64 today)
+    stream: float = 12.5  # bytes per token per dim alive through every block
+    attention: float = 2.5  # the extra of the self-attention stage over the stream (q, k, v, output)
+    ffn_hidden: float = 2.0  # per FFN-width element: the bf16 hidden state (GELU runs in place)
+    modulation: float = 6.0  # per chunk token: the float32 normed and modulated chunk input
+    token_modulation: float = 4096 * 4.0  # per-token timesteps: one 4096-token pass's gathered float32 rows
+    fixed: int = 24 * 2**20  # RoPE rows, timestep embeddings, the head's input, small temporaries
     residual_slots: int = 2  # MagCache residuals held at once (one per CFG branch), fp32
 
     def forward_bytes(self, req: MemoryRequest, chunk: int | None) -> int:
-        tokens, dim = req.tokens, req.dit.dim
-        c = tokens if chunk is None else min(chunk, tokens)
-        ffn = c * (dim * self.modulation + req.dit.ffn_dim * self.ffn_hidden)
-        total = tokens * dim * self.stream + max(tokens * dim * self.attention, ffn)
-        total += tokens * (dim // req.dit.num_heads) * self.rope
+        tokens, dim, ffn = req.tokens, req.dit.dim, req.dit.ffn_dim
+        total = tokens * dim * self.stream + self.fixed
+        if chunk is None or chunk >= tokens:
+            total += tokens * ffn * self.ffn_hidden
+        else:
+            per_token = ffn * self.ffn_hidden + dim * self.modulation
+            total += max(tokens * dim * self.attention, chunk * per_token)
+        if req.per_token_timesteps:
+            total += dim * self.token_modulation
         if req.residual_cache:
             total += tokens * dim * 4 * self.residual_slots
         if req.weight_bytes == 4:  # bf16 autocast copies of the two largest weights in flight
-            total += 2 * 2 * dim * req.dit.ffn_dim
+            total += 2 * 2 * dim * ffn
         return int(total)
 
 
