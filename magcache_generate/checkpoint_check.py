@@ -21,12 +21,12 @@ from magcache_generate.checkpoint_probe import (
     TensorInfo,
     TensorTable,
     UnsupportedPickle,
-    probe_safetensors,
     probe_tensor_file,
 )
 from magcache_generate.request import UserError
-from wan.checkpoint_layout import TransformerFiles
+from wan.checkpoint_layout import TransformerFiles, read_tensor_table
 from wan.configs import TaskConfig
+from wan.errors import CheckpointError
 
 RELEASES = {
     "t2v-A14B": "Wan-AI/Wan2.2-T2V-A14B",
@@ -123,29 +123,11 @@ def _probe(path: Path, what: str, release: str) -> TensorTable | None:
 
 
 def _read_dit(folder: Path, files: TransformerFiles, release: str) -> DitContents:
-    tensors: dict[str, tuple[TensorInfo, Path]] = {}
-    for shard in files.shards:
-        try:
-            table = probe_safetensors(shard)
-        except ProbeError as err:
-            raise UserError(
-                f"'{shard}' (a transformer shard) {err}; download it again from {release}"
-            ) from None
-        for key, info in table.items():
-            if key in tensors:
-                raise UserError(
-                    f"'{shard}' repeats tensor {key!r} of {tensors[key][1].name}; "
-                    f"the folder mixes two downloads, download it again from {release}"
-                )
-            tensors[key] = (info, shard)
-    if files.index is not None:
-        weight_map = json.loads(files.index.read_text())["weight_map"]
-        for key, name in weight_map.items():
-            if key not in tensors or tensors[key][1].name != name:
-                raise UserError(
-                    f"'{folder / name}' lacks tensor {key!r} that {files.index.name} places there; "
-                    f"the shard does not match the index, download the folder again from {release}"
-                )
+    try:
+        tables = read_tensor_table(files, fix=f"download it again from {release}")
+    except CheckpointError as err:
+        raise UserError(str(err)) from None
+    tensors = {key: (TensorInfo(info.dtype, info.shape), shard) for key, (info, shard) in tables.items()}
     config: dict = {}
     if files.config is not None:
         try:

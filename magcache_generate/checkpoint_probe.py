@@ -17,37 +17,19 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import math
 import pickle
-import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MAX_SAFETENSORS_HEADER = 100 * 2**20  # safetensors itself refuses larger headers
+from wan.safetensors_header import HeaderError, is_shape, read_header
+
 ZIP_MAGIC = b"PK\x03\x04"
 # torch.save's pre-1.6 format starts with the pickled magic number 0x1950a86a20f9469cfc6c
 LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
-SAFETENSORS_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
-}
 # torch.<Name>Storage (the storage classes torch.save pickles) -> (dtype, bytes per element)
 TORCH_STORAGES = {
     "DoubleStorage": ("float64", 8),
@@ -110,63 +92,11 @@ def probe_tensor_file(path: str | Path) -> TensorTable:
 
 def probe_safetensors(path: str | Path) -> TensorTable:
     """The JSON header of a safetensors file, checked against the file size; no tensor bytes are read."""
-    path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ProbeError(f"is {size} bytes long, too short for a safetensors file: truncated")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > MAX_SAFETENSORS_HEADER:
-            raise ProbeError("has no valid safetensors header (corrupt, or another format)")
-        if 8 + header_len > size:
-            raise ProbeError(f"is truncated: its header needs {8 + header_len} bytes but the file has {size}")
-        raw = f.read(header_len)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise ProbeError("has an unreadable safetensors header (corrupt)") from None
-    if not isinstance(header, dict):
-        raise ProbeError("has an unreadable safetensors header (corrupt)")
-    data_bytes = size - 8 - header_len
-    table: TensorTable = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        info = _safetensors_entry(name, entry)
-        begin, end = entry["data_offsets"]
-        if end > data_bytes:
-            raise ProbeError(
-                f"is truncated: tensor {name!r} ends at byte {8 + header_len + end} but the file has {size}"
-            )
-        width = SAFETENSORS_DTYPE_BYTES.get(info.dtype)
-        if width is not None and end - begin != info.numel * width:
-            raise ProbeError(
-                f"is corrupt: tensor {name!r} has {end - begin} bytes for shape {list(info.shape)}"
-            )
-        table[name] = info
-    return table
-
-
-def _safetensors_entry(name: str, entry: Any) -> TensorInfo:
-    ok = (
-        isinstance(entry, dict)
-        and isinstance(entry.get("dtype"), str)
-        and _is_shape(entry.get("shape"))
-        and isinstance(entry.get("data_offsets"), list)
-        and len(entry["data_offsets"]) == 2
-        and all(isinstance(x, int) and x >= 0 for x in entry["data_offsets"])
-        and entry["data_offsets"][0] <= entry["data_offsets"][1]
-    )
-    if not ok:
-        raise ProbeError(f"has a corrupt safetensors header entry for tensor {name!r}")
-    return TensorInfo(entry["dtype"], tuple(entry["shape"]))
-
-
-def _is_shape(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
-    )
+        header = read_header(path)
+    except HeaderError as err:
+        raise ProbeError(str(err)) from None
+    return {name: TensorInfo(info.dtype, info.shape) for name, info in header.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,7 +120,7 @@ class _Tensor:
 
 
 def _rebuild_tensor(storage: Any, offset: Any, shape: Any, stride: Any, *_rest: Any) -> _Tensor:
-    if not isinstance(storage, _Storage) or not _is_shape(list(shape)) or not isinstance(offset, int):
+    if not isinstance(storage, _Storage) or not is_shape(list(shape)) or not isinstance(offset, int):
         raise ProbeError("holds a malformed tensor record in its pickle (corrupt)")
     return _Tensor(storage, offset, tuple(shape), tuple(stride))
 

@@ -92,3 +92,34 @@ def indexed(tensor_dict: dict, prefix: str) -> list:
     while f"{prefix}.{len(out)}" in tensor_dict:
         out.append(tensor_dict[f"{prefix}.{len(out)}"])
     return out
+
+
+def assert_frames_match(frames_dir: Path, data: dict, frames: dict) -> None:
+    """Our `--save-frames` PNGs against an e2e golden's stored rows (manifest ``frames`` entry, PNG bytes
+    under ``output.frames_png.<i>``): mean abs difference <= 0.3 levels and max <= 8."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rows = frames["stored_rows"]
+    files = sorted(Path(frames_dir).glob("*.png"))
+    assert len(files) == frames["shape"][0]
+    diffs = []
+    for i, path in enumerate(files):
+        ours = np.asarray(Image.open(path).convert("RGB"))
+        assert list(ours.shape) == frames["shape"][1:]
+        ref = np.asarray(
+            Image.open(io.BytesIO(data[f"output.frames_png.{i}"].numpy().tobytes())).convert("RGB")
+        )
+        diffs.append(np.abs(ours[rows].astype(np.int16) - ref.astype(np.int16)))
+    diff = np.stack(diffs)
+    assert diff.mean() <= 0.3 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def installed_cli() -> list[str]:
+    """The installed console script (what users run), else the module entry point of this interpreter."""
+    import sys
+
+    script = Path(sys.executable).parent / "magcache-generate"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "magcache_generate"]

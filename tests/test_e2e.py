@@ -8,18 +8,14 @@ Tolerance: mean abs difference <= 0.3 levels and max <= 8 (measured: mean ~2e-5,
 A missing or empty set fails (one MISSING-e2e case), it does not skip.
 """
 
-import io
 import json
 import os
 import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 
-import numpy as np
 import pytest
-from goldens import missing_param, set_problem
-from PIL import Image
+from goldens import assert_frames_match, installed_cli, missing_param, set_problem
 from safetensors.torch import load_file
 
 E2E_DIR = Path(os.environ.get("MAGCACHE_E2E_DIR", Path(__file__).parent / "golden_e2e"))
@@ -29,11 +25,6 @@ E2E_DIR = Path(os.environ.get("MAGCACHE_E2E_DIR", Path(__file__).parent / "golde
 def manifest() -> dict:
     path = E2E_DIR / "manifest.json"
     return json.loads(path.read_text()) if path.is_file() else {"cases": {}}
-
-
-def cli() -> list[str]:
-    script = Path(sys.executable).parent / "magcache-generate"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "magcache_generate"]
 
 
 CASES = [
@@ -52,21 +43,9 @@ def test_cli_reproduces_official_frames(case, tmp_path):
             arg = arg.replace(key, value)
         argv.append(arg)
     argv += ["--save-file", str(tmp_path / "out.mp4"), "--device", "cpu"]
-    proc = subprocess.run(cli() + argv, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(installed_cli() + argv, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out.mp4").is_file() and (tmp_path / "out.json").is_file()
 
     data = load_file(E2E_DIR / entry["file"])
-    rows = entry["frames"]["stored_rows"]
-    files = sorted(frames_dir.glob("*.png"))
-    assert len(files) == entry["frames"]["shape"][0]
-    diffs = []
-    for i, path in enumerate(files):
-        ours = np.asarray(Image.open(path).convert("RGB"))
-        assert list(ours.shape) == entry["frames"]["shape"][1:]
-        ref = np.asarray(
-            Image.open(io.BytesIO(data[f"output.frames_png.{i}"].numpy().tobytes())).convert("RGB")
-        )
-        diffs.append(np.abs(ours[rows].astype(np.int16) - ref.astype(np.int16)))
-    diff = np.stack(diffs)
-    assert diff.mean() <= 0.3 and diff.max() <= 8, (diff.mean(), diff.max())
+    assert_frames_match(frames_dir, data, entry["frames"])

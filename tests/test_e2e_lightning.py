@@ -12,19 +12,16 @@ Tolerance as tests/test_e2e.py: frames mean abs <= 0.3 levels, max <= 8.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import subprocess
-import sys
 from enum import Enum
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import typer.main
-from PIL import Image
+from goldens import assert_frames_match, installed_cli
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -81,36 +78,19 @@ def cli_argv(entry: dict, frames_dir: Path) -> list[str]:
     return argv
 
 
-def cli() -> list[str]:
-    script = Path(sys.executable).parent / "magcache-generate"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "magcache_generate"]
-
-
 @pytest.mark.parametrize("case", case_names())
 def test_cli_reproduces_the_forks_frames(case, tmp_path):
     entry = golden()["cases"][case]
     frames_dir = tmp_path / "frames"
     argv = [*cli_argv(entry, frames_dir), "--save-file", str(tmp_path / "out.mp4"), "--device", "cpu"]
-    proc = subprocess.run(cli() + argv, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(installed_cli() + argv, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sidecar = json.loads((tmp_path / "out.json").read_text())
     assert sidecar["sampling"]["dit_calls"] == entry["steps"]  # guide 1: one (conditional) forward per step
     assert sidecar["sampling"]["timesteps"] == entry["timesteps"][:-1]
 
     data = load_file(LIGHTNING_DIR / entry["file"])
-    rows = entry["frames"]["stored_rows"]
-    files = sorted(frames_dir.glob("*.png"))
-    assert len(files) == entry["frames"]["shape"][0]
-    diffs = []
-    for i, path in enumerate(files):
-        ours = np.asarray(Image.open(path).convert("RGB"))
-        assert list(ours.shape) == entry["frames"]["shape"][1:]
-        ref = np.asarray(
-            Image.open(io.BytesIO(data[f"output.frames_png.{i}"].numpy().tobytes())).convert("RGB")
-        )
-        diffs.append(np.abs(ours[rows].astype(np.int16) - ref.astype(np.int16)))
-    diff = np.stack(diffs)
-    assert diff.mean() <= 0.3 and diff.max() <= 8, (diff.mean(), diff.max())
+    assert_frames_match(frames_dir, data, entry["frames"])
 
 
 def request_for(argv: list[str]):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wan.errors import CheckpointError
+from wan.safetensors_header import HeaderError, TensorInfo, read_header
 
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"
@@ -61,3 +62,36 @@ def locate_transformer_files(path: str | Path) -> TransformerFiles:
     if single.is_file():
         return TransformerFiles(config, (single,))
     raise CheckpointError(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}; the download looks incomplete")
+
+
+def read_tensor_table(
+    files: TransformerFiles, fix: str = "re-download it"
+) -> dict[str, tuple[TensorInfo, Path]]:
+    """Key -> (TensorInfo, shard) from the shard headers (no tensor data): a corrupt or truncated shard,
+    a tensor in two shards and an index that does not match the shards are CheckpointErrors, each one
+    line ending with `fix`."""
+    tensors: dict[str, tuple[TensorInfo, Path]] = {}
+    for shard in files.shards:
+        try:
+            header = read_header(shard)
+        except HeaderError as err:
+            raise CheckpointError(f"'{shard}' (a transformer shard) {err}; {fix}") from None
+        for key, info in header.items():
+            if key in tensors:
+                raise CheckpointError(
+                    f"'{shard}' repeats tensor {key!r} of {tensors[key][1].name}; the folder mixes two "
+                    f"downloads, {fix}"
+                )
+            tensors[key] = (info, shard)
+    if files.index is not None:
+        try:
+            weight_map = json.loads(files.index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointError(f"'{files.index}' is not a readable shard index; {fix}") from None
+        for key, name in weight_map.items():
+            if key not in tensors or tensors[key][1].name != name:
+                raise CheckpointError(
+                    f"'{files.index.parent / name}' lacks tensor {key!r} that {files.index.name} places "
+                    f"there; the shard does not match the index, {fix}"
+                )
+    return tensors

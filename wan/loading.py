@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from wan.checkpoint_layout import (  # noqa: F401 - re-exported
@@ -23,40 +22,21 @@ from wan.checkpoint_layout import (  # noqa: F401 - re-exported
     SINGLE_FILE,
     TransformerFiles,
     locate_transformer_files,
+    read_tensor_table,
 )
 from wan.errors import CheckpointError
 from wan.modules.transformer import TransformerConfig, WanTransformer
 from wan.placement import Placement, WeightSink
+from wan.safetensors_header import HeaderError, read_header
 
 MODEL_TYPES = {16: "t2v", 36: "i2v", 48: "ti2v"}  # in_dim -> model_type, when config.json is absent
 # (key, tensor as read) -> tensor to convert and place; applied before placement (LoRA merge).
 TensorTransform = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); re-download it") from None
-
-
 def read_shapes(files: TransformerFiles) -> dict[str, tuple[tuple[int, ...], Path]]:
     """Key -> (shape, shard) from the shard headers; duplicates and index mismatches are errors."""
-    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
-    for shard in files.shards:
-        with _open(shard) as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                if key in shapes:
-                    raise CheckpointError(f"{shard}: tensor {key!r} also appears in {shapes[key][1].name}")
-                shapes[key] = (tuple(f.get_slice(key).get_shape()), shard)
-    if files.index is not None:
-        weight_map = json.loads(files.index.read_text())["weight_map"]
-        for key, name in weight_map.items():
-            if key not in shapes or shapes[key][1].name != name:
-                raise CheckpointError(
-                    f"{files.index.parent / name}: tensor {key!r} listed in the index is not in it"
-                )
-    return shapes
+    return {key: (info.shape, shard) for key, (info, shard) in read_tensor_table(files).items()}
 
 
 def config_from_checkpoint(
@@ -161,18 +141,6 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def _read_header(shard: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset where its data starts."""
-    try:
-        with open(shard, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{shard}: not a readable safetensors file ({err}); re-download it") from None
-    header.pop("__metadata__", None)
-    return header, 8 + size
-
-
 def _read_into(fh, target: torch.Tensor, shard: Path, key: str) -> None:
     """Fill `target` (uint8) from the file's current position; raw reads may return short counts."""
     view = memoryview(target.numpy()).cast("B")
@@ -192,21 +160,21 @@ def iter_shard_tensors(files: TransformerFiles) -> Iterator[tuple[Path, str, Cal
     Tensors are read with plain file reads, not a memory map: a mapped shard counts in the process's
     resident set as it is touched (up to ~9.9 GB per official A14B shard on top of the model)."""
     for shard in files.shards:
-        header, start = _read_header(shard)
+        try:
+            header = read_header(shard)
+        except HeaderError as err:
+            raise CheckpointError(f"{shard} {err}; re-download it") from None
         with open(shard, "rb", buffering=0) as fh:
-            for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            for key, info in sorted(header.items(), key=lambda item: item[1].start):
 
-                def read(fh=fh, key=key, info=info, shard=shard, start=start) -> torch.Tensor:
-                    dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-                    begin, end = info["data_offsets"]
+                def read(fh=fh, key=key, info=info, shard=shard) -> torch.Tensor:
+                    dtype = SAFETENSORS_DTYPES.get(info.dtype)
                     if dtype is None:
-                        raise CheckpointError(
-                            f"{shard}: tensor {key!r} has unsupported dtype {info['dtype']}"
-                        )
-                    raw = torch.empty(end - begin, dtype=torch.uint8)
-                    fh.seek(start + begin)
+                        raise CheckpointError(f"{shard}: tensor {key!r} has unsupported dtype {info.dtype}")
+                    raw = torch.empty(info.end - info.start, dtype=torch.uint8)
+                    fh.seek(info.start)
                     _read_into(fh, raw, shard, key)
-                    return raw.view(dtype).reshape(info["shape"])
+                    return raw.view(dtype).reshape(info.shape)
 
                 yield shard, key, read
 

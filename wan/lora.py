@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wan.checkpoint_layout import locate_transformer_files
+from wan.checkpoint_layout import locate_transformer_files, read_tensor_table
 from wan.errors import CheckpointError
 from wan.safetensors_header import FLOAT_DTYPES, HeaderError, TensorInfo, read_header, read_scalar
 
@@ -117,13 +117,7 @@ class LoraFile:
 
 def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of a transformer checkpoint (folder or file), from the shard headers."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for shard in locate_transformer_files(path).shards:
-        try:
-            shapes.update({k: v.shape for k, v in read_header(shard).items()})
-        except HeaderError as err:
-            raise CheckpointError(f"{shard}: {err}; re-download it") from None
-    return shapes
+    return {key: info.shape for key, (info, _) in read_tensor_table(locate_transformer_files(path)).items()}
 
 
 def _listing(keys: Sequence[str]) -> str:
