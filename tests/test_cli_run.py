@@ -9,9 +9,8 @@ from pathlib import Path
 import imageio
 import numpy as np
 import pytest
-from PIL import Image
+from cli_runs import frames, run_cli
 
-from magcache_generate import cli
 from magcache_generate.magcache.calibration import average
 from magcache_generate.magcache.ratios import load_ratios_file
 from wan.testing.checkpoint import write_tiny_checkpoint
@@ -22,16 +21,6 @@ BASE = ["--size", "832*480", "--frame-num", "5", "--sample-steps", "4", "--base-
 @pytest.fixture(scope="module")
 def t2v_ckpt(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "Wan2.2-T2V-A14B", "t2v-A14B", seed=3)
-
-
-def run_cli(argv):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    return exit_info.value.code
-
-
-def frames(folder: Path) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
 
 
 def test_console_script_writes_video_frames_and_sidecar(t2v_ckpt, tmp_path):

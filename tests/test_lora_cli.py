@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runs import frames
 from lora_files import MODULES, lowrank_factors, write_lora
-from PIL import Image
 
 from magcache_generate.argv import normalize_argv
 from magcache_generate.cli import _with_demo_defaults, main
@@ -62,10 +62,6 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
         main(argv)
     out, err = capsys.readouterr()
     return info.value.code, out, err
-
-
-def frames(folder: Path) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
 
 
 def generate(ckpt, tmp_path, name, extra, capsys) -> np.ndarray:

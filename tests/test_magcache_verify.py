@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_runs import run_cli
 
-from magcache_generate import cli
 from magcache_generate.argv import normalize_argv
 from magcache_generate.progress import magcache_caption
 from magcache_generate.request import UserError
@@ -22,12 +22,6 @@ SKIPPING = ["--sample-steps", "10", "--use-magcache", "--magcache-thresh", "0.5"
 @pytest.fixture(scope="module")
 def t2v_ckpt(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "Wan2.2-T2V-A14B", "t2v-A14B", seed=3)
-
-
-def run_cli(argv: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    return exit_info.value.code
 
 
 def test_verify_reports_measured_speedup_and_the_quality_compare_gives(t2v_ckpt, tmp_path, capsys):

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from cli_runs import frames, run_cli
 
 import wan.memory_costs as costs
 import wan.memory_plan as mp
-from magcache_generate import cli
 from magcache_generate.budget import SIMULATE_ENV, parse_gpu_memory
 from magcache_generate.request import UserError
 from wan.configs import TASKS
@@ -27,16 +26,6 @@ LAYERS = 6
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt") / "Wan2.2-T2V-A14B"
     return write_tiny_checkpoint(root, "t2v-A14B", seed=4, num_layers=LAYERS)
-
-
-def run_cli(argv):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    return exit_info.value.code
-
-
-def frames(folder: Path) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,23 @@
+"""Helpers for tests that run the CLI in-process and read what it wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from magcache_generate import cli
+
+
+def run_cli(argv: list[str]) -> int:
+    """`magcache-generate argv` in this process; its exit code."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    return exit_info.value.code
+
+
+def frames(folder: Path) -> np.ndarray:
+    """The `--save-frames` PNGs of a folder as one [T, H, W, 3] uint8 array."""
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(Path(folder).glob("*.png"))])
