@@ -269,3 +269,48 @@ def test_calibration_batched_call_on_a_toy():
         stacked.begin_batched_call(step, ("cond", "uncond"), "single")
         stacked.run(h, torch.tanh)
     assert stacked.recording() == separate.recording()
+
+
+# ------------------------------------------------------------------------------------ streamed blocks
+
+
+def test_streamed_blocks_are_copied_once_per_batched_step(tmp_path):
+    """CPU fake split: a batched CFG step copies each streamed block once (two forwards: twice), and the
+    streamed batched run equals the resident batched run bit for bit."""
+    import wan
+    from wan.placement import Placement, streamed_source
+    from wan.testing.dit import write_transformer_folder
+
+    cfg = tiny_transformer_config("t2v", num_layers=5)
+    folder = write_transformer_folder(tmp_path / "m", cfg, seed=7)
+
+    def load(resident):
+        placement = Placement(torch.device("cpu"), resident_blocks=resident, pin=False)
+        return wan.load_transformer(folder, placement=placement)
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 16, 2, 8, 8, generator=g)
+    context, context_null = (
+        torch.randn(1, 5, cfg.text_dim, generator=g),
+        torch.randn(1, 3, cfg.text_dim, generator=g),
+    )
+    outs, copies = {}, {}
+    for name, resident, batched in (("resident", None, True), ("two", 2, False), ("batched", 2, True)):
+        model = load(resident)
+        source = streamed_source(model)
+        before = len(source.copies) if source is not None else 0
+        outs[name] = sample(
+            noise,
+            make_schedule("unipc", 4, 5.0),
+            StaticModels({"single": model}),
+            context,
+            context_null,
+            guide_scale=(4.0, 4.0),
+            boundary=None,
+            cfg_batch=batched,
+        )
+        copies[name] = len(source.copies) - before if source is not None else 0
+    assert torch.equal(outs["batched"], outs["resident"])
+    torch.testing.assert_close(outs["batched"], outs["two"], **TOLERANCE)
+    # 3 streamed blocks: each forward copies 3 (the last one's prefetch of the next call included)
+    assert copies == {"resident": 0, "two": 8 * 3, "batched": 4 * 3}
