@@ -112,8 +112,8 @@ def render_video(
     def on_step(info: StepInfo) -> None:
         for branch in info.branches:
             dit_calls[branch] += 1
-        cfg_steps["cfg"] += len(info.branches) > 1
-        cfg_steps["batched"] += info.batched
+        cfg_steps["cfg"] += int(len(info.branches) > 1)
+        cfg_steps["batched"] += int(info.batched)
         reporter.advance(denoise, detail=f"t={info.timestep:g} {info.expert} cfg {info.guide_scale:g}")
 
     experts = _MeteredExperts(components.dit_runtime.models(components.experts), device)
