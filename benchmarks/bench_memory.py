@@ -108,6 +108,7 @@ def options(target: Target, ckpt: Path, out: Path, image: Path | None, args, bud
         save_file=out,
         device=args.device,
         gpu_memory=None if budget is None or args.device == "cpu" else f"{budget}",
+        cfg_batch=args.cfg_batch,
         overwrite=True,
     )
 
@@ -234,6 +235,13 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=None, help="override every target's frame count")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="CPU dry run: narrow models, 5 frames")
+    parser.add_argument(
+        "--cfg-batch",
+        choices=("auto", "on", "off"),
+        default="off",
+        help="--cfg-batch of both runs; off (default) so that the ratio measures streaming alone "
+        "(auto would batch the resident run on a large card and not the budgeted one)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.small:

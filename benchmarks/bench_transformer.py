@@ -5,12 +5,18 @@ for each attention backend available (random weights).
     python benchmarks/bench_transformer.py --device cuda               # A14B width, 832x480x81, 2 blocks, bf16
     python benchmarks/bench_transformer.py --device cuda --size 1280x720x81 --attention cudnn,fa3 --compile
     python benchmarks/bench_transformer.py --device cuda --preset ti2v-5B --size 1280x704x121 --json
+    python benchmarks/bench_transformer.py --device cuda --attention auto --cfg-batch  # batch-2 CFG vs 2 calls
 
 Per attention backend it times the forward with the blocks (median of --repeat) and without them
 (embeddings and head), so per block = (forward - fixed) / layers, and extrapolates to the full depth.
 The matmul rate is measured on the same device first (a bf16 8192^3 matmul on CUDA). FLOPs count
 multiply-adds of the Linears and attention as 2 (the usual convention), element-wise work as 0.
 CUDA timings use CUDA events, synchronised once per measurement.
+
+`--cfg-batch` also times, at the same shape and with the blocks, a CFG step's two forwards both ways:
+two batch-1 forwards (cond, uncond) against one batch-2 forward (the branches stacked, `wan.cfg_batch`),
+with the peak allocated memory of each and the largest difference between their outputs. This is the
+measurement `--cfg-batch auto` defers to (resident blocks: no streamed copies to halve here).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from wan.attention_backends import BACKENDS, backend_problem
+from wan.cfg_batch import repeat_batch, split_branches, stack_contexts
 from wan.modules.attention import AttentionPolicy
 from wan.modules.compile import BlockCompiler
 from wan.modules.transformer import TransformerConfig, WanTransformer
@@ -115,6 +122,51 @@ def build(cfg: TransformerConfig, dtype: torch.dtype, device: torch.device) -> W
     return model.eval().requires_grad_(False)
 
 
+def cfg_batch_timing(
+    model: WanTransformer,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    ctx: torch.Tensor,
+    timer: Timer,
+    args: argparse.Namespace,
+) -> dict:
+    """One CFG step's forwards: two batch-1 calls vs one batch-2 call (same inputs, blocks included)."""
+    device = x.device
+    ctx_null = torch.randn(ctx.shape, device=device, dtype=ctx.dtype)
+    x2, t2, ctx2 = repeat_batch(x, 2), repeat_batch(t, 2), stack_contexts([ctx, ctx_null])
+
+    def peak_of(fn: Callable[[], object]) -> float | None:
+        if device.type != "cuda":
+            return None
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+
+    def separate() -> tuple[torch.Tensor, torch.Tensor]:
+        return model(x, t, ctx), model(x, t, ctx_null)
+
+    def batched() -> torch.Tensor:
+        return model(x2, t2, ctx2)
+
+    two_s = timer.median(separate, args.warmup, args.repeat)
+    one_s = timer.median(batched, args.warmup, args.repeat)
+    cond, uncond = separate()
+    b_cond, b_uncond = split_branches(batched(), 2)
+    diff = max((b_cond - cond).abs().max().item(), (b_uncond - uncond).abs().max().item())
+    scale = max(cond.abs().max().item(), uncond.abs().max().item())
+    return {
+        "two_forwards_s": sig(two_s, 4),
+        "batched_forward_s": sig(one_s, 4),
+        "batched_speedup": round(two_s / one_s, 3),
+        "two_forwards_peak_gib": peak_of(separate),
+        "batched_peak_gib": peak_of(batched),
+        "max_abs_diff": sig(diff),
+        "max_abs_output": sig(scale),
+    }
+
+
 def available_backends(device: torch.device, requested: str) -> list[str]:
     names = BACKENDS if requested == "all" else tuple(requested.split(","))
     return [n for n in names if backend_problem(n, device.type) is None]
@@ -163,6 +215,7 @@ def run(args: argparse.Namespace) -> dict:
                 model.blocks = no_blocks
                 fixed = timer.median(lambda: model(x, t, ctx), 1, args.repeat)
                 attention = timer.median(lambda p=policy: p(q, q, q, "bench"), 1, args.repeat)
+                cfg_batch = cfg_batch_timing(model, x, t, ctx, timer, args) if args.cfg_batch else None
             except RuntimeError as err:  # a backend that cannot take these inputs
                 rows.append({"attention": name, "error": str(err).splitlines()[0][:200]})
                 continue
@@ -191,6 +244,7 @@ def run(args: argparse.Namespace) -> dict:
                 if device.type == "cuda"
                 else None,
                 "compile_s": round(model.block_runner.compile_seconds, 1) if args.compile else None,
+                "cfg_batch": cfg_batch,
             }
         )
     return {
@@ -232,6 +286,23 @@ def print_table(result: dict) -> None:
             f"{r['block_fraction_of_matmul']:>6.2f} {r['attention_tflops']:>9.3g} "
             f"{r['attention_fraction_of_matmul']:>10.2f} {r['full_depth_forward_s']:>12.3f}"
         )
+    batched = [r for r in result["results"] if r.get("cfg_batch")]
+    if batched:
+        print(f"CFG step, {result['layers_run']} blocks (measured, not extrapolated):")
+        print(
+            f"{'attention':<10} {'2 x batch-1 s':>13} {'batch-2 s':>10} {'speedup':>8} {'peak GiB 2x1':>12} "
+            f"{'peak GiB 1x2':>12} {'max |diff|':>10}"
+        )
+    for r in batched:
+        c = r["cfg_batch"]
+        peaks = [
+            f"{p:>12.2f}" if p is not None else f"{'-':>12}"
+            for p in (c["two_forwards_peak_gib"], c["batched_peak_gib"])
+        ]
+        print(
+            f"{r['attention']:<10} {c['two_forwards_s']:>13.4g} {c['batched_forward_s']:>10.4g} "
+            f"{c['batched_speedup']:>8.3f} {peaks[0]} {peaks[1]} {c['max_abs_diff']:>10.3g}"
+        )
 
 
 def main() -> None:
@@ -248,6 +319,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunk", type=int, default=None, help="activation_chunk (tokens)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks")
+    parser.add_argument(
+        "--cfg-batch", action="store_true", help="also time a CFG step: two batch-1 forwards vs one batch-2"
+    )
     parser.add_argument("--text-len", type=int, default=512)
     parser.add_argument("--text-dim", type=int, default=4096)
     parser.add_argument("--matmul-size", type=int, default=8192)

@@ -93,6 +93,7 @@ class RunMemory:
         from wan.memory_plan import plan_memory
 
         req = memory_request(request, self.dit_config, self.plan.budget, batch=self.batch)
+        req = dataclasses.replace(req, cfg_batch=self.plan.cfg_batch)  # as planned for the run
         return plan_memory(req, budget_source=self.source).vae_tile_px
 
     def to_json(self, request: Request) -> dict[str, Any]:
@@ -169,18 +170,22 @@ def plan_run(
 ) -> RunMemory | None:
     """Plan every request within the budget, before any weight loads; the DiT placement of the run is
     the leanest of them (fewest resident blocks, smallest chunk). None for a CPU run."""
-    from wan.memory_plan import PlanInfeasibleError, plan_memory
+    from magcache_generate.cfg_batching import planner_policy
+    from wan.memory_plan import PlanInfeasibleError, plan_cfg_batch, plan_memory
 
     budget = resolve_budget(requests[0], device)
     if budget is None:
         return None
     budget_bytes, source = budget
+    cfg_batch = planner_policy(requests, device.type)  # --cfg-batch: room for a batch-2 CFG forward?
     plans = []
     for index, request in enumerate(requests):
         try:
             plans.append(
-                plan_memory(
-                    memory_request(request, dit_config, budget_bytes, batch=batch), budget_source=source
+                plan_cfg_batch(
+                    memory_request(request, dit_config, budget_bytes, batch=batch),
+                    cfg_batch,
+                    budget_source=source,
                 )
             )
         except PlanInfeasibleError as err:
@@ -190,6 +195,11 @@ def plan_run(
                 else ""
             )
             raise UserError(f"{where}{err}") from None
+    if len({p.cfg_batch for p in plans}) > 1:  # auto batches a run only when every item has room
+        plans = [
+            plan_memory(memory_request(r, dit_config, budget_bytes, batch=batch), budget_source=source)
+            for r in requests
+        ]
     leanest = min(plans, key=lambda p: (p.resident_blocks, p.activation_chunk or math.inf))
     chunks = [p.activation_chunk for p in plans if p.activation_chunk is not None]
     combined = dataclasses.replace(

@@ -88,6 +88,12 @@ class Distilled(str, Enum):
 AttentionBackend = Enum("AttentionBackend", {name: name for name in ATTENTION_BACKENDS}, type=str)
 
 
+class CfgBatchMode(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class MagCacheMode(str, Enum):
     aligned = "aligned"
     official = "official"
@@ -179,6 +185,13 @@ def generate(
             help="torch.compile the transformer block (once per video size; its time is reported apart).",
         ),
     ] = False,
+    cfg_batch: Annotated[
+        CfgBatchMode,
+        InSpeed(
+            help="CFG steps as one batch-2 forward (cond and uncond stacked; same math): auto = on for CUDA "
+            "runs whose memory plan has room for the doubled activations, off on the CPU; on forces it."
+        ),
+    ] = CfgBatchMode.auto,
     gpu_memory: Annotated[
         str | None,
         InMemory(

@@ -30,6 +30,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from magcache_generate.cfg_batching import summary_text as cfg_batch_summary
 from magcache_generate.magcache.report import format_speedup
 from magcache_generate.naming import sidecar_path
 from magcache_generate.quality import summary_line
@@ -135,6 +136,8 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
     if calls:
         only = " (cond only: guide scale 1)" if not calls.get("uncond") else ""
         rows.append(("DiT calls", f"{sum(calls.values())}{only}"))
+    if result.get("cfg_batch"):
+        rows.append(("CFG batch", cfg_batch_summary(result["cfg_batch"])))
     rows += memory_rows(result["peak_memory"])
     if result.get("attention"):
         attention = result["attention"]

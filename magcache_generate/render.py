@@ -47,6 +47,7 @@ class Rendered:
     denoise_cpu_s: float  # process CPU seconds of the denoising, all threads (less disturbed by other jobs)
     dit_calls: dict[str, int]  # transformer calls per branch (CFG-free steps make no uncond call)
     compile_s: float  # --compile: host seconds spent compiling during this denoising (kept out of denoise)
+    cfg_steps: dict[str, int] | None = None  # --cfg-batch: {"cfg": steps with both branches, "batched": ...}
 
 
 class _MeteredExperts:
@@ -106,10 +107,13 @@ def render_video(
     task, device = components.task, components.device
     denoise = reporter.task(label, total=len(inputs.schedule))
     dit_calls = {"cond": 0, "uncond": 0}
+    cfg_steps = {"cfg": 0, "batched": 0}
 
     def on_step(info: StepInfo) -> None:
         for branch in info.branches:
             dit_calls[branch] += 1
+        cfg_steps["cfg"] += int(len(info.branches) > 1)
+        cfg_steps["batched"] += int(info.batched)
         reporter.advance(denoise, detail=f"t={info.timestep:g} {info.expert} cfg {info.guide_scale:g}")
 
     experts = _MeteredExperts(components.dit_runtime.models(components.experts), device)
@@ -128,6 +132,7 @@ def render_video(
             conditioning=inputs.conditioning,
             cache=cache,
             on_step=on_step,
+            cfg_batch=components.cfg_batch.batched,
         )
         denoise_cpu_s = time.process_time() - cpu_start - experts.cpu_seconds
     compile_s = components.dit_runtime.compile_seconds - compile_before
@@ -152,4 +157,4 @@ def render_video(
         if save_frames is not None:
             write_frames_png(frames, save_frames, overwrite=request.overwrite)
     timings["write"] = time.perf_counter() - start
-    return Rendered(tuple(frames.shape), timings, denoise_cpu_s, dit_calls, compile_s)
+    return Rendered(tuple(frames.shape), timings, denoise_cpu_s, dit_calls, compile_s, cfg_steps)

@@ -72,6 +72,7 @@ class Request:
     attention: str = "auto"  # attention kernel (wan.attention_backends.BACKENDS)
     compile: bool = False  # torch.compile the DiT block
     gpu_memory: float | None = None  # --gpu-memory in GiB; None: auto (free device memory minus a margin)
+    cfg_batch: str = "auto"  # --cfg-batch: CFG steps as one batch-2 forward (auto | on | off)
     magcache: MagCacheOptions = field(default_factory=MagCacheOptions)
     loras: tuple[LoraChoice, ...] = ()  # merged into the experts' weights at load time
     distilled: str | None = None  # the step-distillation recipe whose defaults were applied ("lightning")

@@ -18,6 +18,7 @@ from rich.markup import escape
 import wan
 from magcache_generate import __version__
 from magcache_generate.budget import plan_run
+from magcache_generate.cfg_batching import decide_cfg_batch
 from magcache_generate.dit_runtime import DitRuntime
 from magcache_generate.loras import expert_specs, lora_records
 from magcache_generate.magcache.calibration import CalibrationRecorder
@@ -74,6 +75,7 @@ class Components:
         self.memory = plan_run(requests or [first], self.dit_config, self.device, batch=batch)
         if self.memory is not None:
             reporter.log(self.memory.render())
+        self.cfg_batch = decide_cfg_batch(requests or [first], self.device.type, self.memory)  # --cfg-batch
         t5_cpu = first.t5_cpu or (self.memory is not None and self.memory.plan.t5_on_cpu)
         self.t5_device = torch.device("cpu") if t5_cpu else self.device
         self.experts = ExpertPool(
@@ -232,6 +234,8 @@ def generate_one(
                 boundary=task.boundary,
                 autocast=autocast_for(components),
                 device=device,
+                cfg_batch=components.cfg_batch.batched,
+                guide_scale=request.guide_scale,
             )
         timings["verify_warmup"] = warmup
         dense = render_video(
@@ -276,6 +280,7 @@ def generate_one(
         "loras": lora_records(request.loras, task),
         "attention": components.dit_runtime.report(),
         "compile_s": round(rendered.compile_s, 4) if request.compile else None,
+        "cfg_batch": components.cfg_batch.to_json(rendered.cfg_steps["batched"], rendered.cfg_steps["cfg"]),
         "request": _jsonable(dataclasses.asdict(request)),
         "negative_prompt_used": negative,
         "versions": package_versions(),

@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from magcache_generate.budget import check_gpu_memory
+from magcache_generate.cfg_batching import check_cfg_batch
 from magcache_generate.distilled import apply_distilled, recipe_name
 from magcache_generate.loras import resolve_loras
 from magcache_generate.magcache.policy import MODES, MagCacheConfig, MagCacheConfigError
@@ -90,6 +91,7 @@ class GenerateOptions:
     attention: str = "auto"
     compile: bool = False
     gpu_memory: str | None = None  # --gpu-memory GB|auto; None: auto
+    cfg_batch: str = "auto"  # --cfg-batch auto|on|off
     use_magcache: bool = False
     magcache_thresh: float | None = None
     magcache_k: int | None = None
@@ -201,6 +203,7 @@ def build_request(
         attention=options.attention,
         compile=options.compile,
         gpu_memory=gpu_memory,
+        cfg_batch=check_cfg_batch(options.cfg_batch),
         magcache=magcache,
         loras=resolve_loras(cfg, options.lora, options.lora_high, options.lora_low, options.lora_dir),
         distilled=recipe_name(options),

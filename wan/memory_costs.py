@@ -74,6 +74,7 @@ class MemoryRequest:
     vae_during_denoise: bool = False  # the VAE is already on the device while denoising (image, batch)
     t5_bytes: int = 0  # umT5 weights (the file's size); 0: the official 11.4 GB
     vae_bytes: int = 0  # VAE weights; 0: the official float32 size of the task's VAE
+    cfg_batch: bool = False  # CFG steps run cond and uncond as one batch-2 forward (twice the activations)
 
     @property
     def tokens(self) -> int:
@@ -85,6 +86,11 @@ class MemoryRequest:
     def per_token_timesteps(self) -> bool:
         """ti2v-5B with an image: frame-0 tokens run at timestep 0, so modulation rows are per token."""
         return self.image and self.task.image == "optional"
+
+    @property
+    def forward_batch(self) -> int:
+        """Samples in one DiT forward: 2 when CFG runs as one batched forward, else 1."""
+        return 2 if self.cfg_batch else 1
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -113,7 +119,9 @@ class ActivationModel:
         + L*dim*4*residual_slots (MagCache residuals, float32)
 
     with L the tokens of one forward and C = min(chunk, L) the tokens per chunk of the token-local
-    stages (norms, modulation, projections, FFN).
+    stages (norms, modulation, projections, FFN). A batched CFG forward (`cfg_batch`) holds both
+    branches' tokens: L and C count 2x the tokens of one video (and the per-token modulation pass
+    doubles too); the MagCache residuals do not (one slot per branch either way).
 
     Calibration: `benchmarks/activation_peak.py` (live tensor bytes of a 4-block forward at real widths
     on the meta device, bf16 weights; validated against the earlier H100 run, which it reproduces for
@@ -135,15 +143,16 @@ class ActivationModel:
     residual_slots: int = 2  # MagCache residuals held at once (one per CFG branch), fp32
 
     def forward_bytes(self, req: MemoryRequest, chunk: int | None) -> int:
-        tokens, dim, ffn = req.tokens, req.dit.dim, req.dit.ffn_dim
-        total = tokens * dim * self.stream + self.fixed
+        tokens, dim, ffn, batch = req.tokens, req.dit.dim, req.dit.ffn_dim, req.forward_batch
+        rows = batch * tokens  # tokens of all samples in the forward
+        total = rows * dim * self.stream + self.fixed
         if chunk is None or chunk >= tokens:
-            total += tokens * ffn * self.ffn_hidden
+            total += rows * ffn * self.ffn_hidden
         else:
             per_token = ffn * self.ffn_hidden + dim * self.modulation
-            total += max(tokens * dim * self.attention, chunk * per_token)
+            total += max(rows * dim * self.attention, batch * chunk * per_token)
         if req.per_token_timesteps:
-            total += dim * self.token_modulation
+            total += batch * dim * self.token_modulation
         if req.residual_cache:
             total += tokens * dim * 4 * self.residual_slots
         if req.weight_bytes == 4:  # bf16 autocast copies of the two largest weights in flight
@@ -252,8 +261,9 @@ def _vae_bytes(req: MemoryRequest) -> int:
 
 
 def _latent_bytes(req: MemoryRequest) -> int:
-    """Noise, the latent, both CFG outputs, their combination and the solver's history (float32)."""
-    return 12 * 4 * math.prod(req.latent_shape)
+    """Noise, the latent, both CFG outputs, their combination and the solver's history (float32); a
+    batched CFG forward adds its stacked input (x, the i2v y: counted as 4 latents) and output (2)."""
+    return (12 + (6 if req.cfg_batch else 0)) * 4 * math.prod(req.latent_shape)
 
 
 def _reserved(stage: str, allocated: int) -> int:

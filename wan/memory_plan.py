@@ -44,6 +44,9 @@ class MemoryPlan:
     activation_chunk: int | None  # tokens per FFN/modulation chunk; None: unchunked
     estimates: dict[str, int]  # stage -> estimated peak reserved bytes
     tokens: int
+    cfg_batch: bool = (
+        False  # CFG steps run cond and uncond as one batch-2 forward (planned with 2x activations)
+    )
 
     @property
     def streamed_blocks(self) -> int:
@@ -64,6 +67,7 @@ class MemoryPlan:
             "vae_tile_px": self.vae_tile_px,
             "activation_chunk": self.activation_chunk,
             "tokens": self.tokens,
+            "cfg_batch": self.cfg_batch,
             "estimated_peak_gib": {k: round(v / GIB, 3) for k, v in self.estimates.items()},
         }
 
@@ -78,10 +82,18 @@ class MemoryPlan:
         else:
             dit = f"DiT all {self.num_layers} blocks resident"
         chunk = f"FFN in {self.activation_chunk}-token chunks" if self.activation_chunk else "FFN unchunked"
+        chunk += f"; {self.cfg_batch_text()}"
         t5 = "text encoder on CPU" if self.t5_on_cpu else "text encoder on GPU"
         vae = f"VAE decode tiled ({self.vae_tile_px} px tiles)" if self.vae_tiled else "VAE decode untiled"
         est = ", ".join(f"{k} {v / GIB:.1f}" for k, v in self.estimates.items())
         return f"{head}\n  {dit}; {chunk}\n  {t5}; {vae}; estimated peak GiB: {est}"
+
+    def cfg_batch_text(self) -> str:
+        """What the plan does with CFG steps, for the plan block."""
+        if not self.cfg_batch:
+            return "CFG steps: two forwards"
+        copies = " (half the streamed block copies)" if self.streamed_blocks else ""
+        return f"CFG steps: one batch-2 forward{copies}"
 
 
 class PlanInfeasibleError(ValueError):
@@ -147,6 +159,7 @@ def _plan(
         activation_chunk=chunk,
         estimates=estimates,
         tokens=req.tokens,
+        cfg_batch=req.cfg_batch,
     )
 
 
@@ -212,3 +225,50 @@ def plan_memory(req: MemoryRequest, *, budget_source: str = "--gpu-memory") -> M
     else:
         message += "; free GPU memory or use a larger GPU"
     raise PlanInfeasibleError(message)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CFG as one batch-2 forward: whether the budget has room for it
+# ----------------------------------------------------------------------------------------------------
+
+CFG_BATCH_POLICIES = ("off", "if_free", "on")
+
+
+def _same_placement(a: MemoryPlan, b: MemoryPlan) -> bool:
+    return (a.resident_blocks, a.activation_chunk, a.t5_on_cpu, a.vae_tile_px) == (
+        b.resident_blocks,
+        b.activation_chunk,
+        b.t5_on_cpu,
+        b.vae_tile_px,
+    )
+
+
+def plan_cfg_batch(req: MemoryRequest, policy: str, *, budget_source: str = "--gpu-memory") -> MemoryPlan:
+    """The plan of `req` with CFG batching decided by `policy`:
+
+    - "off": two forwards per CFG step (`plan_memory`);
+    - "if_free": one batch-2 forward only when its doubled activations cost nothing else: the batched
+      plan keeps every block, chunk, text-encoder and VAE choice of the unbatched one (a tight budget
+      spends its room on resident blocks and unchunked FFNs, not on batching);
+    - "on": batched whatever it costs; PlanInfeasibleError when even that does not fit.
+    """
+    if policy not in CFG_BATCH_POLICIES:
+        raise ValueError(f"CFG batch policy {policy!r} is not one of {CFG_BATCH_POLICIES}")
+    plain = replace(req, cfg_batch=False)
+    if policy == "off":
+        return plan_memory(plain, budget_source=budget_source)
+    batched = replace(req, cfg_batch=True)
+    if policy == "on":
+        plan = _try_plan(batched)
+        if plan is not None:
+            return plan
+        plan_memory(plain, budget_source=budget_source)  # infeasible anyway: that message says why
+        raise PlanInfeasibleError(
+            f"--cfg-batch on: one batch-2 CFG forward (twice the activations) does not fit "
+            f"{budget_source} ({req.budget / GIB:.1f} GiB) for {req.task.name} at {req.width}*{req.height} "
+            f"with {req.frames} frames; it needs at least {minimum_budget(batched) / GIB:.1f} GiB; "
+            "use --cfg-batch auto (or off)"
+        )
+    plan = plan_memory(plain, budget_source=budget_source)
+    candidate = _try_plan(batched)
+    return candidate if candidate is not None and _same_placement(candidate, plan) else plan

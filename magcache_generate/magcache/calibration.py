@@ -1,8 +1,9 @@
 """Measure a magnitude-ratio curve on a dense run (upstream's --magcache_calibration, as an object).
 
-`CalibrationRecorder` has the ResidualCache interface (``begin_call`` then ``run(h, blocks)``), never
-skips, and for every call after step 0 compares the block-stack residual r_t with the same branch's
-residual of the previous step, per token (norms over the hidden dim):
+`CalibrationRecorder` has the ResidualCache interface (``begin_call`` then ``run(h, blocks)``; a batched
+CFG step is recorded branch by branch from its halves), never skips, and for every call after step 0
+compares the block-stack residual r_t with the same branch's residual of the previous step, per token
+(norms over the hidden dim):
 
     gamma  = mean over tokens of ||r_t|| / ||r_{t-1}||
     std    = std over tokens of that ratio
@@ -125,18 +126,39 @@ class CalibrationRecorder:
         self._previous: dict[str, Tensor] = {}  # branch -> residual of its previous call (any expert)
         self._pending: list[tuple[int, str, str, Tensor]] = []  # (step, branch, expert, [gamma, std, cos])
         self._experts: dict[int, str] = {}
-        self._call: tuple[int, str, str] | None = None
+        self._calls: tuple[tuple[int, str, str], ...] = ()  # announced, not yet run
 
     def begin_call(self, step: int, branch: str, expert: str) -> None:
-        self._call = (step, branch, expert)
+        self._calls = ((step, branch, expert),)
+        self._experts[step] = expert
+
+    def batchable(self, step: int, branches: tuple[str, ...], expert: str) -> bool:
+        """Always: a dense run computes every call, and a batched one is recorded branch by branch."""
+        return True
+
+    def begin_batched_call(self, step: int, branches: tuple[str, ...], expert: str) -> None:
+        """The branches of one step stacked along the batch (in this order): each half is recorded
+        as that branch's call, in the same order as separate calls."""
+        self._calls = tuple((step, branch, expert) for branch in branches)
         self._experts[step] = expert
 
     def run(self, h: Tensor, blocks: Callable[[Tensor], Tensor]) -> Tensor:
-        if self._call is None:
+        calls = self._calls
+        if not calls:
             raise RuntimeError("CalibrationRecorder.run() called without begin_call(step, branch, expert)")
-        step, branch, expert = self._call
-        self._call = None
+        self._calls = ()
+        if h.shape[0] % len(calls):
+            raise RuntimeError(
+                f"a batched call of {len(calls)} branches got a block input of batch {h.shape[0]}"
+            )
         out = blocks(h)
+        rows = h.shape[0] // len(calls)
+        for k, call in enumerate(calls):
+            part = slice(k * rows, (k + 1) * rows)
+            self._record(*call, h[part], out[part])
+        return out
+
+    def _record(self, step: int, branch: str, expert: str, h: Tensor, out: Tensor) -> None:
         # float32 statistics whatever the run's dtype (upstream's residuals are fp32 as well)
         residual = (out - h).float()
         previous = self._previous.get(branch)
@@ -151,7 +173,6 @@ class CalibrationRecorder:
             stats = torch.stack([token_ratio.mean(), token_ratio.std(), cos_dis.mean()])
             self._pending.append((step, branch, expert, stats))
         self._previous[branch] = residual
-        return out
 
     def release(self) -> None:
         """Free the residuals kept for the next call's ratio (after the last call)."""

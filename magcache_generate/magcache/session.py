@@ -35,38 +35,56 @@ class TimedCache:
 
     On CUDA a pair of timing events is recorded around each block stack and read only by
     ``block_seconds()``, after the stage (one synchronisation, on the last event); on the CPU the
-    work is synchronous and ``perf_counter`` is read directly.
+    work is synchronous and ``perf_counter`` is read directly. A batched CFG step (one block stack for
+    n branches) counts as n computed calls of 1/n of its time each, so the per-call figures (and the
+    estimated speedup built on them) mean the same with and without batching.
     """
 
     def __init__(self, inner: ResidualCache | CalibrationRecorder):
         self.inner = inner
         self._cpu_seconds: list[float] = []
-        self._cuda_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._cuda_events: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []  # (start, end, calls)
+        self._calls = 1  # DiT calls the next run() serves (the branches of a batched step)
 
     def begin_call(self, step: int, branch: str, expert: str) -> None:
         self.inner.begin_call(step, branch, expert)
+        self._calls = 1
+
+    def batchable(self, step: int, branches: tuple[str, ...], expert: str) -> bool:
+        return self.inner.batchable(step, branches, expert)
+
+    def begin_batched_call(self, step: int, branches: tuple[str, ...], expert: str) -> None:
+        self.inner.begin_batched_call(step, branches, expert)
+        self._calls = len(branches)
 
     def run(self, h: torch.Tensor, blocks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        calls, self._calls = self._calls, 1
+
         def timed(x: torch.Tensor) -> torch.Tensor:
             if x.device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 out = blocks(x)
                 end.record()
-                self._cuda_events.append((start, end))
+                self._cuda_events.append((start, end, calls))
                 return out
             begin = time.perf_counter()
             out = blocks(x)
-            self._cpu_seconds.append(time.perf_counter() - begin)
+            self._cpu_seconds += [(time.perf_counter() - begin) / calls] * calls
             return out
 
         return self.inner.run(h, timed)
 
     def block_seconds(self) -> list[float]:
-        """Block-stack seconds of every computed call so far; call it after the stage, not inside it."""
+        """Block-stack seconds of every computed call so far (a batched stack shared equally by its
+        calls); call it after the stage, not inside it."""
         if self._cuda_events:
             self._cuda_events[-1][1].synchronize()  # events complete in order: the last one covers all
-        cuda = [start.elapsed_time(end) / 1000 for start, end in self._cuda_events]
+        cuda = [
+            start.elapsed_time(end) / 1000 / calls
+            for start, end, calls in self._cuda_events
+            for _ in range(calls)
+        ]
         return self._cpu_seconds + cuda
 
     def release(self) -> None:

@@ -27,7 +27,9 @@ import torch
 
 from magcache_generate.compare import compare_files
 from magcache_generate.magcache.report import round_speedup
+from wan.cfg_batch import repeat_batch, stack_contexts
 from wan.conditioning import Conditioning
+from wan.guidance import guide_scale_for, uses_cfg
 from wan.sampling import ModelProvider
 from wan.schedule import Schedule, expert_for
 
@@ -55,15 +57,22 @@ def warm_up(
     boundary: float | None,
     autocast: AbstractContextManager,
     device: torch.device,
+    cfg_batch: bool = False,
+    guide_scale: tuple[float, float] | None = None,
 ) -> float:
     """One untimed conditional forward of the schedule's first expert; returns its seconds (loading that
-    expert included: the dense run would otherwise load it, outside its timing too)."""
+    expert included: the dense run would otherwise load it, outside its timing too). With `cfg_batch`
+    and CFG on that expert (`guide_scale`), the forward has the batched CFG step's shape (batch 2)."""
     start = time.perf_counter()
     t = int(schedule.timesteps[0])
-    model = models.activate(expert_for(t, boundary))
-    x = conditioning.impose(noise)
+    expert = expert_for(t, boundary)
+    model = models.activate(expert)
+    x, y = conditioning.impose(noise), conditioning.y
+    if cfg_batch and guide_scale is not None and uses_cfg(guide_scale_for(expert, guide_scale)):
+        x, context = repeat_batch(x, 2), stack_contexts([context, context])
+        y = None if y is None else repeat_batch(y, 2)
     with torch.inference_mode(), autocast:
-        model(x, conditioning.model_timestep(t, x), context, conditioning.y)
+        model(x, conditioning.model_timestep(t, x), context, y)
     synchronize(device)
     return time.perf_counter() - start
 
