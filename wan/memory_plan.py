@@ -81,7 +81,7 @@ class MemoryPlan:
         else:
             dit = f"DiT all {self.num_layers} blocks resident"
         if self.weights:
-            dit += f" (weights {self.weights})"
+            dit += f"; weights {self.weights}"
         chunk = f"FFN in {self.activation_chunk}-token chunks" if self.activation_chunk else "FFN unchunked"
         t5 = "text encoder on CPU" if self.t5_on_cpu else "text encoder on GPU"
         vae = f"VAE decode tiled ({self.vae_tile_px} px tiles)" if self.vae_tiled else "VAE decode untiled"
