@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import wan
 import wan.memory_costs as costs
+import wan.placement as placement_module
 from magcache_generate import cli
 from magcache_generate.budget import memory_request
 from magcache_generate.validate import GenerateOptions, build_request
@@ -26,7 +27,7 @@ from wan.experts import ExpertPool
 from wan.lora import LoraSpec, build_merge
 from wan.memory_plan import MemoryRequest, plan_memory
 from wan.modules.transformer import TokenTimesteps, WanTransformer
-from wan.placement import Placement, streamed_source
+from wan.placement import BlockLayout, Placement, streamed_source
 from wan.testing.checkpoint import write_tiny_checkpoint
 from wan.testing.dit import tiny_transformer_config, write_transformer_folder
 from wan.testing.real_width import real_transformer_config
@@ -231,6 +232,32 @@ def test_streamed_blocks_hold_one_host_tensor_per_storage_dtype(folders):
         assert linear_bytes and sum(f.numel() * f.element_size() for f in flats) >= linear_bytes
 
 
+def test_page_locking_failure_with_mixed_storage_stays_exact(folders, monkeypatch):
+    calls = []
+
+    class FailingCudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(size)
+            return 2  # cudaErrorMemoryAllocation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FailingCudart())
+    monkeypatch.setattr(placement_module, "_consume_cuda_error", lambda: None)
+    warnings = []
+    model = wan.load_transformer(
+        folders["t2v"],
+        storage=MIXED,
+        placement=Placement(CPU, resident_blocks=1, pin=True),
+        on_warning=warnings.append,
+    )
+    monkeypatch.undo()
+    assert len(calls) == 1 and len(warnings) == 1  # the first failure stops all further tries
+    assert not any(block.pinned for block in streamed_source(model).host.values())
+    inputs = forward_inputs("t2v", model.config)
+    reference = load(folders["t2v"], WeightStorage(torch.float32), None, resident=None)
+    assert torch.equal(run_autocast(model, inputs), run_autocast(reference, inputs))
+
+
 def test_expert_pool_loads_in_its_storage(folders):
     pool = ExpertPool(
         {"single": folders["t2v"]},
@@ -327,6 +354,19 @@ def test_the_default_regime_plans_about_half_the_weights():
     assert plan.to_json()["weights"] == "fp32 (Linears stored bf16 for autocast)"
     assert "weights fp32 (Linears stored bf16 for autocast)" in plan.render()
     assert plan_memory(bf16).to_json()["weights"] == "bf16"
+
+
+@pytest.mark.parametrize("task", ["t2v-A14B", "ti2v-5B"])
+def test_planned_block_bytes_are_the_host_buffers(task):
+    """The planner's block size equals the flat buffers a streamed block really gets (up to alignment)."""
+    cfg = real_transformer_config(task, layers=1)
+    with torch.device("meta"):
+        block = WanTransformer(cfg).blocks[0]
+    for storage, kw in ((MIXED, {"autocast_linear_bytes": 2}), (WeightStorage(torch.float32), {})):
+        layout = BlockLayout.of(block, lambda name, s=storage: s.dtype_of(f"blocks.0.{name}"))
+        req = MemoryRequest(TASKS[task], cfg, 832, 480, 81, budget=0, weight_bytes=4, **kw)
+        padding = len(list(block.parameters())) * placement_module.ALIGN_BYTES
+        assert costs.block_bytes(req) <= layout.nbytes <= costs.block_bytes(req) + padding
 
 
 def test_memory_request_follows_the_device(tmp_path, tiny_checkpoint_source):
