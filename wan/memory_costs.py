@@ -78,6 +78,7 @@ class MemoryRequest:
     frames: int
     budget: int
     weight_bytes: int = 2  # bytes per DiT parameter: 2 (bf16, --convert-model-dtype) or 4 (float32)
+    # (all of them, except the autocast Linears when autocast_linear_bytes is set; see below)
     offload: bool = True  # --offload-model: one expert (and no T5) on the device at a time
     t5_cpu: bool = False  # the user asked for the text encoder on the CPU
     vae_tiled: bool = False  # the user asked for a tiled decode
