@@ -92,7 +92,7 @@ class RunMemory:
         """This request's VAE tile edge in pixels (None: untiled), planned for its own size."""
         from wan.memory_plan import plan_memory
 
-        req = memory_request(request, self.dit_config, self.plan.budget, batch=self.batch)
+        req = memory_request(request, self.dit_config, self.plan.budget, batch=self.batch, device=self.device)
         req = dataclasses.replace(req, cfg_batch=self.plan.cfg_batch)  # as planned for the run
         return plan_memory(req, budget_source=self.source).vae_tile_px
 
@@ -138,14 +138,23 @@ def resolve_budget(request: Request, device: torch.device) -> tuple[int, str] | 
     return max(0, free - margin), f"--gpu-memory auto ({free / GIB:.1f} GiB free on {device} minus a margin)"
 
 
-def memory_request(request: Request, dit_config: Any, budget: int, *, batch: bool) -> MemoryRequest:
-    """What the planner needs to know about one request (reads two file sizes, no tensor data)."""
+def memory_request(
+    request: Request, dit_config: Any, budget: int, *, batch: bool, device: torch.device | str = "cuda"
+) -> MemoryRequest:
+    """What the planner needs to know about one request (reads two file sizes, no tensor data).
+    `device`: where the run goes; it decides the weight storage (`wan.weight_storage`: float32 runs on
+    CUDA store their autocast Linears in bf16, a CPU run, the simulation included, stores float32)."""
+    import torch
+
     from wan.memory_plan import MemoryRequest
+    from wan.weight_storage import WeightStorage
 
     task = TASKS[request.task]
     width, height = SIZES[request.size]  # with an image it is an area budget: the same token count
     files = request.ckpt_dir
     t5, vae = files / task.t5_checkpoint, files / task.vae_checkpoint
+    dtype = torch.bfloat16 if request.convert_model_dtype else torch.float32
+    linear_dtype = WeightStorage.for_run(dtype, torch.device(device)).dtype_of("blocks.0.ffn.0.weight")
     return MemoryRequest(
         task=task,
         dit=dit_config,
@@ -162,6 +171,7 @@ def memory_request(request: Request, dit_config: Any, budget: int, *, batch: boo
         vae_during_denoise=batch or request.image is not None,
         t5_bytes=t5.stat().st_size if t5.is_file() else 0,
         vae_bytes=vae.stat().st_size if vae.is_file() else 0,
+        autocast_linear_bytes=linear_dtype.itemsize,
     )
 
 
@@ -183,7 +193,7 @@ def plan_run(
         try:
             plans.append(
                 plan_cfg_batch(
-                    memory_request(request, dit_config, budget_bytes, batch=batch),
+                    memory_request(request, dit_config, budget_bytes, batch=batch, device=device),
                     cfg_batch,
                     budget_source=source,
                 )

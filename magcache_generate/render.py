@@ -8,7 +8,7 @@ and excludes expert loads and moves, so two runs can be compared.
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,10 +81,9 @@ def release_cache(cache: Any) -> None:
 
 
 def autocast_for(components: Components) -> AbstractContextManager:
-    """bf16 autocast for float32 parameters on CUDA (upstream's default regime); nothing otherwise."""
-    if components.device.type == "cuda" and components.dtype == torch.float32:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 autocast for float32 parameters on CUDA (upstream's default regime); nothing otherwise.
+    The weight storage decides it: its bf16-stored Linears are exact only under that autocast."""
+    return components.weights.autocast_context(components.device)
 
 
 def render_video(

@@ -36,6 +36,7 @@ from wan.image_prep import i2v_first_frame, ti2v_first_frame
 from wan.loading import locate_transformer_files, read_transformer_config
 from wan.schedule import make_schedule
 from wan.tokenizer import load_tokenizer
+from wan.weight_storage import WeightStorage
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,6 +60,8 @@ class Components:
         # --convert-model-dtype: bf16 parameters (upstream regime b). Otherwise float32 parameters, run
         # under bf16 autocast on CUDA (upstream regime a) and in plain float32 on CPU (the goldens' regime).
         self.dtype = torch.bfloat16 if first.convert_model_dtype else torch.float32
+        # per-parameter storage: under autocast the Linears it casts to bf16 are stored in bf16 (exact)
+        self.weights = WeightStorage.for_run(self.dtype, self.device)
         self.offload = first.offload_model
         self.reporter = reporter
         self.dit_runtime = DitRuntime.for_request(first, self.device)  # --attention, --compile
@@ -81,6 +84,7 @@ class Components:
         self.experts = ExpertPool(
             paths,
             dtype=self.dtype,
+            storage=self.weights,
             device=self.device,
             offload=self.offload,
             keep_inactive=batch,
@@ -273,6 +277,7 @@ def generate_one(
         "fps": task.fps,
         "device": str(device),
         "dtype": str(components.dtype).replace("torch.", ""),
+        "weights": components.weights.describe(),
         "steps_run": len(schedule),
         "timings_s": {},
         "peak_memory": meter.peak_memory(),

@@ -148,7 +148,7 @@ def test_inspection_reads_no_tensor_data(tmp_path, make_checkpoint, monkeypatch)
 
     monkeypatch.setattr(torch, "load", forbidden)
     monkeypatch.setattr("safetensors.safe_open", forbidden)
-    monkeypatch.setattr("wan.loading.safe_open", forbidden)
+    monkeypatch.setattr("wan.loading._read_into", forbidden)  # the loader's only tensor-data read
     check_weights_fit_models(inspect_checkpoint(root, T2V))
 
 

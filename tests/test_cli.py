@@ -67,7 +67,7 @@ def forbidden_run(monkeypatch):
 
     fake.run_requests = run_requests
     monkeypatch.setitem(sys.modules, "magcache_generate.run", fake)
-    for target, name in [(torch, "load"), (wan.loading, "safe_open"), (wan.loading, "load_transformer")]:
+    for target, name in [(torch, "load"), (wan.loading, "_read_into"), (wan.loading, "load_transformer")]:
         monkeypatch.setattr(target, name, no_loading)
     for name in ("load_transformer", "load_text_encoder", "load_vae"):
         monkeypatch.setattr(wan, name, no_loading)

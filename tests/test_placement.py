@@ -121,7 +121,7 @@ def test_streamed_blocks_live_in_their_host_buffer_only(folder):
     model = load(folder, resident=4, dtype=torch.bfloat16)
     source = streamed_source(model)
     for index in (4, 5):
-        flat = source.host[index].flat
+        (flat,) = source.host[index].flats  # uniform storage: one flat tensor per block
         assert flat.dtype == torch.bfloat16
         for param in model.blocks[index].parameters():
             assert param.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()

@@ -1,13 +1,15 @@
 """Lazy, device-aware holder of the DiT experts (upstream `_prepare_model_for_timestep`).
 
-- An expert is loaded on first use, straight to its places in the run dtype (no float32 detour):
-  the `Placement` (from the memory plan) says which blocks stay on the device and which stream
-  from host memory; those land directly in their host buffers, the only host copy.
+- An expert is loaded on first use, straight to its places in its storage dtypes (no float32 detour;
+  `WeightStorage`: bf16 Linears for float32 runs under autocast): the `Placement` (from the memory
+  plan) says which blocks stay on the device and which stream from host memory; those land directly
+  in their host buffers, the only host copy.
 - With `offload`, only the active expert stays on the accelerator: the other one moves to host RAM
   (batch runs, which come back to it) only if the host has room for it, else it is freed and
   reloaded when needed; for one video per process (`keep_inactive=False`) it is always freed, since
   the loop never returns to the high-noise expert. So two A14B experts never fill host RAM.
-- Without `offload` both stay on the device once loaded (fastest when they fit: 2 x 28.6 GB in bf16).
+- Without `offload` both stay on the device once loaded (fastest when they fit: 2 x 28.6 GB in bf16;
+  the default float32 regime stores its Linears in bf16 too, so about 2 x 29 GB).
 - There is never more than one copy of a model.
 - Each expert's LoRAs (`loras[expert]`) are merged into its weights as they load (`wan.lora`).
 """
@@ -25,6 +27,7 @@ from torch import nn
 from wan.loading import load_transformer
 from wan.lora import LoraSpec, build_merge, expert_label
 from wan.placement import Placement, device_of, move_resident, resident_bytes, streamed_source
+from wan.weight_storage import WeightStorage
 
 HOST_HEADROOM = 4 * 2**30  # host RAM left free after parking an expert (the OS, the VAE, frames)
 
@@ -55,10 +58,12 @@ class ExpertPool:
         placement: Placement | None = None,
         host_available: Callable[[], int | None] = available_host_memory,
         on_warning: Callable[[str], None] | None = None,
+        storage: WeightStorage | None = None,
     ):
         self.paths = paths
         self.loras = dict(loras or {})
         self.dtype, self.device = dtype, device
+        self.storage = storage or WeightStorage(dtype)  # per-parameter dtypes (bf16 Linears under autocast)
         self.offload, self.keep_inactive = offload, keep_inactive
         self.on_load, self.on_shard, self.on_warning = on_load, on_shard, on_warning
         self.placement = placement or Placement(device)
@@ -84,7 +89,7 @@ class ExpertPool:
             )
             model = load_transformer(
                 self.paths[expert],
-                dtype=self.dtype,
+                storage=self.storage,
                 on_shard=self.on_shard,
                 placement=self.placement,
                 on_warning=self.on_warning,

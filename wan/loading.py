@@ -28,6 +28,7 @@ from wan.errors import CheckpointError
 from wan.modules.transformer import TransformerConfig, WanTransformer
 from wan.placement import Placement, WeightSink
 from wan.safetensors_header import HeaderError, read_header
+from wan.weight_storage import WeightStorage
 
 MODEL_TYPES = {16: "t2v", 36: "i2v", 48: "ti2v"}  # in_dim -> model_type, when config.json is absent
 # (key, tensor as read) -> tensor to convert and place; applied before placement (LoRA merge).
@@ -188,11 +189,15 @@ def load_transformer(
     transform: TensorTransform | None = None,
     placement: Placement | None = None,
     on_warning: Callable[[str], None] | None = None,
+    storage: WeightStorage | None = None,
 ) -> WanTransformer:
     """Load a Wan 2.2 transformer (folder with config.json + shards, or one .safetensors file).
 
-    Each tensor goes read -> transform -> convert and place. `transform(key, tensor)` rewrites each
-    tensor as it is read (e.g. `wan.lora.LoraMerge`); `placement` (default: everything on `device`)
+    Each tensor goes read -> transform -> convert and place. `storage` gives each parameter's dtype
+    (default: every parameter in `dtype`; `WeightStorage.for_run` stores the autocast-consumed
+    Linears in bf16 for float32 runs on CUDA). `transform(key, tensor)` rewrites each
+    tensor as it is read (e.g. `wan.lora.LoraMerge`, in float32: rounded once, here, afterwards);
+    `placement` (default: everything on `device`)
     says which blocks stream from host memory; those land straight in their host buffers, so the host
     never holds a second copy. `on_shard(path)` is called after each shard is loaded (progress
     reporting); `on_warning` receives a one-line warning (page-locking failed).
@@ -205,7 +210,9 @@ def load_transformer(
     with torch.device("meta"):
         model = WanTransformer(cfg)
     check_state_shapes(model, shapes, path)
-    sink = WeightSink(model, dtype, placement or Placement(torch.device(device)), on_warning)
+    sink = WeightSink(
+        model, storage or WeightStorage(dtype), placement or Placement(torch.device(device)), on_warning
+    )
     current = None
     for shard, key, read in iter_shard_tensors(files):
         if current is not None and shard != current and on_shard:
@@ -219,9 +226,7 @@ def load_transformer(
             ) from None
         if transform is not None:
             tensor = transform(key, tensor)  # e.g. a LoRA merged into this weight, in float32
-        sink.put(
-            key, tensor
-        )  # convert to the run dtype and place (device, or a streamed block's host buffer)
+        sink.put(key, tensor)  # convert to its storage dtype and place (device, or a host buffer)
     if current is not None and on_shard:
         on_shard(current)
     return sink.finish().eval().requires_grad_(False)

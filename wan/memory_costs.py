@@ -45,6 +45,18 @@ def block_params(dim: int, ffn_dim: int) -> int:
     return 2 * attention + 2 * dim + 6 * dim + (dim * ffn_dim + ffn_dim) + (ffn_dim * dim + dim)
 
 
+def block_linear_params(dim: int, ffn_dim: int) -> int:
+    """The part of `block_params` the forward reads only through bf16 autocast (the q, k, v, o and
+    FFN Linears with their biases; `wan.weight_storage` stores these in bf16 under autocast)."""
+    return 2 * 4 * (dim * dim + dim) + (dim * ffn_dim + ffn_dim) + (ffn_dim * dim + dim)
+
+
+def nonblock_linear_params(cfg: TransformerShape) -> int:
+    """The part of `nonblock_params` read only through bf16 autocast: patch and text embeddings."""
+    d, patch = cfg.dim, math.prod(cfg.patch_size)
+    return cfg.in_dim * patch * d + d + cfg.text_dim * d + d + d * d + d
+
+
 def nonblock_params(cfg: TransformerShape) -> int:
     """Embeddings, time MLPs and head: the part that always stays resident."""
     d, patch = cfg.dim, math.prod(cfg.patch_size)
@@ -66,6 +78,7 @@ class MemoryRequest:
     frames: int
     budget: int
     weight_bytes: int = 2  # bytes per DiT parameter: 2 (bf16, --convert-model-dtype) or 4 (float32)
+    # (all of them, except the autocast Linears when autocast_linear_bytes is set; see below)
     offload: bool = True  # --offload-model: one expert (and no T5) on the device at a time
     t5_cpu: bool = False  # the user asked for the text encoder on the CPU
     vae_tiled: bool = False  # the user asked for a tiled decode
@@ -75,6 +88,14 @@ class MemoryRequest:
     t5_bytes: int = 0  # umT5 weights (the file's size); 0: the official 11.4 GB
     vae_bytes: int = 0  # VAE weights; 0: the official float32 size of the task's VAE
     cfg_batch: bool = False  # CFG steps run cond and uncond as one batch-2 forward (twice the activations)
+    # bytes per parameter of the Linears read only through bf16 autocast (`wan.weight_storage`): 2 when
+    # they are stored bf16 (the float32 regime on CUDA), None: weight_bytes like every other parameter
+    autocast_linear_bytes: int | None = None
+
+    @property
+    def linear_bytes(self) -> int:
+        """Bytes per parameter of the autocast-consumed Linears as stored."""
+        return self.weight_bytes if self.autocast_linear_bytes is None else self.autocast_linear_bytes
 
     @property
     def tokens(self) -> int:
@@ -155,8 +176,8 @@ class ActivationModel:
             total += batch * dim * self.token_modulation
         if req.residual_cache:
             total += tokens * dim * 4 * self.residual_slots
-        if req.weight_bytes == 4:  # bf16 autocast copies of the two largest weights in flight
-            total += 2 * 2 * dim * ffn
+        if req.linear_bytes == 4:  # bf16 autocast copies of the two largest weights in flight
+            total += 2 * 2 * dim * ffn  # (none when the Linears are stored in bf16)
         return int(total)
 
 
@@ -249,7 +270,25 @@ DEFAULT_TILE_PIXELS = 256  # what --vae-tiled uses when the budget allows (wan.v
 
 
 def block_bytes(req: MemoryRequest) -> int:
-    return block_params(req.dit.dim, req.dit.ffn_dim) * req.weight_bytes
+    """One block's weights as stored: Linears at `linear_bytes`, norms and modulation at `weight_bytes`."""
+    linears = block_linear_params(req.dit.dim, req.dit.ffn_dim)
+    rest = block_params(req.dit.dim, req.dit.ffn_dim) - linears
+    return linears * req.linear_bytes + rest * req.weight_bytes
+
+
+def nonblock_bytes(req: MemoryRequest) -> int:
+    """Embeddings, time MLPs and head as stored (the embeddings' Linears and conv at `linear_bytes`)."""
+    linears = nonblock_linear_params(req.dit)
+    return linears * req.linear_bytes + (nonblock_params(req.dit) - linears) * req.weight_bytes
+
+
+def weights_label(req: MemoryRequest) -> str:
+    """How the DiT weights are stored, for the plan: 'bf16', 'fp32', 'fp32 (Linears stored bf16 ...)'."""
+    name = {2: "bf16", 4: "fp32"}
+    label = name.get(req.weight_bytes, f"{req.weight_bytes}-byte")
+    if req.linear_bytes != req.weight_bytes:
+        label += f" (Linears stored {name.get(req.linear_bytes, f'{req.linear_bytes}-byte')} for autocast)"
+    return label
 
 
 def _t5_bytes(req: MemoryRequest) -> int:
@@ -277,7 +316,7 @@ def text_stage(req: MemoryRequest, t5_on_cpu: bool) -> int:
 
 def denoise_stage(req: MemoryRequest, resident: int, chunk: int | None, t5_on_cpu: bool) -> int:
     n = req.dit.num_layers
-    weights = nonblock_params(req.dit) * req.weight_bytes + min(resident, n) * block_bytes(req)
+    weights = nonblock_bytes(req) + min(resident, n) * block_bytes(req)
     buffers = min(2, n - resident) * block_bytes(req)
     context = 2 * req.dit.text_len * (req.dit.text_dim + req.dit.dim) * 4
     total = req.experts_on_device * (weights + buffers) + context + _latent_bytes(req)
@@ -293,9 +332,7 @@ def _held_besides_vae(req: MemoryRequest, resident: int, t5_on_cpu: bool) -> int
     """What stays on the device next to the VAE: without offloading, the DiT and the text encoder."""
     if req.offload:
         return 0
-    dit = nonblock_params(req.dit) * req.weight_bytes + min(resident + 2, req.dit.num_layers) * block_bytes(
-        req
-    )
+    dit = nonblock_bytes(req) + min(resident + 2, req.dit.num_layers) * block_bytes(req)
     return req.experts_on_device * dit + (0 if t5_on_cpu else _t5_bytes(req))
 
 

@@ -26,6 +26,7 @@ from wan.memory_costs import (  # noqa: F401 - re-exported: the planner's vocabu
     denoise_stage,
     encode_stage,
     text_stage,
+    weights_label,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,6 +48,7 @@ class MemoryPlan:
     cfg_batch: bool = (
         False  # CFG steps run cond and uncond as one batch-2 forward (planned with 2x activations)
     )
+    weights: str = ""  # how the DiT weights are stored (`memory_costs.weights_label`)
 
     @property
     def streamed_blocks(self) -> int:
@@ -62,6 +64,7 @@ class MemoryPlan:
             "resident_blocks": self.resident_blocks,
             "streamed_blocks": self.streamed_blocks,
             "block_gib": round(self.block_bytes / GIB, 4),
+            "weights": self.weights,
             "t5_on_cpu": self.t5_on_cpu,
             "vae_tiled": self.vae_tiled,
             "vae_tile_px": self.vae_tile_px,
@@ -81,6 +84,8 @@ class MemoryPlan:
             )
         else:
             dit = f"DiT all {self.num_layers} blocks resident"
+        if self.weights:
+            dit += f"; weights {self.weights}"
         chunk = f"FFN in {self.activation_chunk}-token chunks" if self.activation_chunk else "FFN unchunked"
         chunk += f"; {self.cfg_batch_text()}"
         t5 = "text encoder on CPU" if self.t5_on_cpu else "text encoder on GPU"
@@ -160,6 +165,7 @@ def _plan(
         estimates=estimates,
         tokens=req.tokens,
         cfg_batch=req.cfg_batch,
+        weights=weights_label(req),
     )
 
 
@@ -220,7 +226,7 @@ def plan_memory(req: MemoryRequest, *, budget_source: str = "--gpu-memory") -> M
     frames = largest_frames(req)
     if frames is not None:
         message += f"; within {budget} use --frame-num {frames} or fewer at this size"
-    elif req.weight_bytes == 4:
+    elif req.linear_bytes == 4:  # with the Linears already stored in bf16, converting saves ~1%
         message += "; --convert-model-dtype (bf16 weights) halves the DiT's share"
     else:
         message += "; free GPU memory or use a larger GPU"

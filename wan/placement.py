@@ -3,9 +3,10 @@
 `Placement` is the policy (decided by the memory planner before anything loads); the loader and the
 expert pool consult it, the sampling loop never sees it. A placed model keeps its first
 `resident_blocks` blocks, embeddings and head on the device. Each later ("streamed") block lives in
-one flat host buffer (page-locked at its exact size on CUDA, pageable with one warning when that
-fails), and `StreamedBlocks`, the transformer's `block_source`, copies it into one of two device
-buffers just ahead of use:
+one flat host buffer per storage dtype (`wan.weight_storage`: bf16 Linears and float32 norms and
+modulation in the autocast regime; page-locked at its exact size on CUDA, pageable with one warning
+when that fails), and `StreamedBlocks`, the transformer's `block_source`, copies it into one of two
+device buffers just ahead of use:
 
 - copies run on a side CUDA stream, overlapped with the compute of the previous block;
 - the compute stream waits for the copy of the block it runs (event `copy_done`), and a copy into a
@@ -24,11 +25,13 @@ import copy
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from wan.weight_storage import WeightStorage
 
 Warn = Callable[[str], None]
 ALIGN_BYTES = 256  # every parameter view in a flat buffer starts on this boundary (vectorised kernels)
@@ -58,18 +61,22 @@ class Placement:
 
 @dataclass(frozen=True)
 class FlatLayout:
-    """Parameter name -> (offset, shape) inside one flat tensor of `dtype` holding a whole block."""
+    """Parameter name -> (offset, shape) inside one flat tensor of `dtype` (a block's parameters, or
+    those of them stored in `dtype`)."""
 
     dtype: torch.dtype
     entries: tuple[tuple[str, int, tuple[int, ...]], ...]
     numel: int
 
     @classmethod
-    def of(cls, module: nn.Module, dtype: torch.dtype) -> FlatLayout:
-        """The layout of `module`'s parameters (shapes only; a meta module will do), all in `dtype`."""
+    def of(cls, module: nn.Module, dtype: torch.dtype, names: Collection[str] | None = None) -> FlatLayout:
+        """The layout of `module`'s parameters (all, or those in `names`; shapes only, a meta module
+        will do), in `dtype`."""
         align = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
         entries, offset = [], 0
         for name, param in module.named_parameters():
+            if names is not None and name not in names:
+                continue
             entries.append((name, offset, tuple(param.shape)))
             offset += math.ceil(param.numel() / align) * align
         if any(True for _ in module.buffers()):
@@ -93,16 +100,57 @@ class FlatLayout:
             owner._parameters[leaf] = nn.Parameter(view, requires_grad=False)
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """A block's parameters in one flat tensor per storage dtype (`wan.weight_storage`): one group when
+    every parameter has the run dtype, two (bf16 Linears, float32 norms and modulation) in the autocast
+    regime. Each parameter stays a view of a same-dtype tensor; a block copies in one copy per group."""
+
+    groups: tuple[FlatLayout, ...]
+
+    @classmethod
+    def of(cls, module: nn.Module, dtype_of: Callable[[str], torch.dtype]) -> BlockLayout:
+        """The layout of `module`'s parameters, each in `dtype_of(name)` (name relative to `module`)."""
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for name, _ in module.named_parameters():
+            by_dtype.setdefault(dtype_of(name), []).append(name)
+        return cls(tuple(FlatLayout.of(module, dtype, set(names)) for dtype, names in by_dtype.items()))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(group.nbytes for group in self.groups)
+
+    def allocate(self, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+        """Uninitialised flat tensors, one per group."""
+        return tuple(torch.empty(g.numel, dtype=g.dtype, device=device) for g in self.groups)
+
+    def views(self, flats: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            name: view
+            for g, flat in zip(self.groups, flats, strict=True)
+            for name, view in g.views(flat).items()
+        }
+
+    def bind(self, module: nn.Module, flats: Sequence[torch.Tensor]) -> None:
+        for group, flat in zip(self.groups, flats, strict=True):
+            group.bind(module, flat)
+
+
 class HostBlock:
-    """One streamed block's weights in one flat host tensor, page-locked when asked and possible.
+    """One streamed block's weights in flat host tensors (one per storage dtype), page-locked when asked
+    and possible.
 
-    `pin_error`: None (not attempted: no CUDA, or not asked), 0 (page-locked) or the CUDA error."""
+    `pin_error`: None (not attempted: no CUDA, or not asked), 0 (all page-locked) or the first CUDA
+    error (the tensors after it are not tried)."""
 
-    def __init__(self, layout: FlatLayout, pin: bool):
-        self.flat = torch.empty(layout.numel, dtype=layout.dtype)
-        self.pin_error = _page_lock(self.flat) if pin else None
-        if self.pinned:
-            weakref.finalize(self, _unregister_page_locked, self.flat)
+    def __init__(self, layout: BlockLayout, pin: bool):
+        self.flats = layout.allocate()
+        self.pin_error: int | None = None
+        for flat in self.flats if pin else ():
+            self.pin_error = _page_lock(flat)
+            if self.pin_error is None or self.pin_error:
+                break
+            weakref.finalize(self, _unregister_page_locked, flat)
 
     @property
     def pinned(self) -> bool:
@@ -149,10 +197,11 @@ class CudaCopier:
         self.copy_done = [torch.cuda.Event(), torch.cuda.Event()]
         self.compute_done = [torch.cuda.Event(), torch.cuda.Event()]
 
-    def copy(self, slot: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def copy(self, slot: int, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(self.compute_done[slot])  # nobody still reads this buffer
-            dst.copy_(src, non_blocking=True)
+            for d, s in zip(dst, src, strict=True):
+                d.copy_(s, non_blocking=True)
             self.copy_done[slot].record(self.stream)
 
     def before_compute(self, slot: int) -> None:
@@ -165,8 +214,9 @@ class CudaCopier:
 class PlainCopier:
     """The CPU fake split: synchronous copies, nothing to order."""
 
-    def copy(self, slot: int, dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst.copy_(src)
+    def copy(self, slot: int, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
 
     def before_compute(self, slot: int) -> None:
         pass
@@ -190,7 +240,7 @@ class StreamedBlocks:
     def __init__(
         self,
         host: dict[int, HostBlock],
-        layout: FlatLayout,
+        layout: BlockLayout,
         template: nn.Module,
         device: torch.device,
         num_layers: int,
@@ -200,7 +250,7 @@ class StreamedBlocks:
         self.num_layers = num_layers
         self._template = template  # a meta Block: the module structure the buffers are bound to
         self.buffers: list[nn.Module] = []
-        self._flats: list[torch.Tensor] = []
+        self._flats: list[tuple[torch.Tensor, ...]] = []
         self._holds: list[int | None] = [None, None]  # block index in each buffer (copy issued)
         self._copier: CudaCopier | PlainCopier | None = None
         self.copies: list[int] = []
@@ -222,11 +272,11 @@ class StreamedBlocks:
             return
         self._copier = CudaCopier(self.device) if self.device.type == "cuda" else PlainCopier()
         for _ in range(min(2, len(self.host))):
-            flat = torch.empty(self.layout.numel, dtype=self.layout.dtype, device=self.device)
+            flats = self.layout.allocate(self.device)
             module = copy.deepcopy(self._template)  # meta parameters: nothing is copied
-            self.layout.bind(module, flat)
+            self.layout.bind(module, flats)
             self.buffers.append(module.eval())
-            self._flats.append(flat)
+            self._flats.append(flats)
         self._holds = [None] * len(self.buffers)
         self._prefetch(self.first_streamed, avoid=None)
 
@@ -249,7 +299,7 @@ class StreamedBlocks:
             return slot
         slot = next(s for s in range(len(self.buffers)) if s != avoid) if len(self.buffers) > 1 else 0
         assert self._copier is not None
-        self._copier.copy(slot, self._flats[slot], self.host[index].flat)
+        self._copier.copy(slot, self._flats[slot], self.host[index].flats)
         self._holds[slot] = index
         self.copies.append(index)
         self.events.append(("copy", index, slot))
@@ -281,17 +331,23 @@ class StreamedBlocks:
 
 class WeightSink:
     """Receives a transformer's tensors one at a time (read -> transform -> here) and stores each where
-    the placement says: converted to `dtype` on the device, or into its block's flat host buffer.
+    the placement says, in the dtype `storage` gives its key: converted on the device, or into its
+    block's flat host buffer.
 
     Only one full copy of the weights ever exists: the streamed blocks' host buffers are that copy.
     """
 
     def __init__(
-        self, model: nn.Module, dtype: torch.dtype, placement: Placement, on_warning: Warn | None = None
+        self, model: nn.Module, storage: WeightStorage, placement: Placement, on_warning: Warn | None = None
     ):
-        self.model, self.dtype, self.placement = model, dtype, placement
+        self.model, self.storage, self.placement = model, storage, placement
         num_layers = len(model.blocks)
-        self.layout = FlatLayout.of(model.blocks[0], dtype) if num_layers else None
+        # every block has the same parameters and storage rule: block 0 stands for all
+        self.layout = (
+            BlockLayout.of(model.blocks[0], lambda name: storage.dtype_of(f"blocks.0.{name}"))
+            if num_layers
+            else None
+        )
         self.host: dict[int, HostBlock] = {}
         self._host_views: dict[int, dict[str, torch.Tensor]] = {}
         pin = placement.pin
@@ -306,7 +362,7 @@ class WeightSink:
                         on_warning,
                     )
                 self.host[index] = block
-                self._host_views[index] = self.layout.views(block.flat)
+                self._host_views[index] = self.layout.views(block.flats)
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
         index, name = _block_key(key)
@@ -315,7 +371,8 @@ class WeightSink:
             view.copy_(tensor)  # converts to the buffer dtype on the way in
             _set_tensor(self.model, key, view)
         else:
-            _set_tensor(self.model, key, tensor.to(device=self.placement.device, dtype=self.dtype))
+            dtype = self.storage.dtype_of(key)
+            _set_tensor(self.model, key, tensor.to(device=self.placement.device, dtype=dtype))
 
     def finish(self) -> nn.Module:
         """The loaded model, its streamed blocks attached as its block source (buffers acquired)."""
