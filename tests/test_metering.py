@@ -23,14 +23,14 @@ def vm_kib(field):
 def test_host_peak_is_per_item():
     meter = StageMeter(CPU)
     with meter.stage("denoise"):
-        big = torch.ones(256 * MIB // 4)  # 256 MiB touched
+        big = torch.ones(512 * MIB // 4)  # 512 MiB touched
         del big
     first = meter.peak_memory()
     second = StageMeter(CPU).peak_memory()  # a new item: the high-water mark starts again
     if first["host_rss_scope"] != HOST_SCOPE_ITEM:
         assert second["host_rss_gib"] >= first["host_rss_gib"]  # process lifetime: never lower
         return
-    assert first["host_rss_gib"] - second["host_rss_gib"] > 0.2
+    assert first["host_rss_gib"] - second["host_rss_gib"] > 0.3  # margin for the process's own churn
     assert meter.seconds["denoise"] > 0 and first["gpu_allocated_gib"] is None
 
 
@@ -64,4 +64,6 @@ def test_loading_keeps_one_copy_in_host_memory(tmp_path):
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     largest = max(p.numel() * 4 for p in model.parameters())
     assert model_bytes < file_bytes * 0.55
-    assert grown < model_bytes + 2 * largest + 16 * MIB  # a mapped file would add ~file_bytes
+    # A mapped file would add about file_bytes on top of the model; plain reads add one tensor at a time.
+    # The bound sits halfway, so allocator and interpreter churn of tens of MiB cannot flip the verdict.
+    assert grown < model_bytes + file_bytes // 2
