@@ -74,6 +74,11 @@ class Target:
     def name(self) -> str:
         return f"{self.task} {self.size}x{self.frames} @{self.budget:g} GiB"
 
+    @property
+    def spec(self) -> str:
+        """The --target text this target was parsed from (normalised)."""
+        return f"{self.task}:{self.size}:{self.frames}:{self.budget:g}"
+
 
 def full_depth_plan(target: Target, budget_gib: float, small: bool) -> memory_plan.MemoryPlan | None:
     """The plan of the FULL-depth model (bf16) at this budget, or None if infeasible."""
@@ -130,6 +135,29 @@ def run_once(opts: GenerateOptions, simulate: float | None) -> dict:
         os.environ.pop(SIMULATE_ENV, None)
 
 
+def warm_attention(target: Target, frames: int, device: str, small: bool) -> None:
+    """One self- and one cross-attention call at this target's token count, before its runs: SDPA's
+    cuDNN backend builds (and may compile) a plan on the first call of each shape in a process, which
+    would otherwise be charged to the resident run's denoising time (the first run at this size) and
+    bias the ratio in the budgeted run's favour."""
+    from wan.modules.attention import AttentionPolicy
+
+    spec = TASKS[target.task]
+    cfg = real_transformer_config(target.task, small=small)
+    width, height = (int(v) for v in target.size.split("*"))
+    grid = (frames - 1) // spec.vae_stride[0] + 1, height // spec.vae_stride[1], width // spec.vae_stride[2]
+    tokens = grid[0] * (grid[1] // cfg.patch_size[1]) * (grid[2] // cfg.patch_size[2])
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    q = torch.randn(1, tokens, cfg.num_heads, cfg.head_dim, device=device, dtype=dtype)
+    text = torch.randn(1, cfg.text_len, cfg.num_heads, cfg.head_dim, device=device, dtype=dtype)
+    policy = AttentionPolicy("auto")  # the pipeline's default
+    with torch.inference_mode():
+        policy(q, q, q, "self")
+        policy(q, text, text, "cross")
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def minimum_budget_gib(opts: GenerateOptions, budget: float) -> float:
     from wan.loading import read_transformer_config
 
@@ -158,6 +186,7 @@ def row(target: Target, resident: dict, budgeted: dict, layers: int, full_layers
 
     return {
         "target": target.name,
+        "spec": target.spec,
         "note": note,
         "budget_gib": plan.get("budget_gib"),
         "layers": layers,
@@ -235,6 +264,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="CPU dry run: narrow models, 5 frames")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--rows-file",
+        type=Path,
+        default=None,
+        help="also append each finished row to this file as one JSON line (kept if a caller's timeout "
+        "stops the run before the end)",
+    )
     args = parser.parse_args()
     if args.small:
         args.device, args.frames = "cpu", args.frames or 5
@@ -260,6 +296,7 @@ def main() -> None:
             width, height = (int(v) for v in target.size.split("*"))
             gradient = np.linspace(0, 255, width * height * 3).reshape(height, width, 3).astype(np.uint8)
             Image.fromarray(gradient).save(image)
+        warm_attention(target, args.frames or target.frames, args.device, args.small)
         if not warmed:  # CUDA context, cuBLAS/cuDNN handles and kernels: not charged to the first target
             warm = dataclasses.replace(
                 options(target, ckpt, out / "warm.mp4", image, args, None), frame_num=5
@@ -279,16 +316,20 @@ def main() -> None:
             )
         for record in (resident, budgeted):
             if "error" in record:
-                rows.append({"target": target.name, "error": record["error"]})
+                rows.append({"target": target.name, "spec": target.spec, "error": record["error"]})
                 break
         else:
             rows.append(row(target, resident, budgeted, layers, full_layers, note))
+        if args.rows_file is not None:
+            with open(args.rows_file, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
     if args.json:
         print(
             json.dumps(
                 {
                     "device": device_name(args.device),
                     "seconds": round(time.perf_counter() - started, 1),
+                    "steps": args.steps,
                     "rows": rows,
                 }
             )
