@@ -18,7 +18,12 @@ import gpu_check_targets as gct  # noqa: E402
 
 
 def speed_output(
-    fraction: float, forward_s: float, *, layers: int = 3, compile_s: float | None = None
+    fraction: float,
+    forward_s: float,
+    *,
+    layers: int = 3,
+    compile_s: float | None = None,
+    size: str = "832x480x81",
 ) -> str:
     rows = [
         {
@@ -43,7 +48,7 @@ def speed_output(
         "device": "NVIDIA H100 80GB HBM3",
         "torch": "2.11.0+cu130",
         "preset": "A14B",
-        "size": "832x480x81",
+        "size": size,
         "tokens": 32760,
         "layers_run": layers,
         "full_depth": 40,
@@ -127,7 +132,7 @@ def canned(tmp_path):
     data["cuda_tests"] = gct.parse_pytest("", junit)
     data["memory_rows"], data["memory_finished"] = gct.memory_rows("killed\n", rows_file)
     data["speed_480p"] = gct.last_json(speed_output(0.66, 3.8))
-    data["speed_720p"] = gct.last_json(speed_output(0.71, 13.0, layers=2))
+    data["speed_720p"] = gct.last_json(speed_output(0.71, 13.0, layers=2, size="1280x720x81"))
     data["speed_480p_compile"] = gct.last_json(speed_output(0.74, 2.85, compile_s=41.0))
     parts = {
         name: {"status": "ok", "wall_s": 1.0}
@@ -206,6 +211,8 @@ def test_targets_on_canned_outputs(canned):
     # no flag: 1.4 s/step against 2 x (0.02 + 7 x 0.0939) s of bare forwards
     no_flag = t["no_flag_step_vs_bare_forwards/T2V-A14B 832x480x81"]
     assert no_flag["value"] == pytest.approx(round(1.4 / (2 * (0.02 + 7 * 0.0939)), 3)) and no_flag["met"]
+    hd_no_flag = t["no_flag_step_vs_bare_forwards/T2V-A14B 1280x720x81"]
+    assert hd_no_flag["value"] == pytest.approx(round(1.4 / (2 * (0.02 + 12 * 0.0939)), 3))
     assert t["auto_plan_keeps_everything_resident/T2V-A14B 832x480x81"]["met"]
     changed = t["auto_plan_keeps_everything_resident/T2V-A14B 1280x720x81"]
     assert not changed["met"] and changed["value"] == "fp32, MagCache: 38 of 40 resident, ..."
@@ -295,6 +302,11 @@ def test_dry_run_rows_say_why_a_figure_is_missing():
     eager = t["dit_fraction_of_matmul/A14B 832x480x81/eager"]
     assert eager["note"] == "not measured: attention auto failed: CUDA out of memory"
     assert t["no_flag_step_vs_bare_forwards/T2V-A14B 832x480 (small)"]["note"] == eager["note"]
+    data["speed_480p"] = {**gct.last_json(speed_output(0.5, 1.0)), "preset": "small", "size": "64x64x9"}
+    t = gct.evaluate(data, parts, small=True)
+    assert t["no_flag_step_vs_bare_forwards/T2V-A14B 832x480 (small)"]["note"] == (
+        "not comparable: speed_480p ran small 64x64x9, the memory run 832x480x81"
+    )
     assert (
         t["dit_fraction_of_matmul/A14B 1280x720x81/eager"]["note"] == "not measured: part speed_720p not run"
     )
