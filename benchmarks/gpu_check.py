@@ -8,12 +8,13 @@ and writes ONE results file (JSON) with every figure the two issues' targets nam
     python benchmarks/gpu_check.py --only speed_720p_compile --out ...  # a rerun of some parts
 
 Each part runs as its own process (a crash or a hang costs only that part) with its own time limit,
-never past the overall deadline (--deadline, 410 s: 7 minutes less the wrapper's start-up); one that runs out is stopped and
-recorded as "timed out", one that no time is left for as "skipped". The parts run in the order below
-(most needed first). The results file is rewritten after every part, and on SIGTERM/SIGINT, so an
-outer `timeout` still leaves every figure measured so far. Per-part output lands next to it in
-`gpu_check_logs/`. Estimates (seconds on one H100, start-up excluded) and how they were derived:
-README, section "GPU check".
+never past the overall deadline (--deadline, 410 s: 7 minutes less the wrapper's start-up); one
+that runs out is stopped and recorded as "timed out", one that no time is left for as "skipped".
+The parts run in the order below (most needed first). The results file is rewritten after every
+part, and on SIGTERM/SIGINT, so an outer `timeout` still leaves every figure measured so far. The
+parts' output tails go to one log file beside it (`gpu_check.log`: a device call returns at most 8
+files). Estimates (seconds on one H100, start-up excluded) and how they were derived: README,
+section "GPU check".
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -178,6 +180,7 @@ def build_report(args: argparse.Namespace, parts: dict, data: dict, started: flo
         "device": probe.get("device") or speed.get("device"),
         "torch": probe.get("torch") or speed.get("torch"),
         "cuda": probe.get("cuda"),
+        "ffmpeg": probe.get("ffmpeg"),
         "python": platform.python_version(),
         "deadline_s": args.deadline,
         "wall_s": round(time.monotonic() - started, 1),
@@ -199,13 +202,30 @@ def write_json(path: Path, report: dict) -> None:
     os.replace(tmp, path)
 
 
+LOG_TAIL_CHARS = 40_000  # of each part's stdout and stderr, in the one log file next to the results
+
+
+def append_log(log: Path, name: str, record: dict, logs: Path) -> None:
+    """Add a part's command, status and output tails to the combined log (one file: a device call
+    returns at most 8 files)."""
+    with open(log, "a") as f:
+        f.write(f"===== {name}: {record['status']} in {record.get('wall_s')} s: {record['command']}\n")
+        for stream in ("out", "err"):
+            path = logs / f"{name}.{stream}"
+            text = path.read_text(errors="replace") if path.is_file() else ""
+            if len(text) > LOG_TAIL_CHARS:
+                text = (
+                    f"[... {len(text) - LOG_TAIL_CHARS} characters left out ...]\n" + text[-LOG_TAIL_CHARS:]
+                )
+            f.write(f"----- std{stream}\n{text}{'' if text.endswith(chr(10)) or not text else chr(10)}")
+
+
 def run_check(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    logs = out.parent / "gpu_check_logs"
-    logs.mkdir(exist_ok=True)
-    for stale in ("memory_rows.jsonl", "cuda_tests.xml"):
-        (logs / stale).unlink(missing_ok=True)
+    log = out.with_suffix(".log")
+    log.write_text("")
+    logs = Path(tempfile.mkdtemp(prefix="gpu_check_parts_"))  # raw outputs, junit XML, memory rows
     started = time.monotonic()
     parts: dict[str, dict] = {}
     data: dict[str, Any] = {}
@@ -221,17 +241,19 @@ def run_check(args: argparse.Namespace) -> int:
             record, stdout = run_part(part, args.python, logs, time_left)
             parts[part.name] = record
             parse_part(part.name, stdout, logs, data)
+            append_log(log, part.name, record, logs)
             print(f"[gpu_check] {part.name}: {record['status']} in {record['wall_s']} s", flush=True)
             write_json(out, build_report(args, parts, data, started))
     except Stopped as why:
         if len(why.args) == 2:  # stopped while a part ran: keep what it printed (memory: finished rows)
             parts[part.name] = why.args[0]
             parse_part(part.name, why.args[1], logs, data)
+            append_log(log, part.name, why.args[0], logs)
         code = 143
     report = build_report(args, parts, data, started)
     write_json(out, report)
     print("\n".join(targets_mod.summary_lines(report)))
-    print(f"results: {out}")
+    print(f"results: {out}; part outputs: {log} (raw: {logs})")
     return code
 
 
@@ -311,6 +333,7 @@ def probe(device: str, small: bool) -> dict:
 
     return {
         "device": name,
+        "ffmpeg": ffmpeg_in_use(),
         "capability": capability,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -325,6 +348,19 @@ def probe(device: str, small: bool) -> dict:
         },
         "auto_plans": plans,
     }
+
+
+def ffmpeg_in_use() -> str:
+    """The ffmpeg the pipeline's mp4 writer will run (its -version line), or why there is none."""
+    try:
+        import imageio_ffmpeg
+
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
+        run = subprocess.run([exe, "-version"], capture_output=True, text=True, timeout=30)
+    except (ImportError, RuntimeError, OSError, subprocess.TimeoutExpired) as err:
+        return f"none: {err}"
+    first = (run.stdout.splitlines() or ["(no output)"])[0]
+    return f"{exe}: {first}" if run.returncode == 0 else f"{exe}: exit {run.returncode}"
 
 
 def main() -> int:

@@ -399,6 +399,8 @@ def summary_lines(report: dict) -> list[str]:
         f"{report.get('wall_s', 0):.0f} s of the {report.get('deadline_s')} s budget"
         + (" (CPU dry run, --small: no figure here is a GPU figure)" if report.get("small") else "")
     ]
+    if "stand-in" in (report.get("ffmpeg") or ""):
+        lines.append("  videos written by the OpenCV ffmpeg stand-in (mp4v): write times are not real")
     for name, part in report["parts"].items():
         extra = f" ({part['note']})" if part.get("note") else ""
         lines.append(f"  {name:<20} {part['status']:<11} {part.get('wall_s', 0):6.1f} s{extra}")

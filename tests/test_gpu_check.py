@@ -310,3 +310,16 @@ def test_dry_run_rows_say_why_a_figure_is_missing():
     assert (
         t["dit_fraction_of_matmul/A14B 1280x720x81/eager"]["note"] == "not measured: part speed_720p not run"
     )
+
+
+def test_part_outputs_go_to_one_log_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "LOG_TAIL_CHARS", 50)
+    loud = gpu_check.Part(
+        "loud", ("-c", "import sys; print('x' * 80 + 'END'); print('warn', file=sys.stderr)"), 60, 1
+    )
+    record, _ = gpu_check.run_part(loud, sys.executable, tmp_path, time_left=60.0)
+    log = tmp_path / "gpu_check.log"
+    gpu_check.append_log(log, "loud", record, tmp_path)
+    text = log.read_text()
+    assert text.startswith("===== loud: ok in ")
+    assert "[... 34 characters left out ...]" in text and "xEND\n----- stderr\nwarn\n" in text
