@@ -14,6 +14,9 @@ peaks ARE the full-depth peaks. Full-depth figures that are extrapolated say so:
   resident denoise time / L, an upper bound that includes the embeddings and head; streamed block:
   that plus the measured extra per streamed block).
 A target the planner finds infeasible is run at the planner's minimum budget instead (and says so).
+Before a target's runs, one forward of a one-block model at its shape takes the first-call costs
+(kernel choices, cuDNN's attention plan), so that neither run is charged them. `--rows-file` also
+appends each finished row as one JSON line (kept when a caller's time limit stops the run).
 
 Examples (see the report for the GPU command):
     python benchmarks/bench_memory.py --small                       # CPU dry run (simulated budget)
@@ -135,25 +138,24 @@ def run_once(opts: GenerateOptions, simulate: float | None) -> dict:
         os.environ.pop(SIMULATE_ENV, None)
 
 
-def warm_attention(target: Target, frames: int, device: str, small: bool) -> None:
-    """One self- and one cross-attention call at this target's token count, before its runs: SDPA's
-    cuDNN backend builds (and may compile) a plan on the first call of each shape in a process, which
-    would otherwise be charged to the resident run's denoising time (the first run at this size) and
-    bias the ratio in the budgeted run's favour."""
-    from wan.modules.attention import AttentionPolicy
+def warm_forward(target: Target, frames: int, device: str, small: bool) -> None:
+    """One forward of a one-block DiT of the target's width at its latent shape, before its runs. The
+    first call of each shape in a process pays one-off costs (SDPA's cuDNN backend builds, and may
+    compile, an attention plan; the patch-embedding convolution and the GEMMs pick kernels); charged
+    to the resident run (the first at this size) they would bias the ratio in the budgeted run's favour."""
+    from wan.modules.transformer import WanTransformer
 
     spec = TASKS[target.task]
-    cfg = real_transformer_config(target.task, small=small)
+    cfg = real_transformer_config(target.task, layers=1, small=small)
     width, height = (int(v) for v in target.size.split("*"))
-    grid = (frames - 1) // spec.vae_stride[0] + 1, height // spec.vae_stride[1], width // spec.vae_stride[2]
-    tokens = grid[0] * (grid[1] // cfg.patch_size[1]) * (grid[2] // cfg.patch_size[2])
+    latent = (frames - 1) // spec.vae_stride[0] + 1, height // spec.vae_stride[1], width // spec.vae_stride[2]
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    q = torch.randn(1, tokens, cfg.num_heads, cfg.head_dim, device=device, dtype=dtype)
-    text = torch.randn(1, cfg.text_len, cfg.num_heads, cfg.head_dim, device=device, dtype=dtype)
-    policy = AttentionPolicy("auto")  # the pipeline's default
+    with torch.device(device):
+        model = WanTransformer(cfg).to(dtype).eval().requires_grad_(False)
+    x = torch.randn(1, cfg.in_dim, *latent, device=device)
+    context = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype)
     with torch.inference_mode():
-        policy(q, q, q, "self")
-        policy(q, text, text, "cross")
+        model(x, torch.tensor([900], device=device), context)
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
 
@@ -296,7 +298,7 @@ def main() -> None:
             width, height = (int(v) for v in target.size.split("*"))
             gradient = np.linspace(0, 255, width * height * 3).reshape(height, width, 3).astype(np.uint8)
             Image.fromarray(gradient).save(image)
-        warm_attention(target, args.frames or target.frames, args.device, args.small)
+        warm_forward(target, args.frames or target.frames, args.device, args.small)
         if not warmed:  # CUDA context, cuBLAS/cuDNN handles and kernels: not charged to the first target
             warm = dataclasses.replace(
                 options(target, ckpt, out / "warm.mp4", image, args, None), frame_num=5
