@@ -59,18 +59,7 @@ def speed_part(
     if small:
         argv.append("--small")
     else:
-        argv += [
-            "--preset",
-            "A14B",
-            "--size",
-            size,
-            "--layers",
-            str(layers),
-            "--repeat",
-            "3",
-            "--warmup",
-            "2",
-        ]
+        argv += f"--preset A14B --size {size} --layers {layers} --repeat 3 --warmup 2".split()
     argv += ["--attention", "auto", "--compile"] if compile_ else ["--attention", SPEED_BACKENDS]
     return Part(name, tuple(argv), limit, estimate)
 
