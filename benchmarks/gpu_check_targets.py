@@ -227,6 +227,7 @@ def memory_targets(data: dict, parts: dict, targets: dict, specs: dict) -> None:
         else:
             note = row.get("note") or None  # set: the target's budget did not plan; it ran at another
         at_budget = row is not None and "error" not in row and note is None
+        depth = f"{row['layers']} blocks" if row and "layers" in row else "blocks as run"
         stages = row.get("reserved_gib") if at_budget else None
         peak = max(stages.values()) if stages else None
         peak_note = note or (None if peak is not None else "no GPU peaks (a CPU run)")
@@ -236,7 +237,7 @@ def memory_targets(data: dict, parts: dict, targets: dict, specs: dict) -> None:
             "<=",
             "GiB",
             "bench_memory: max over stages (text, image, denoise, decode) of torch's peak reserved, "
-            f"budgeted run, reduced depth ({(row or {}).get('layers')} blocks; the resident blocks are "
+            f"budgeted run, reduced depth ({depth}; the resident blocks are "
             "those of the full-depth plan, so the peaks are the full-depth peaks)",
             peak_note,
         )
@@ -249,7 +250,7 @@ def memory_targets(data: dict, parts: dict, targets: dict, specs: dict) -> None:
             "<=",
             "x",
             "bench_memory: denoising s/step of the budgeted run / the fully resident run "
-            f"(--gpu-memory auto), measured at {(row or {}).get('layers')} blocks",
+            f"(--gpu-memory auto), measured at reduced depth ({depth})",
             note,
         )
         full = (row or {}).get("full_depth_extrapolated", {}).get("ratio") if ratio is not None else None
