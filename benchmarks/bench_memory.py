@@ -14,6 +14,9 @@ peaks ARE the full-depth peaks. Full-depth figures that are extrapolated say so:
   resident denoise time / L, an upper bound that includes the embeddings and head; streamed block:
   that plus the measured extra per streamed block).
 A target the planner finds infeasible is run at the planner's minimum budget instead (and says so).
+Before a target's runs, one forward of a one-block model at its shape takes the first-call costs
+(kernel choices, cuDNN's attention plan), so that neither run is charged them. `--rows-file` also
+appends each finished row as one JSON line (kept when a caller's time limit stops the run).
 
 Examples (see the report for the GPU command):
     python benchmarks/bench_memory.py --small                       # CPU dry run (simulated budget)
@@ -74,6 +77,11 @@ class Target:
     def name(self) -> str:
         return f"{self.task} {self.size}x{self.frames} @{self.budget:g} GiB"
 
+    @property
+    def spec(self) -> str:
+        """The --target text this target was parsed from (normalised)."""
+        return f"{self.task}:{self.size}:{self.frames}:{self.budget:g}"
+
 
 def full_depth_plan(target: Target, budget_gib: float, small: bool) -> memory_plan.MemoryPlan | None:
     """The plan of the FULL-depth model (bf16) at this budget, or None if infeasible."""
@@ -131,6 +139,28 @@ def run_once(opts: GenerateOptions, simulate: float | None) -> dict:
         os.environ.pop(SIMULATE_ENV, None)
 
 
+def warm_forward(target: Target, frames: int, device: str, small: bool) -> None:
+    """One forward of a one-block DiT of the target's width at its latent shape, before its runs. The
+    first call of each shape in a process pays one-off costs (SDPA's cuDNN backend builds, and may
+    compile, an attention plan; the patch-embedding convolution and the GEMMs pick kernels); charged
+    to the resident run (the first at this size) they would bias the ratio in the budgeted run's favour."""
+    from wan.modules.transformer import WanTransformer
+
+    spec = TASKS[target.task]
+    cfg = real_transformer_config(target.task, layers=1, small=small)
+    width, height = (int(v) for v in target.size.split("*"))
+    latent = (frames - 1) // spec.vae_stride[0] + 1, height // spec.vae_stride[1], width // spec.vae_stride[2]
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.device(device):
+        model = WanTransformer(cfg).to(dtype).eval().requires_grad_(False)
+    x = torch.randn(1, cfg.in_dim, *latent, device=device)
+    context = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype)
+    with torch.inference_mode():
+        model(x, torch.tensor([900], device=device), context)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def minimum_budget_gib(opts: GenerateOptions, budget: float) -> float:
     from wan.loading import read_transformer_config
 
@@ -159,6 +189,7 @@ def row(target: Target, resident: dict, budgeted: dict, layers: int, full_layers
 
     return {
         "target": target.name,
+        "spec": target.spec,
         "note": note,
         "budget_gib": plan.get("budget_gib"),
         "layers": layers,
@@ -243,6 +274,13 @@ def main() -> None:
         "(auto would batch the resident run on a large card and not the budgeted one)",
     )
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--rows-file",
+        type=Path,
+        default=None,
+        help="also append each finished row to this file as one JSON line (kept if a caller's timeout "
+        "stops the run before the end)",
+    )
     args = parser.parse_args()
     if args.small:
         args.device, args.frames = "cpu", args.frames or 5
@@ -268,6 +306,7 @@ def main() -> None:
             width, height = (int(v) for v in target.size.split("*"))
             gradient = np.linspace(0, 255, width * height * 3).reshape(height, width, 3).astype(np.uint8)
             Image.fromarray(gradient).save(image)
+        warm_forward(target, args.frames or target.frames, args.device, args.small)
         if not warmed:  # CUDA context, cuBLAS/cuDNN handles and kernels: not charged to the first target
             warm = dataclasses.replace(
                 options(target, ckpt, out / "warm.mp4", image, args, None), frame_num=5
@@ -287,16 +326,20 @@ def main() -> None:
             )
         for record in (resident, budgeted):
             if "error" in record:
-                rows.append({"target": target.name, "error": record["error"]})
+                rows.append({"target": target.name, "spec": target.spec, "error": record["error"]})
                 break
         else:
             rows.append(row(target, resident, budgeted, layers, full_layers, note))
+        if args.rows_file is not None:
+            with open(args.rows_file, "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
     if args.json:
         print(
             json.dumps(
                 {
                     "device": device_name(args.device),
                     "seconds": round(time.perf_counter() - started, 1),
+                    "steps": args.steps,
                     "rows": rows,
                 }
             )
