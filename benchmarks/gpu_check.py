@@ -53,14 +53,30 @@ class Part:
 
 
 def speed_part(
-    name: str, size: str, layers: int, *, compile_: bool, device: str, small: bool, limit: int, estimate: int
+    name: str,
+    size: str,
+    layers: int,
+    *,
+    compile_: bool,
+    device: str,
+    small: bool,
+    limit: int,
+    estimate: int,
+    cfg_batch: bool = False,
 ) -> Part:
     argv = ["benchmarks/bench_transformer.py", "--json", "--device", device]
     if small:
         argv.append("--small")
     else:
         argv += f"--preset A14B --size {size} --layers {layers} --repeat 3 --warmup 2".split()
-    argv += ["--attention", "auto", "--compile"] if compile_ else ["--attention", SPEED_BACKENDS]
+    if compile_:
+        argv += ["--attention", "auto", "--compile"]
+    elif (
+        cfg_batch
+    ):  # one CFG step: two batch-1 forwards vs one batch-2 forward (what --cfg-batch auto rests on)
+        argv += ["--attention", "auto", "--cfg-batch"]
+    else:
+        argv += ["--attention", SPEED_BACKENDS]
     return Part(name, tuple(argv), limit, estimate)
 
 
@@ -80,9 +96,17 @@ def plan_parts(small: bool, device: str, logs: Path, ckpt_root: Path) -> list[Pa
         Part("cuda_tests", tuple(pytest), 150, 60),
         speed_part("speed_480p", "832x480x81", 3, compile_=False, limit=60, estimate=15, **speed),
         speed_part("speed_720p", "1280x720x81", 2, compile_=False, limit=90, estimate=30, **speed),
-        # A CFG batch-2 timing (bench_transformer, once it has the option) goes here, as
-        # "speed_480p_batch2"/"speed_720p_batch2", with its figures added in gpu_check_targets.
         Part("memory", tuple(memory), 280, 210),
+        speed_part(
+            "speed_480p_cfgbatch",
+            "832x480x81",
+            3,
+            compile_=False,
+            cfg_batch=True,
+            limit=45,
+            estimate=15,
+            **speed,
+        ),
         speed_part("speed_480p_compile", "832x480x81", 3, compile_=True, limit=100, estimate=60, **speed),
         speed_part("speed_720p_compile", "1280x720x81", 2, compile_=True, limit=120, estimate=65, **speed),
     ]

@@ -361,6 +361,7 @@ SPEED_KEYS = (
     "full_depth_tflops",
     "peak_allocated_gib",
     "compile_s",
+    "cfg_batch",
     "error",
 )
 
@@ -368,7 +369,11 @@ SPEED_KEYS = (
 def speed_figures(data: dict) -> dict:
     figures = {}
     for part, shape in SPEED_SHAPES.items():
-        for variant, name in (("eager", part), ("compiled", f"{part}_compile")):
+        for variant, name in (
+            ("eager", part),
+            ("compiled", f"{part}_compile"),
+            ("cfg_batch", f"{part}_cfgbatch"),
+        ):
             speed = data.get(name)
             if not speed:
                 continue
