@@ -235,3 +235,30 @@ def test_rms_norm_is_upstreams_formula(x_dtype, w_dtype, monkeypatch):
         assert torch.equal(norm(x), ref)
         monkeypatch.setattr(block_module, "PASS_TOKENS", 7)
         assert torch.equal(norm(x), ref)
+
+
+@pytest.mark.parametrize("regime", ["fp32", "bf16-autocast", "bf16"])
+def test_compiled_block_breaks_its_graph_only_at_attention(regime):
+    """Only the two eager attention calls split a compiled block: no Linear, norm, modulation or RoPE
+    stage may break its graph (an autocast query and `out=` views did, and on CUDA each break cost
+    recompiles until torch gave up and ran the block eagerly)."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    counter = CompileCounter()
+    model = make("t2v", num_layers=2)
+    if regime == "bf16":
+        model = model.to(torch.bfloat16)
+    x, ctx, _ = inputs(model, f=2, h=8, w=8)
+    ctx = ctx.to(next(model.parameters()).dtype)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=regime == "bf16-autocast")
+    with torch.no_grad(), autocast:
+        ref = model(x, torch.tensor([700]), ctx)
+        compiler = BlockCompiler(backend=counter)
+        model.block_runner = compiler
+        out = model(x, torch.tensor([700]), ctx)
+    assert torch.equal(out, ref)
+    reasons = list(counters["graph_break"])
+    assert reasons and all("torch.compiler.disable" in reason for reason in reasons), reasons

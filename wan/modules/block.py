@@ -96,9 +96,10 @@ def compute_dtype(layer: nn.Linear, device: torch.device) -> torch.dtype:
     return layer.weight.dtype
 
 
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A Linear in its compute dtype (upstream runs these in bf16 under autocast)."""
-    return layer(x.to(compute_dtype(layer, x.device)))
+def linear(layer: nn.Linear, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A Linear in its compute dtype (upstream runs these in bf16 under autocast). Blocks pass the
+    dtype they decided once: asking autocast inside a compiled block breaks torch 2.11's graph."""
+    return layer(x.to(dtype or compute_dtype(layer, x.device)))
 
 
 def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -156,6 +157,12 @@ def normalized(
     """norm(x), modulated when `shift_scale` gives the rows (tokens start+a .. start+b), in `dtype`
     (the Linear that reads it): upstream's `norm(x).float() * (1 + scale) + shift` computed in float32
     PASS_TOKENS tokens at a time, the last add writing (and rounding) straight into the output."""
+    if torch.compiler.is_compiling():  # functional: the compiler fuses it (and rejects `out=` views)
+        n = norm(x).float()
+        if shift_scale is None:
+            return n.to(dtype)
+        shift, scale = shift_scale(start, start + x.shape[1])
+        return (n * (1 + scale) + shift).to(dtype)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     for a, b in passes(x.shape[1]):
         n = norm(x[:, a:b]).float()
@@ -169,6 +176,8 @@ def normalized(
 
 def gated_sum(x: torch.Tensor, y: torch.Tensor, gate: Rows, start: int = 0) -> torch.Tensor:
     """upstream's `x + y * gate` as a new float32 tensor, PASS_TOKENS tokens at a time."""
+    if torch.compiler.is_compiling():
+        return (y * gate(start, start + x.shape[1])[0] + x).float()
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     for a, b in passes(x.shape[1]):
         torch.add(
@@ -198,6 +207,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
         out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, self.weight.dtype), device=x.device)
         rows, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
         for s, e in passes(rows.shape[0]):
@@ -272,16 +283,23 @@ class Block(nn.Module):
         return self.compute(x, mod, context, runtime)
 
     def compute(
-        self, x: torch.Tensor, mod: Modulation, context: torch.Tensor, runtime: BlockRuntime
+        self,
+        x: torch.Tensor,
+        mod: Modulation,
+        context: torch.Tensor,
+        runtime: BlockRuntime,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """The block itself: x [B, L, dim] (bf16 for block 0, float32 after) -> float32 [B, L, dim]."""
+        """The block itself: x [B, L, dim] (bf16 for block 0, float32 after) -> float32 [B, L, dim].
+
+        `dtype`: the Linears' compute dtype (`compute_dtype`), decided by a caller outside torch.compile."""
         table = self.modulation.float() + mod.e0  # [B, U, 6, dim] float32
 
         def rows(*which: int) -> Rows:
             return lambda a, b: tuple(mod.per_token(table[:, :, i], a, b) for i in which)
 
         spans = token_spans(x.shape[1], runtime.chunk)
-        dtype = compute_dtype(self.self_attn.q, x.device)
+        dtype = dtype or compute_dtype(self.self_attn.q, x.device)
         x = self._self_attention(x, rows, runtime, spans, dtype)  # a new float32 tensor (upstream promotion)
         self._cross_attention(x, context, runtime, spans, dtype)  # in place on it from here on
         self._ffn(x, rows, spans, dtype)
@@ -301,16 +319,16 @@ class Block(nn.Module):
             h = normalized(
                 self.norm1, x[:, s:e], dtype, rows(SHIFT_MSA, SCALE_MSA), s
             )  # one cast for q, k, v
-            q = attn.prepare(linear(attn.q, h), attn.norm_q, dtype, rope, s)
-            k = attn.prepare(linear(attn.k, h), attn.norm_k, dtype, rope, s)
-            return q, k, attn.heads(linear(attn.v, h))
+            q = attn.prepare(linear(attn.q, h, dtype), attn.norm_q, dtype, rope, s)
+            k = attn.prepare(linear(attn.k, h, dtype), attn.norm_k, dtype, rope, s)
+            return q, k, attn.heads(linear(attn.v, h, dtype))
 
         q, k, v = over_spans(spans, projections)
         out = runtime.attention(q, k, v, "self")  # [B, L, heads, head_dim]
         del q, k, v
 
         def residual(s: int, e: int) -> tuple[torch.Tensor]:
-            return (gated_sum(x[:, s:e], linear(attn.o, out[:, s:e].flatten(2)), rows(GATE_MSA), s),)
+            return (gated_sum(x[:, s:e], linear(attn.o, out[:, s:e].flatten(2), dtype), rows(GATE_MSA), s),)
 
         return over_spans(spans, residual)[0]
 
@@ -318,13 +336,17 @@ class Block(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor, runtime: BlockRuntime, spans: Spans, dtype: torch.dtype
     ) -> None:
         attn = self.cross_attn
-        k = attn.prepare(linear(attn.k, context), attn.norm_k, dtype, None, 0)
-        v = attn.heads(linear(attn.v, context))
+        k = attn.prepare(linear(attn.k, context, dtype), attn.norm_k, dtype, None, 0)
+        v = attn.heads(linear(attn.v, context, dtype))
 
         def query(s: int, e: int) -> tuple[torch.Tensor]:  # temporaries only: each freed once used
             return (
                 attn.prepare(
-                    linear(attn.q, normalized(self.norm3, x[:, s:e], dtype)), attn.norm_q, dtype, None, s
+                    linear(attn.q, normalized(self.norm3, x[:, s:e], dtype), dtype),
+                    attn.norm_q,
+                    dtype,
+                    None,
+                    s,
                 ),
             )
 
@@ -332,14 +354,14 @@ class Block(nn.Module):
         out = runtime.attention(q, k, v, "cross")
         del q
         for s, e in spans:  # no modulation and no gate (upstream)
-            x[:, s:e].add_(linear(attn.o, out[:, s:e].flatten(2)))
+            x[:, s:e].add_(linear(attn.o, out[:, s:e].flatten(2), dtype))
 
     def _ffn(self, x: torch.Tensor, rows: Callable[..., Rows], spans: Spans, dtype: torch.dtype) -> None:
         for s, e in spans:
             hidden = linear(
-                self.ffn[0], normalized(self.norm2, x[:, s:e], dtype, rows(SHIFT_FFN, SCALE_FFN), s)
+                self.ffn[0], normalized(self.norm2, x[:, s:e], dtype, rows(SHIFT_FFN, SCALE_FFN), s), dtype
             )
             torch.ops.aten.gelu_(hidden, approximate="tanh")  # in place: same values as nn.GELU
-            y = linear(self.ffn[2], hidden)
+            y = linear(self.ffn[2], hidden, dtype)
             del hidden
             add_gated_(x[:, s:e], y, rows(GATE_FFN), s)

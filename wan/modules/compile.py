@@ -22,16 +22,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from wan.modules.block import autocast_on
+from wan.modules.block import autocast_on, compute_dtype
 
 if TYPE_CHECKING:
     from wan.modules.block import Block, BlockRuntime, Modulation
 
 
 def _compute(
-    block: Block, x: torch.Tensor, mod: Modulation, context: torch.Tensor, runtime: BlockRuntime
+    block: Block,
+    x: torch.Tensor,
+    mod: Modulation,
+    context: torch.Tensor,
+    runtime: BlockRuntime,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    return block.compute(x, mod, context, runtime)
+    return block.compute(x, mod, context, runtime, dtype)
 
 
 class BlockCompiler:
@@ -54,11 +59,12 @@ class BlockCompiler:
     def __call__(
         self, block: Block, x: torch.Tensor, mod: Modulation, context: torch.Tensor, runtime: BlockRuntime
     ) -> torch.Tensor:
+        dtype = compute_dtype(block.self_attn.q, x.device)  # here: autocast queries break the graph
         key = _signature(block, x, mod, context, runtime)
         if key in self._seen:
-            return self._compiled(block, x, mod, context, runtime)
+            return self._compiled(block, x, mod, context, runtime, dtype)
         start = time.perf_counter()
-        out = self._compiled(block, x, mod, context, runtime)
+        out = self._compiled(block, x, mod, context, runtime, dtype)
         self.compile_seconds += time.perf_counter() - start
         self._seen.add(key)
         return out

@@ -100,12 +100,13 @@ def apply_rope(
     place, which is safe: both halves of a pair are read before either is written). Without `out` a
     new float32 tensor is returned, as upstream's rotation returns float32.
     """
+    if torch.compiler.is_compiling():  # functional: the compiler fuses it (and rejects `out=` views)
+        return _rotated(x, rope, start).to(torch.float32 if out is None else out.dtype)
     if out is None:
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     length = x.shape[1]
-    step = length if torch.compiler.is_compiling() else ROTATION_TOKENS  # compiled: fused, no temporaries
-    for s in range(0, length, step):
-        e = min(s + step, length)
+    for s in range(0, length, ROTATION_TOKENS):
+        e = min(s + ROTATION_TOKENS, length)
         _rotate(x[:, s:e], rope, start + s, out[:, s:e])
     return out
 
@@ -121,3 +122,13 @@ def _rotate(x: torch.Tensor, rope: RopeTable, start: int, out: torch.Tensor) -> 
     dest = out.unflatten(-1, (d // 2, 2))
     torch.sub(x0c, x1s, out=dest[..., 0])
     torch.add(x0s, x1c, out=dest[..., 1])
+
+
+def _rotated(x: torch.Tensor, rope: RopeTable, start: int) -> torch.Tensor:
+    """The rotation of `_rotate` as one float32 expression (for torch.compile)."""
+    length, d = x.shape[1], x.shape[-1]
+    cos = rope.cos[start : start + length, None, :]
+    sin = rope.sin[start : start + length, None, :]
+    pairs = x.unflatten(-1, (d // 2, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
