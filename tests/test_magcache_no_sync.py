@@ -23,12 +23,13 @@ from magcache_generate.magcache.session import TimedCache
 EXPERTS = ["high", "high", "high", "low", "low"]
 
 
-def blocks_for(seed: int):
-    """A deterministic nonlinear block stack whose residual changes from call to call."""
-    weight = torch.randn(16, 16, generator=torch.Generator().manual_seed(seed)) / 4
+def blocks_for(seed: int, device: str = "cpu"):
+    """A deterministic nonlinear block stack whose residual changes from call to call. Its weight is
+    put on `device` here, once: a host-to-device copy inside the calls would itself synchronise."""
+    weight = (torch.randn(16, 16, generator=torch.Generator().manual_seed(seed)) / 4).to(device)
 
     def blocks(h: torch.Tensor) -> torch.Tensor:
-        return h + torch.tanh(h @ weight.to(h.device))
+        return h + torch.tanh(h @ weight)
 
     return blocks
 
@@ -38,12 +39,13 @@ def inputs(device: str = "cpu") -> list[torch.Tensor]:
     return [torch.randn(1, 7, 16, generator=generator).to(device) for _ in range(2 * len(EXPERTS))]
 
 
-def drive(cache, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+def drive(cache, xs: list[torch.Tensor], stacks: list | None = None) -> list[torch.Tensor]:
+    stacks = stacks or [blocks_for(j) for j in range(2)]
     out = []
     for step, expert in enumerate(EXPERTS):
         for j, branch in enumerate(("cond", "uncond")):
             cache.begin_call(step, branch, expert)
-            out.append(cache.run(xs[2 * step + j], blocks_for(j)))
+            out.append(cache.run(xs[2 * step + j], stacks[j]))
     return out
 
 
@@ -118,11 +120,12 @@ def test_no_synchronisation_on_cuda():
     xs = inputs("cuda")
     recorder = CalibrationRecorder()
     timed_recorder, timed_cache = TimedCache(recorder), TimedCache(ResidualCache(toy_plan()))
+    stacks = [blocks_for(j, "cuda") for j in range(2)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        drive(timed_recorder, xs)
-        drive(timed_cache, xs)
+        drive(timed_recorder, xs, stacks)
+        drive(timed_cache, xs, stacks)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     seconds = timed_cache.block_seconds()  # read once, after the stage
