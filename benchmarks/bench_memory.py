@@ -44,6 +44,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from magcache_generate.allocator import prefer_expandable_segments
 from magcache_generate.budget import SIMULATE_ENV, memory_request
 from magcache_generate.request import UserError
 from magcache_generate.run import run_requests
@@ -170,24 +171,23 @@ def minimum_budget_gib(opts: GenerateOptions, budget: float) -> float:
     return memory_plan.minimum_budget(req) / GIB
 
 
-def row(target: Target, resident: dict, budgeted: dict, layers: int, full_layers: int, note: str) -> dict:
-    steps = resident["steps_run"]
-    base = resident["timings_s"]["denoise"] / steps
+def row(
+    target: Target, resident: dict | None, budgeted: dict, layers: int, full_layers: int, note: str
+) -> dict:
+    """One target's figures; without the resident run (`--skip-resident`) only the budgeted ones."""
+    steps = budgeted["steps_run"]
     tight = budgeted["timings_s"]["denoise"] / steps
+    base = resident["timings_s"]["denoise"] / steps if resident is not None else None
     plan = budgeted.get("memory_plan", {})
     streamed_r = plan.get("streamed_blocks", 0)
-    block = resident.get("memory_plan", plan).get("block_gib", 0.0)
-    per_block = base / layers
-    extra = (tight - base) / streamed_r if streamed_r else 0.0
+    block = plan.get("block_gib", 0.0)
     extra_layers = full_layers - layers
-    full_base = base + extra_layers * per_block
-    full_tight = tight + extra_layers * (per_block + extra)
 
-    def reserved(record: dict) -> dict:
-        stages = record["peak_memory"].get("stages", {})
-        return {k: v["gpu_reserved_gib"] for k, v in stages.items()}
+    def peaks(record: dict | None, key: str = "gpu_reserved_gib") -> dict:
+        stages = {} if record is None else record["peak_memory"].get("stages", {})
+        return {k: v[key] for k, v in stages.items()}
 
-    return {
+    figures = {
         "target": target.name,
         "spec": target.spec,
         "note": note,
@@ -199,15 +199,26 @@ def row(target: Target, resident: dict, budgeted: dict, layers: int, full_layers
         "t5_on_cpu": plan.get("t5_on_cpu"),
         "vae_tile_px": plan.get("vae_tile_px"),
         "estimated_gib": plan.get("estimated_peak_gib"),
-        "reserved_gib": reserved(budgeted),
-        "resident_reserved_gib": reserved(resident),
+        "reserved_gib": peaks(budgeted),
+        "allocated_gib": peaks(budgeted, "gpu_allocated_gib"),
+        "cuda_allocator": budgeted["peak_memory"].get("cuda_allocator"),
+        "resident_reserved_gib": peaks(resident),
+        "resident_allocated_gib": peaks(resident, "gpu_allocated_gib"),
         "host_rss_gib": budgeted["peak_memory"]["host_rss_gib"],
         "s_per_step": round(tight, 3),
+    }
+    if base is None:
+        return figures | {"resident_s_per_step": None, "ratio": None, "full_depth_extrapolated": None}
+    per_block = base / layers
+    extra = (tight - base) / streamed_r if streamed_r else 0.0
+    full_base = base + extra_layers * per_block
+    full_tight = tight + extra_layers * (per_block + extra)
+    return figures | {
         "resident_s_per_step": round(base, 3),
         "ratio": round(tight / base, 3),
         "full_depth_extrapolated": {
             "resident_denoise_reserved_gib": round(
-                reserved(resident).get("denoise", 0.0) + extra_layers * block, 3
+                peaks(resident).get("denoise", 0.0) + extra_layers * block, 3
             ),
             "s_per_step": round(full_tight, 3),
             "ratio": round(full_tight / full_base, 3),
@@ -235,7 +246,7 @@ def print_table(rows: list[dict]) -> None:
         plan += f", tile {r['vae_tile_px']}" if r["vae_tile_px"] else ""
         plan += ", T5 cpu" if r["t5_on_cpu"] else ""
         plan += f" ({r['note']})" if r["note"] else ""
-        full = r["full_depth_extrapolated"]
+        full, base = r["full_depth_extrapolated"], r["resident_s_per_step"]
         table.add_row(
             r["target"],
             plan,
@@ -243,9 +254,9 @@ def print_table(rows: list[dict]) -> None:
                 f"{res[k]:.2f}" if k in res else "-"
                 for k in ("encode_text", "encode_image", "denoise", "decode")
             ),
-            f"{r['s_per_step']:.2f} ({r['resident_s_per_step']:.2f})",
-            f"{r['ratio']:.3f}",
-            f"{full['s_per_step']:.2f} s/step, {full['ratio']:.3f}x",
+            f"{r['s_per_step']:.2f}" + (f" ({base:.2f})" if base is not None else ""),
+            f"{r['ratio']:.3f}" if r["ratio"] is not None else "-",
+            f"{full['s_per_step']:.2f} s/step, {full['ratio']:.3f}x" if full else "-",
         )
     table.caption = "* extrapolated from per-block times of the reduced-depth runs"
     console.print(table)
@@ -273,6 +284,11 @@ def main() -> None:
         help="--cfg-batch of both runs; off (default) so that the ratio measures streaming alone "
         "(auto would batch the resident run on a large card and not the budgeted one)",
     )
+    parser.add_argument(
+        "--skip-resident",
+        action="store_true",
+        help="run only the budgeted configuration (memory figures; no time ratio)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--rows-file",
@@ -282,6 +298,7 @@ def main() -> None:
         "stops the run before the end)",
     )
     args = parser.parse_args()
+    prefer_expandable_segments()  # as the CLI does, before the first CUDA allocation
     if args.small:
         args.device, args.frames = "cpu", args.frames or 5
     targets = [Target.parse(t) for t in (args.target or TARGETS)]
@@ -313,7 +330,9 @@ def main() -> None:
             )
             run_once(dataclasses.replace(warm, sample_steps=1), None)
             warmed = True
-        resident = run_once(options(target, ckpt, out / "resident.mp4", image, args, None), None)
+        resident = None
+        if not args.skip_resident:
+            resident = run_once(options(target, ckpt, out / "resident.mp4", image, args, None), None)
         budget, note = target.budget, ""
         budgeted_opts = options(target, ckpt, out / "budget.mp4", image, args, budget)
         simulate = budget if args.device == "cpu" else None
@@ -324,7 +343,7 @@ def main() -> None:
             budgeted = run_once(
                 options(target, ckpt, out / "budget.mp4", image, args, budget), simulate and budget
             )
-        for record in (resident, budgeted):
+        for record in (resident or {}, budgeted):
             if "error" in record:
                 rows.append({"target": target.name, "spec": target.spec, "error": record["error"]})
                 break

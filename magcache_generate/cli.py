@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from magcache_generate import __version__
+from magcache_generate.allocator import prefer_expandable_segments
 from magcache_generate.argv import check_option_names, command_options, normalize_argv
 from magcache_generate.atomic import OutputPathError
 from magcache_generate.distilled import apply_distilled
@@ -553,6 +554,7 @@ def main(argv: list[str] | None = None) -> None:
             args = [a for a in argv[1:] if a != "--debug"]
             code = compare_command().main(args=args, prog_name=prog, standalone_mode=False)
         else:
+            prefer_expandable_segments()  # before anything touches CUDA (the budget probe does)
             command = typer.main.get_command(app)
             args = normalize_argv(argv)
             check_option_names(args, command_options(command))

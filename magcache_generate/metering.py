@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from magcache_generate.allocator import allocator_setting
+
 GIB = 2**30
 HOST_SCOPE_ITEM = "item (VmHWM reset at its start)"
 HOST_SCOPE_PROCESS = "process lifetime (ru_maxrss)"
@@ -100,6 +102,7 @@ class StageMeter:
         if self.device.type != "cuda":
             record["gpu_allocated_gib"] = None
             return record
+        record["cuda_allocator"] = allocator_setting()
         for key in ("gpu_allocated_gib", "gpu_reserved_gib"):
             record[key] = max((stage[key] for stage in self.gpu.values()), default=0.0)
         record["stages"] = dict(self.gpu)
