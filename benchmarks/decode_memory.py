@@ -1,4 +1,5 @@
-"""Peak memory of the VAE decode vs the planner's formula (`wan.memory_costs.VAE_MODELS`).
+"""Peak memory of the VAE decode (or, with `--encode`, the encode) vs the planner's formula
+(`wan.memory_costs.VAE_MODELS`).
 
 The peak is counted exactly at the dispatcher (`wan.testing.live_bytes.LiveBytes`: live tensor bytes,
 what CUDA reports as allocated minus rounding and library workspaces), for real-width VAEs:
@@ -12,6 +13,7 @@ memory-efficient kernel does not, so the stem-phase figures are upper bounds for
 Examples:
     python benchmarks/decode_memory.py                      # the full-size table (a few minutes)
     python benchmarks/decode_memory.py --real --sizes 2.1:128x128x5,2.2:128x128x5 --tiles 0,64
+    python benchmarks/decode_memory.py --encode --sizes 2.1:832x480x81    # the i2v clip encode
 """
 
 from __future__ import annotations
@@ -48,11 +50,26 @@ def build(kind: str, real: bool) -> WanVAE:
         return WanVAE(cfg.build().eval())
 
 
-def formula(kind: str, width: int, height: int, frames: int, tile_px: int | None) -> int:
+def formula(
+    kind: str, width: int, height: int, frames: int, tile_px: int | None, encode: bool = False
+) -> int:
     dit = TransformerConfig("t2v", 16, 16, 64, 128, 2, 1)  # only patch_size/out_dim matter here
     req = MemoryRequest(TASKS[TASK_OF[kind]], dit, width, height, frames, budget=0)
     model = VAE_MODELS[kind]
+    if encode:
+        return model.encode_bytes(req)
     return model.untiled_bytes(req) if tile_px is None else model.tiled_bytes(req, tile_px)
+
+
+def measure_encode(vae: WanVAE, width: int, height: int, frames: int) -> int:
+    """Live bytes of encoding a clip held in host memory, as the pipeline does (its chunks move to
+    the device one at a time; the clip itself is not counted)."""
+    video = torch.zeros(1, 3, frames, height, width)
+    with torch.no_grad(), LiveBytes() as live:
+        mu = vae.model.encode(video, vae.device, torch.float32)
+    del video, mu
+    gc.collect()
+    return live.peak
 
 
 def measure(vae: WanVAE, width: int, height: int, frames: int, tile_px: int | None) -> int:
@@ -73,8 +90,11 @@ def main() -> None:
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated KIND:WxHxFRAMES")
     parser.add_argument("--tiles", default="0,256", help="tile edges in pixels; 0 = untiled")
     parser.add_argument("--real", action="store_true", help="real random weights on CPU (small sizes!)")
+    parser.add_argument("--encode", action="store_true", help="measure the encode of a clip instead")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.encode:
+        args.tiles = "0"  # there is no tiled encode
     torch.set_num_threads(2)
     rows = []
     vaes: dict[str, WanVAE] = {}
@@ -84,12 +104,16 @@ def main() -> None:
         vae = vaes.setdefault(kind, build(kind, args.real))
         for tile in (int(t) or None for t in args.tiles.split(",")):
             start = time.perf_counter()
-            measured = measure(vae, width, height, frames, tile)
-            predicted = formula(kind, width, height, frames, tile)
+            if args.encode:
+                measured = measure_encode(vae, width, height, frames)
+            else:
+                measured = measure(vae, width, height, frames, tile)
+            predicted = formula(kind, width, height, frames, tile, args.encode)
             rows.append(
                 {
                     "vae": kind,
                     "size": f"{width}x{height}x{frames}",
+                    "stage": "encode" if args.encode else "decode",
                     "tile_px": tile,
                     "measured_gib": round(measured / GIB, 3),
                     "formula_gib": round(predicted / GIB, 3),
@@ -103,6 +127,7 @@ def main() -> None:
 
 def _line(row: dict) -> str:
     tile = f"{row['tile_px']} px tiles" if row["tile_px"] else "untiled"
+    tile = "encode" if row["stage"] == "encode" else tile
     return (
         f"Wan{row['vae']} {row['size']:>14} {tile:>13}: measured {row['measured_gib']:7.3f} GiB, "
         f"formula {row['formula_gib']:7.3f} GiB ({row['error']:+.1%}) [{row['device']}, {row['seconds']} s]"

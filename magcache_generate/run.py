@@ -170,7 +170,7 @@ def prepare_latents(
         noise = torch.randn(
             (16, t_lat, h // stride, w // stride), dtype=torch.float32, generator=generator, device=device
         )
-        z = vae.encode(i2v_video(frame, request.frame_num)[None].to(device))
+        z = vae.encode(i2v_video(frame, request.frame_num)[None])  # the clip stays on the host
         y = torch.cat([i2v_mask(request.frame_num, z.shape[3], z.shape[4]).to(device)[None], z], dim=1)
         return noise[None], Conditioning(y=y), (w, h)
     frame = ti2v_first_frame(image, max_area(request.size), multiple=stride * 2)

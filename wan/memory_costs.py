@@ -196,15 +196,17 @@ class VaeMemoryModel:
                  features = 4*stem_channels*t*h*w (the stem output for the whole clip)
 
     Measured with `benchmarks/decode_memory.py` (exact live tensor bytes at the dispatcher, real
-    widths, on the meta device at full size): per_pixel 17,200 (2.1) and 17,450 (2.2) bytes. Formula
-    vs measured: untiled within 0.1% (480p/720p x81, 704p x121); tiled (128 and 256 px tiles, 8
-    cases) -0.5% to +14%. `attention` counts the score matrices of the math-path attention that
+    widths, on the meta device at full size): per_pixel 15,720 (2.1) and 16,425 (2.2) bytes since the
+    residual blocks hand their convolutions the only reference to their input (17,200 and 17,450
+    before). Formula vs measured: untiled within 0.1% (480p/720p x81, 704p x121); tiled (128, 256
+    and 512 px tiles) up to +14%. `attention` counts the score matrices of the math-path attention that
     CPU/meta runs use (fitted: 2.8); CUDA's memory-efficient kernel needs none, so on CUDA the
     720p tiled estimate is high by up to ~1.5 GiB.
 
-    The encode (image tasks; there is no tiled encode) is 12*T*H*W (the input clip) +
-    encode_per_pixel*H*W, measured the same way: 13,300 (2.1, independent of T) and 2,144 (2.2, one
-    frame) bytes per pixel.
+    The encode (image tasks; there is no tiled encode) is encode_per_pixel*H*W: the clip stays in
+    host memory and moves to the device a chunk at a time (`wan.modules.vae_blocks.encode_in_chunks`).
+    Measured the same way (`decode_memory.py --encode`): 11,850 (2.1, 480p and 720p, 17 or 81
+    frames: independent of T) and 1,996 (2.2, one frame) bytes per pixel.
     """
 
     per_pixel: float
@@ -213,9 +215,8 @@ class VaeMemoryModel:
     stem_per_cell: float = 0.0
     attention: float = 2.8
 
-    def encode_bytes(self, req: MemoryRequest, frames: int) -> int:
-        pixels = req.width * req.height
-        return int(12 * frames * pixels + self.encode_per_pixel * pixels)
+    def encode_bytes(self, req: MemoryRequest) -> int:
+        return int(self.encode_per_pixel * req.width * req.height)
 
     def untiled_bytes(self, req: MemoryRequest) -> int:
         return int(12 * req.frames * req.width * req.height + self.per_pixel * req.width * req.height)
@@ -231,8 +232,8 @@ class VaeMemoryModel:
 
 
 VAE_MODELS = {
-    "2.1": VaeMemoryModel(17_200.0, stem_channels=384, encode_per_pixel=13_300.0, stem_per_cell=16 * 384),
-    "2.2": VaeMemoryModel(17_450.0, stem_channels=1024, encode_per_pixel=2_144.0, stem_per_cell=16 * 1024),
+    "2.1": VaeMemoryModel(15_720.0, stem_channels=384, encode_per_pixel=11_850.0, stem_per_cell=16 * 384),
+    "2.2": VaeMemoryModel(16_425.0, stem_channels=1024, encode_per_pixel=2_000.0, stem_per_cell=16 * 1024),
 }
 
 
@@ -240,16 +241,22 @@ VAE_MODELS = {
 class Overheads:
     """Fixed costs and allocator behaviour.
 
-    `fragmentation`: reserved over allocated per stage. The earlier H100 runs saw about 2% while
-    denoising (33.1 GiB allocated, 36.7 GB in use with the CUDA context) and much more in the VAE
-    decode (22.1 GiB allocated, 29.9 GB in use): its chunk shapes vary, so freed blocks fit badly.
+    `fragmentation`: peak reserved over the modelled live bytes, per stage, on CUDA with the
+    allocator's expandable segments (`magcache_generate.allocator`, the CLI's default). Measured on
+    an H100 (torch 2.11, 2026-11-26, `bench_memory.py` at the issue-8 targets): denoising held 0.98-1.01x
+    the modelled bytes (before the +5% below). The VAE stages hold more than their live tensors
+    (cuDNN convolution workspaces: 0.45-1.31 GiB above the live bytes) plus 5-23% allocator slack:
+    reserved was up to 1.35x the modelled bytes for the Wan2.1 encode (i2v 832x480x81: 8.04 GiB)
+    and the tiled decode (1280x720x81, 512 px tiles: 8.85 GiB), hence 1.40. Without expandable
+    segments the same denoising runs held 0.7-1.9 GiB more (a user's own PYTORCH_CUDA_ALLOC_CONF
+    gets no such guarantee).
     `fixed`: cuBLAS/cuDNN workspaces, small tensors, allocator rounding.
     """
 
     fixed: int = GIB // 4
     t5_activations: int = GIB // 2  # one umT5-xxl forward over 512 tokens, with slack
     fragmentation: dict[str, float] = field(
-        default_factory=lambda: {"text": 0.05, "encode": 0.25, "denoise": 0.05, "decode": 0.25}
+        default_factory=lambda: {"text": 0.05, "encode": 0.40, "denoise": 0.05, "decode": 0.40}
     )
     t5_default_bytes: int = 11_400_000_000  # models_t5_umt5-xxl-enc-bf16.pth
     vae_default_bytes: dict[str, int] = field(
@@ -340,8 +347,7 @@ def encode_stage(req: MemoryRequest, resident: int, t5_on_cpu: bool) -> int:
     """The image encode before denoising (0 without an image): i2v encodes a whole clip, ti2v a frame."""
     if not req.image:
         return 0
-    frames = req.frames if req.task.image == "required" else 1
-    work = VAE_MODELS[req.task.vae_kind].encode_bytes(req, frames)
+    work = VAE_MODELS[req.task.vae_kind].encode_bytes(req)  # i2v: a whole clip, ti2v: one frame
     return _reserved("encode", _vae_bytes(req) + work + _held_besides_vae(req, resident, t5_on_cpu))
 
 

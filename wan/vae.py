@@ -203,7 +203,7 @@ class WanVAE:
                 f"got T={t}, H={h}, W={w}"
             )
         with torch.autocast(self.device.type, enabled=False):
-            mu = self.model.encode(video.to(self.device, self.dtype)).float()
+            mu = self.model.encode(video, self.device, self.dtype).float()  # chunk by chunk to the device
         return (mu - self.mean) * self.inv_std
 
     @torch.no_grad()

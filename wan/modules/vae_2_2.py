@@ -214,9 +214,12 @@ class WanVAE22(nn.Module):
         self.conv2 = nn.Conv3d(z_dim, z_dim, 1)
         self.decoder = Decoder(dec_dim, z_dim, num_res_blocks)
 
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, 3, 1+4k, H, W] in [-1, 1] -> mu [B, z, 1+k, H/16, W/16] (log-variance discarded)."""
-        return self.conv1(encode_in_chunks(self.encoder, patchify(video)))[:, : self.z_dim]
+    def encode(
+        self, video: torch.Tensor, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """[B, 3, 1+4k, H, W] in [-1, 1] -> mu [B, z, 1+k, H/16, W/16] (log-variance discarded); the
+        video's chunks are moved to `device`/`dtype` one at a time."""
+        return self.conv1(encode_in_chunks(self.encoder, patchify(video), device, dtype))[:, : self.z_dim]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """[B, z, T, h, w] un-normalised latents -> [B, 3, 1+4(T-1), 16h, 16w], not clamped."""

@@ -70,6 +70,13 @@ class CausalConv3d(nn.Conv3d):
         return super()._conv_forward(x, weight, bias)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return self.forward_owned([x], cache)
+
+    def forward_owned(self, held: list[torch.Tensor], cache: StreamCache | None = None) -> torch.Tensor:
+        """`forward(held.pop(), cache)`, dropping the input once it is padded: when the caller keeps
+        no other reference, the input and the conv output never coexist (at full resolution each is
+        a few hundred MB, and the encode's peak is a handful of them)."""
+        x = held.pop()
         if self.front_frames == 0:
             return super().forward(x)
         history = None
@@ -80,7 +87,9 @@ class CausalConv3d(nn.Conv3d):
         missing = self.front_frames - (0 if history is None else history.shape[2])
         if missing > 0:
             pieces.insert(0, x.new_zeros(*x.shape[:2], missing, *x.shape[3:]))
-        return super().forward(torch.cat(pieces, dim=2))
+        padded = torch.cat(pieces, dim=2)
+        del x, pieces
+        return super().forward(padded)
 
 
 class ChannelL2Norm(nn.Module):
@@ -95,7 +104,12 @@ class ChannelL2Norm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        out = F.normalize(x, dim=1)
+        if self.gamma.dtype != out.dtype:  # out of place: the product promotes, as upstream's does
+            return out * self.scale * self.gamma
+        # in place on the fresh normalised tensor: the same products in the same order, one
+        # full-resolution temporary fewer (the encode's peak is a few of these)
+        return out.mul_(self.scale).mul_(self.gamma)
 
 
 def frames_as_images(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -113,10 +127,10 @@ class ResidualBlock(nn.Module):
         # Index 5 is upstream's dropout (0.0 at inference); kept so the conv keys stay `residual.6`.
         self.residual = nn.Sequential(
             ChannelL2Norm(in_dim),
-            nn.SiLU(),
+            nn.SiLU(inplace=True),  # on the norm's fresh output
             CausalConv3d(in_dim, out_dim, 3, padding=1),
             ChannelL2Norm(out_dim),
-            nn.SiLU(),
+            nn.SiLU(inplace=True),
             nn.Identity(),
             CausalConv3d(out_dim, out_dim, 3, padding=1),
         )
@@ -124,9 +138,15 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         h = self.shortcut(x)
+        y = x
         for layer in self.residual:
-            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
-        return x + h
+            if isinstance(layer, CausalConv3d):  # hand it the only reference to its input
+                held = [y]
+                del y
+                y = layer.forward_owned(held, cache)
+            else:
+                y = layer(y)
+        return y.add_(h)  # y is the last conv's fresh output: in place, the same sum as y + h
 
 
 class AttentionBlock(nn.Module):
@@ -158,7 +178,7 @@ class OutputHead(nn.Sequential):
     """norm, SiLU, 3x3x3 causal conv to ``out_dim`` channels (keys `head.0`, `head.2`)."""
 
     def __init__(self, dim: int, out_dim: int) -> None:
-        super().__init__(ChannelL2Norm(dim), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
+        super().__init__(ChannelL2Norm(dim), nn.SiLU(inplace=True), CausalConv3d(dim, out_dim, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         return self[2](self[1](self[0](x)), cache)
@@ -224,12 +244,16 @@ class Resample(nn.Module):
 
 
 def encode_in_chunks(
-    encoder: Callable[[torch.Tensor, StreamCache], torch.Tensor], video: torch.Tensor
+    encoder: Callable[[torch.Tensor, StreamCache], torch.Tensor],
+    video: torch.Tensor,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Run ``encoder`` on frame 0 alone, then on 4-frame chunks, sharing one StreamCache."""
+    """Run ``encoder`` on frame 0 alone, then on 4-frame chunks, sharing one StreamCache. Each chunk
+    is moved to `device`/`dtype` when it is encoded: the clip itself may stay in host memory."""
     cache = StreamCache()
     bounds = [(0, 1)] + [(s, s + 4) for s in range(1, video.shape[2], 4)]
-    return torch.cat([encoder(video[:, :, s:e], cache) for s, e in bounds], dim=2)
+    return torch.cat([encoder(video[:, :, s:e].to(device, dtype), cache) for s, e in bounds], dim=2)
 
 
 def decode_in_chunks(
