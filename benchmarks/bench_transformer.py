@@ -131,6 +131,8 @@ def cfg_batch_timing(
     args: argparse.Namespace,
 ) -> dict:
     """One CFG step's forwards: two batch-1 calls vs one batch-2 call (same inputs, blocks included)."""
+    if len(model.blocks) == 0:
+        raise ValueError("cfg_batch_timing needs the model's blocks: it times whole CFG steps")
     device = x.device
     ctx_null = torch.randn(ctx.shape, device=device, dtype=ctx.dtype)
     x2, t2, ctx2 = repeat_batch(x, 2), repeat_batch(t, 2), stack_contexts([ctx, ctx_null])
@@ -215,6 +217,7 @@ def run(args: argparse.Namespace) -> dict:
                 model.blocks = no_blocks
                 fixed = timer.median(lambda: model(x, t, ctx), 1, args.repeat)
                 attention = timer.median(lambda p=policy: p(q, q, q, "bench"), 1, args.repeat)
+                model.blocks = blocks  # the CFG timing is of whole forwards (it once ran without blocks)
                 cfg_batch = cfg_batch_timing(model, x, t, ctx, timer, args) if args.cfg_batch else None
             except RuntimeError as err:  # a backend that cannot take these inputs
                 rows.append({"attention": name, "error": str(err).splitlines()[0][:200]})
