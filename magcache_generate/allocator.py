@@ -10,8 +10,7 @@ PYTORCH_ALLOC_CONF) is left alone.
 from __future__ import annotations
 
 import os
-
-import torch
+import sys
 
 SETTING = "expandable_segments:True"
 ENV_NAMES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
@@ -25,7 +24,12 @@ def prefer_expandable_segments() -> None:
     if any(name in os.environ for name in ENV_NAMES):
         return
     os.environ[ENV_NAMES[0]] = SETTING
-    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    torch = sys.modules.get("torch")  # not imported yet (the CLI): torch reads the variable itself
+    setter = None
+    if torch is not None:  # torch 2.11 deprecates the second name in favour of the first
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(
+            torch.cuda.memory, "_set_allocator_settings", None
+        )
     if setter is not None and torch.cuda.is_available():
         try:
             setter(SETTING)
