@@ -57,6 +57,22 @@ PRESETS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def preset_config(preset: Preset, layers: int, text_len: int, text_dim: int) -> TransformerConfig:
+    """The DiT config of a preset's width at `layers` blocks."""
+    in_dim, out_dim = IN_OUT[preset.model_type]
+    return TransformerConfig(
+        model_type=preset.model_type,
+        in_dim=in_dim,
+        out_dim=out_dim,
+        dim=preset.dim,
+        ffn_dim=preset.ffn,
+        num_heads=preset.heads,
+        num_layers=layers,
+        text_len=text_len,
+        text_dim=text_dim,
+    )
+
+
 def latent_shape(size: str, stride: tuple[int, int, int]) -> tuple[int, int, int]:
     """'832x480x81' (width x height x frames) -> latent (frames, height, width)."""
     w, h, f = (int(v) for v in size.lower().split("x"))
@@ -179,20 +195,10 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     timer = Timer(device)
-    in_dim, out_dim = IN_OUT[preset.model_type]
+    in_dim = IN_OUT[preset.model_type][0]
     latent = latent_shape(args.size, preset.vae_stride)
     tokens = latent[0] * (latent[1] // 2) * (latent[2] // 2)
-    cfg = TransformerConfig(
-        model_type=preset.model_type,
-        in_dim=in_dim,
-        out_dim=out_dim,
-        dim=preset.dim,
-        ffn_dim=preset.ffn,
-        num_heads=preset.heads,
-        num_layers=args.layers,
-        text_len=args.text_len,
-        text_dim=args.text_dim,
-    )
+    cfg = preset_config(preset, args.layers, args.text_len, args.text_dim)
     rate = matmul_rate(device, dtype, args.matmul_size, timer)
     model = build(cfg, dtype, device)
     model.activation_chunk = args.chunk

@@ -22,11 +22,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_transformer import DTYPES, IN_OUT, PRESETS, build, latent_shape  # a sibling script
+from bench_transformer import DTYPES, IN_OUT, PRESETS, build, latent_shape, preset_config  # a sibling script
 
 from wan.modules.attention import AttentionPolicy
 from wan.modules.compile import BlockCompiler
-from wan.modules.transformer import TransformerConfig
 
 MATMUL_MARKS = ("gemm", "nvjet", "cutlass", "xmma", "addmm", "aten::mm", "aten::bmm", "aten::linear")
 ATTENTION_MARKS = ("fmha", "flash", "cudnn", "attention", "sdpa", "efficient")
@@ -45,19 +44,9 @@ def run(args: argparse.Namespace) -> dict:
     preset = PRESETS[args.preset]
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    in_dim, out_dim = IN_OUT[preset.model_type]
+    in_dim = IN_OUT[preset.model_type][0]
     latent = latent_shape(args.size, preset.vae_stride)
-    cfg = TransformerConfig(
-        model_type=preset.model_type,
-        in_dim=in_dim,
-        out_dim=out_dim,
-        dim=preset.dim,
-        ffn_dim=preset.ffn,
-        num_heads=preset.heads,
-        num_layers=args.layers,
-        text_len=512,
-        text_dim=4096 if not args.small else 32,
-    )
+    cfg = preset_config(preset, args.layers, text_len=512, text_dim=32 if args.small else 4096)
     model = build(cfg, dtype, device)
     model.attention = AttentionPolicy("auto")
     model.block_runner = BlockCompiler() if args.compile else None
