@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
-import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,26 +22,18 @@ from magcache_generate import __version__
 from magcache_generate.allocator import prefer_expandable_segments
 from magcache_generate.argv import check_option_names, command_options, normalize_argv
 from magcache_generate.atomic import OutputPathError
-from magcache_generate.distilled import apply_distilled
-from magcache_generate.fast_path import fast_path_notes
-from magcache_generate.loras import check_loras
-from magcache_generate.request import OutOfMemory, Request, UserError
+from magcache_generate.command import EXIT_FAILURE, run_command
+from magcache_generate.request import OutOfMemory, UserError
 from magcache_generate.validate import (
     MAX_FRAME_NUM,
     MAX_SAMPLE_STEPS,
     GenerateOptions,
-    PlanSettings,
-    build_request,
-    plan_settings,
-    task_config,
 )
 from wan.attention_backends import BACKENDS as ATTENTION_BACKENDS
-from wan.configs import TASKS
 from wan.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from magcache_generate.batch import Batch
-    from magcache_generate.magcache.plan import Plan
+    pass
 
 try:  # typer >= 0.16 ships its own copy of click
     from typer._click.exceptions import ClickException
@@ -52,7 +42,6 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 PROG = "magcache-generate"
 EXIT_USAGE = 2  # bad input (found before loading: nothing was loaded or written)
-EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
 # Errors that are the user's to fix, also when raised while running: one line, exit 2, no traceback
 # (unless --debug). FileExistsError: an output appeared while we generated.
@@ -316,184 +305,6 @@ def generate(
 
 def _plain(value: object) -> object:
     return value.value if isinstance(value, Enum) else value
-
-
-def run_command(
-    options: GenerateOptions,
-    *,
-    prompt_file: Path | None = None,
-    demo: bool = False,
-    plan: bool = False,
-    as_json: bool = False,
-    debug: bool = False,
-) -> int:
-    """Validate everything, then plan (``plan``) or generate; returns the exit code."""
-    from magcache_generate.progress import make_console
-
-    started = time.perf_counter()
-    console = make_console()
-    if as_json and not plan:
-        raise UserError("--json only applies to --magcache-plan; drop it or add --magcache-plan")
-    if plan:
-        print_plan(plan_settings(options), as_json=as_json)
-        return 0
-    if demo and options.ckpt_dir is not None:
-        raise UserError("--demo builds its own tiny checkpoint; drop --ckpt-dir (or --demo)")
-    options = apply_distilled(options)  # before the demo's defaults: the recipe's step count wins
-    if demo:
-        options = _with_demo_defaults(options)
-    batch = None
-    if prompt_file is not None:
-        batch = _batch_requests(options, prompt_file)
-        requests = [e.request for e in batch.entries]
-        random_seeds = [e.random_seed for e in batch.entries]
-    else:
-        requests = [build_request(options, check_checkpoint=False)]
-        random_seeds = [options.base_seed == -1]
-    for note in fast_path_notes(options, requests[0], check_magcache_plan(requests[0])):
-        console.print(note, soft_wrap=True)  # before anything loads
-
-    cfg = task_config(options.task)
-    if demo:
-        from magcache_generate.demo import demo_checkpoint
-
-        message = "[yellow]--demo: tiny RANDOM weights; the video will be noise, not a real generation[/]"
-        console.print(message)
-        ckpt_dir = demo_checkpoint(cfg.name)
-    else:
-        ckpt_dir = options.ckpt_dir
-    from magcache_generate.preflight import check_before_loading
-
-    ckpt_dir = check_before_loading(ckpt_dir, cfg, options.device)
-    check_loras(requests[0].loras, ckpt_dir, cfg)  # headers only, before any weight loads
-    requests = [dataclasses.replace(r, ckpt_dir=ckpt_dir) for r in requests]
-    for request, was_random in zip(requests, random_seeds, strict=True):
-        if was_random:
-            console.print(
-                f"seed {request.base_seed} (random; --base-seed {request.base_seed} repeats it) "
-                f"for {request.save_file}",
-                markup=False,
-            )
-
-    from magcache_generate.run import run_requests  # torch and the models: only now
-
-    if batch is None:
-        results = run_requests(requests, console=console, debug=debug)
-        failed = [r for r in results if isinstance(r, dict) and r.get("error")]
-        return EXIT_FAILURE if failed else 0
-    from magcache_generate.batch import batch_exit_code, batch_rows
-    from magcache_generate.progress import print_batch
-
-    results = run_requests(requests, console=console, debug=debug, batch=True)
-    rows = batch_rows(batch.entries, batch.problems, results)
-    print_batch(console, rows, time.perf_counter() - started)
-    return batch_exit_code(rows)
-
-
-def _with_demo_defaults(options: GenerateOptions) -> GenerateOptions:
-    """The demo's small size, frame count and step count, where the user gave none."""
-    from magcache_generate.demo import DEMO_OVERRIDES, DEMO_SIZES
-
-    defaults = {k: v for k, v in DEMO_OVERRIDES.items() if getattr(options, k) is None}
-    if options.size is None and options.task in DEMO_SIZES:
-        defaults["size"] = DEMO_SIZES[options.task]
-    return dataclasses.replace(options, **defaults)
-
-
-def _batch_requests(options: GenerateOptions, prompt_file: Path) -> Batch:
-    """The prompt file's runnable items; bad ones are reported on stderr (and kept as problems)."""
-    from magcache_generate.batch import Batch, BatchProblem, build_batch
-
-    if options.prompt is not None:
-        raise UserError("--prompt and --prompt-file exclude each other; put the prompt into the file")
-    if options.save_file is not None:
-        raise UserError("--save-file names one video; with --prompt-file set save_file per line (JSON Lines)")
-    batch = build_batch(options, prompt_file)
-    entries, problems = [], list(batch.problems)
-    for entry in batch.entries:
-        try:
-            check_magcache_plan(entry.request)
-        except UserError as err:
-            problems.append(BatchProblem(entry.line, str(err), entry.number))
-            continue
-        entries.append(entry)
-    problems.sort(key=lambda p: p.line)
-    for problem in problems:
-        typer.echo(f"skipped: {prompt_file} {problem}", err=True)
-    if not entries:
-        raise UserError(f"--prompt-file '{prompt_file}' has no valid item; fix the lines reported above")
-    return Batch(entries, problems)
-
-
-# ---------------------------------------------------------------------------------------------------
-# --magcache-plan
-
-
-def plan_settings_for(request: Request) -> PlanSettings:
-    cfg = TASKS[request.task]
-    has_image = request.image is not None or cfg.image == "required"
-    return PlanSettings(
-        cfg,
-        request.sample_solver,
-        request.sample_steps,
-        request.sample_shift,
-        has_image,
-        request.magcache,
-        request.guide_scale,
-    )
-
-
-def check_magcache_plan(request: Request) -> Plan | None:
-    """Plan a MagCache run before loading anything, so an unreachable --magcache-speedup (or a setting the
-    plan refuses) fails in a second rather than after the models are loaded."""
-    if request.magcache.enabled:
-        return build_plan(plan_settings_for(request))
-    return None
-
-
-def build_plan(settings: PlanSettings) -> Plan:
-    """The MagCache schedule these settings give: the official curve (or --magcache-ratios), the task's
-    preset with the given overrides, on the loop's real timesteps. Loads no weights. The run builds its
-    plan with the same function (magcache.settings.make_plan)."""
-    from magcache_generate.magcache.plan import UnreachableSpeedupError
-    from magcache_generate.magcache.policy import MagCacheConfigError
-    from magcache_generate.magcache.settings import make_plan
-    from wan.schedule import make_schedule
-
-    schedule = make_schedule(settings.sample_solver, settings.sample_steps, settings.sample_shift)
-    timesteps = [int(t) for t in schedule.timesteps[: len(schedule)]]
-    try:
-        return make_plan(
-            settings.task.name,
-            timesteps,
-            settings.sample_shift,
-            settings.magcache,
-            settings.has_image,
-            log=lambda _message: None,
-            guide_scale=settings.guide_scale,
-        )
-    except (MagCacheConfigError, UnreachableSpeedupError) as err:
-        raise UserError(str(err)) from None
-
-
-def print_plan(settings: PlanSettings, *, as_json: bool) -> None:
-    from magcache_generate.magcache.report import plan_json, render_plan, round_speedup
-
-    p = build_plan(settings)
-    if not as_json:
-        typer.echo(render_plan(p))
-        return
-    data = {
-        **plan_json(p),
-        "thresh": p.config.thresh,
-        "K": p.config.K,
-        "retention": p.config.retention,
-        "curve": p.curve_key,
-        "cfg_free_experts": p.cfg_free_experts,
-        "ideal_speedup": round_speedup(p.ideal_speedup),
-        "warnings": list(p.warnings),
-    }
-    typer.echo(json.dumps(data))
 
 
 # ---------------------------------------------------------------------------------------------------

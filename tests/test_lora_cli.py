@@ -19,7 +19,8 @@ from cli_runs import frames
 from lora_files import MODULES, lowrank_factors, write_lora
 
 from magcache_generate.argv import normalize_argv
-from magcache_generate.cli import _with_demo_defaults, main
+from magcache_generate.cli import main
+from magcache_generate.command import with_demo_defaults
 from magcache_generate.distilled import apply_distilled
 from magcache_generate.loras import parse_lora_arg
 from magcache_generate.request import LoraChoice, UserError
@@ -177,7 +178,7 @@ def test_lora_dir_and_distilled_resolution(ckpt, lora, tmp_path):
         dataclasses.replace(base, distilled="lightning", sample_steps=8, sample_guide_scale="1 2")
     )
     assert (user.sample_steps, user.guide_scale, user.sample_solver) == (8, (1.0, 2.0), "euler")
-    demo = _with_demo_defaults(apply_distilled(dataclasses.replace(base, distilled="lightning")))
+    demo = with_demo_defaults(apply_distilled(dataclasses.replace(base, distilled="lightning")))
     assert demo.sample_steps == 4  # the recipe's step count wins over the demo's 8
     with pytest.raises(UserError, match="unknown --distilled 'turbo'"):
         build_request(dataclasses.replace(base, distilled="turbo"))
