@@ -36,7 +36,7 @@ from wan.cfg_batch import repeat_batch, split_branches, stack_contexts
 from wan.modules.attention import AttentionPolicy
 from wan.modules.compile import BlockCompiler
 from wan.modules.transformer import TransformerConfig, WanTransformer
-from wan.testing.dit import IN_OUT
+from wan.testing.dit import IN_OUT, tiny_transformer_config
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def preset_config(preset: Preset, layers: int, text_len: int, text_dim: int) -> TransformerConfig:
     """The DiT config of a preset's width at `layers` blocks."""
-    in_dim, out_dim = IN_OUT[preset.model_type]
-    return TransformerConfig(
-        model_type=preset.model_type,
-        in_dim=in_dim,
-        out_dim=out_dim,
+    return tiny_transformer_config(
+        preset.model_type,
         dim=preset.dim,
         ffn_dim=preset.ffn,
         num_heads=preset.heads,

@@ -95,7 +95,11 @@ def _lora_dir(folder: Path, cfg: TaskConfig) -> list[LoraChoice]:
 
 def _check_file(path: Path, flag: str) -> None:
     if not path.is_file():
-        what = "is a folder; pass the .safetensors file (or use --lora-dir)" if path.is_dir() else "not found"
+        what = (
+            "is a folder; pass the .safetensors file (or use --lora-dir)"
+            if path.is_dir()
+            else "not found; pass the path of a LoRA .safetensors file"
+        )
         raise UserError(f"{flag} '{path}' {what}")
 
 

@@ -257,7 +257,7 @@ def resolve_size(size: str | None, cfg: TaskConfig) -> str:
 
 def check_frame_num(frame_num: int) -> int:
     if frame_num < 1 or (frame_num - 1) % 4:
-        nearest = max(1, 4 * round((frame_num - 1) / 4) + 1)
+        nearest = min(MAX_FRAME_NUM, max(1, 4 * round((frame_num - 1) / 4) + 1))  # a value that passes
         raise UserError(
             f"--frame-num {frame_num} is not of the form 4n+1 (the VAE packs 4 frames per latent); try {nearest}"
         )

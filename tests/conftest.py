@@ -42,3 +42,21 @@ def pytest_runtest_call(item):
     marker = item.get_closest_marker("golden_missing")
     if marker is not None:
         pytest.fail(marker.args[0], pytrace=False)
+
+
+@pytest.fixture
+def failing_page_lock(monkeypatch):
+    """CUDA looks available and every cudaHostRegister fails (out of memory); returns the sizes tried."""
+    import wan.placement as placement_module
+
+    calls: list[int] = []
+
+    class FailingCudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(size)
+            return 2  # cudaErrorMemoryAllocation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FailingCudart())
+    monkeypatch.setattr(placement_module, "_consume_cuda_error", lambda: None)
+    return calls

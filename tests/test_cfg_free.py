@@ -125,9 +125,10 @@ def test_plan_with_per_expert_branches():
         )
 
 
-def test_lightning_plan_counts_four_forwards_and_says_why_nothing_skips():
+def lightning_plan():
+    """The MagCache plan of the 4-step CFG-free Lightning recipe (Euler, shift 5, guide 1)."""
     timesteps = [int(t) for t in make_schedule("euler", 4, 5.0).timesteps]
-    p = make_plan(
+    return make_plan(
         "t2v-A14B",
         timesteps,
         5.0,
@@ -136,6 +137,10 @@ def test_lightning_plan_counts_four_forwards_and_says_why_nothing_skips():
         lambda m: None,
         guide_scale=(1.0, 1.0),
     )
+
+
+def test_lightning_plan_counts_four_forwards_and_says_why_nothing_skips():
+    p = lightning_plan()
     assert (p.forwards, p.dense_forwards, p.cfg_free_experts) == (4, 4, ["high", "low"])
     assert "skips nothing at 4 steps" in p.no_skip_reason and "--magcache-calibrate" in p.no_skip_reason
     assert plan_json(p)["dense_forwards"] == 4
@@ -174,18 +179,7 @@ def test_plan_json_counts(argv, forwards, dense, capsys):
 
 
 def test_residual_cache_follows_a_cfg_free_plan(experts):
-    schedule = make_schedule("euler", 4, 5.0)
-    timesteps = [int(t) for t in schedule.timesteps]
-    p = make_plan(
-        "t2v-A14B",
-        timesteps,
-        5.0,
-        MagCacheOptions(enabled=True),
-        False,
-        lambda m: None,
-        guide_scale=(1.0, 1.0),
-    )
-    cache = ResidualCache(p)
+    cache = ResidualCache(lightning_plan())
     run(experts, (1.0, 1.0), cache=cache)
     assert cache.report() == {
         "high": {"cond": {"computed": 2, "skipped": 0}},

@@ -137,17 +137,8 @@ def test_flat_layout_aligns_every_view(folder):
     assert layout.numel >= sum(p.numel() for p in model.blocks[0].parameters())
 
 
-def test_page_locking_failure_degrades_to_pageable_with_one_warning(folder, monkeypatch):
-    calls = []
-
-    class FailingCudart:
-        def cudaHostRegister(self, ptr, size, flags):
-            calls.append(size)
-            return 2  # cudaErrorMemoryAllocation
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: FailingCudart())
-    monkeypatch.setattr(placement_module, "_consume_cuda_error", lambda: None)
+def test_page_locking_failure_degrades_to_pageable_with_one_warning(folder, failing_page_lock):
+    calls = failing_page_lock
     warnings = []
     model = wan.load_transformer(
         folder, placement=Placement(CPU, resident_blocks=2, pin=True), on_warning=warnings.append

@@ -153,6 +153,7 @@ def test_default_save_file_is_shell_safe_and_batch_items_differ(tmp_path):
         ({"size": "640*360"}, "--size '640*360' is not a size"),
         ({"frame_num": 80}, "--frame-num 80 is not of the form 4n+1"),
         ({"frame_num": 0}, "--frame-num 0 is not of the form 4n+1"),
+        ({"frame_num": 2000}, "(the VAE packs 4 frames per latent); try 1001"),  # a value within the limit
         ({"sample_solver": "heun"}, "unknown --sample-solver 'heun'; use one of unipc, dpm++, euler"),
         ({"sample_steps": 0}, "--sample-steps 0 must be at least 1"),
         ({"sample_shift": -1.0}, "--sample-shift -1.0 must be a number > 0"),

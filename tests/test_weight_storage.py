@@ -232,17 +232,8 @@ def test_streamed_blocks_hold_one_host_tensor_per_storage_dtype(folders):
         assert linear_bytes and sum(f.numel() * f.element_size() for f in flats) >= linear_bytes
 
 
-def test_page_locking_failure_with_mixed_storage_stays_exact(folders, monkeypatch):
-    calls = []
-
-    class FailingCudart:
-        def cudaHostRegister(self, ptr, size, flags):
-            calls.append(size)
-            return 2  # cudaErrorMemoryAllocation
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: FailingCudart())
-    monkeypatch.setattr(placement_module, "_consume_cuda_error", lambda: None)
+def test_page_locking_failure_with_mixed_storage_stays_exact(folders, failing_page_lock, monkeypatch):
+    calls = failing_page_lock
     warnings = []
     model = wan.load_transformer(
         folders["t2v"],
@@ -250,7 +241,7 @@ def test_page_locking_failure_with_mixed_storage_stays_exact(folders, monkeypatc
         placement=Placement(CPU, resident_blocks=1, pin=True),
         on_warning=warnings.append,
     )
-    monkeypatch.undo()
+    monkeypatch.undo()  # the same monkeypatch as the fixture's: CUDA is real again below
     assert len(calls) == 1 and len(warnings) == 1  # the first failure stops all further tries
     assert not any(block.pinned for block in streamed_source(model).host.values())
     inputs = forward_inputs("t2v", model.config)

@@ -17,7 +17,7 @@ import torch
 
 from wan.configs import TASKS
 from wan.modules.transformer import TransformerConfig, WanTransformer
-from wan.testing.dit import IN_OUT, write_transformer_folder
+from wan.testing.dit import tiny_transformer_config, write_transformer_folder
 from wan.testing.text import tiny_t5_state_dict, write_tiny_tokenizer
 from wan.testing.vae import tiny_vae_state_dict
 
@@ -34,11 +34,8 @@ def real_transformer_config(
     dim, heads, ffn, depth = REAL_DIT[model_type]
     if small:
         dim, heads, ffn = SMALL_DIT
-    in_dim, out_dim = IN_OUT[model_type]
-    return TransformerConfig(
-        model_type=model_type,
-        in_dim=in_dim,
-        out_dim=out_dim,
+    return tiny_transformer_config(
+        model_type,
         dim=dim,
         ffn_dim=ffn,
         num_heads=heads,
