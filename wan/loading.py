@@ -28,6 +28,8 @@ from wan.errors import CheckpointError
 from wan.modules.transformer import TransformerConfig, WanTransformer
 from wan.placement import Placement, WeightSink
 from wan.safetensors_header import HeaderError, read_header
+from wan.weight_files import stream_official
+from wan.weight_formats import FormatError, Layout, dit_layout_of_shards
 from wan.weight_storage import WeightStorage
 
 MODEL_TYPES = {16: "t2v", 36: "i2v", 48: "ti2v"}  # in_dim -> model_type, when config.json is absent
@@ -35,9 +37,19 @@ MODEL_TYPES = {16: "t2v", 36: "i2v", 48: "ti2v"}  # in_dim -> model_type, when c
 TensorTransform = Callable[[str, torch.Tensor], torch.Tensor]
 
 
+def read_layout(files: TransformerFiles) -> tuple[Layout, dict[str, Path]]:
+    """The checkpoint's tensors under their official names (a single file's prefix stripped, float8
+    weights paired with their scales) and the shard holding each, from the shard headers."""
+    try:
+        return dit_layout_of_shards(read_tensor_table(files))
+    except FormatError as err:
+        raise CheckpointError(f"{files.shards[0]} {err}") from None
+
+
 def read_shapes(files: TransformerFiles) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """Key -> (shape, shard) from the shard headers; duplicates and index mismatches are errors."""
-    return {key: (info.shape, shard) for key, (info, shard) in read_tensor_table(files).items()}
+    """Official key -> (shape, shard) from the shard headers; duplicates and index mismatches are errors."""
+    layout, shards = read_layout(files)
+    return {key: (src.shape, shards[key]) for key, src in layout.sources.items()}
 
 
 def config_from_checkpoint(
@@ -204,7 +216,8 @@ def load_transformer(
     """
     path = Path(path)
     files = locate_transformer_files(path)
-    shapes = read_shapes(files)
+    layout, shards = read_layout(files)
+    shapes = {key: (src.shape, shards[key]) for key, src in layout.sources.items()}
     raw = _read_json(files.config) if files.config else {}
     cfg = config_from_checkpoint(raw, shapes, path)
     with torch.device("meta"):
@@ -214,7 +227,8 @@ def load_transformer(
         model, storage or WeightStorage(dtype), placement or Placement(torch.device(device)), on_warning
     )
     current = None
-    for shard, key, read in iter_shard_tensors(files):
+    # official names in; a float8 weight arrives dequantised (wan.weight_files)
+    for shard, key, read in stream_official(layout, lambda: iter_shard_tensors(files)):
         if current is not None and shard != current and on_shard:
             on_shard(current)
         current = shard

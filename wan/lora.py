@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from wan.checkpoint_layout import locate_transformer_files, read_tensor_table
 from wan.errors import CheckpointError
 from wan.safetensors_header import FLOAT_DTYPES, HeaderError, TensorInfo, read_header, read_scalar
+from wan.weight_formats import FormatError, dit_layout_of_shards
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +118,12 @@ class LoraFile:
 
 def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of a transformer checkpoint (folder or file), from the shard headers."""
-    return {key: info.shape for key, (info, _) in read_tensor_table(locate_transformer_files(path)).items()}
+    files = locate_transformer_files(path)
+    try:  # official names: a single file's prefix stripped
+        layout, _ = dit_layout_of_shards(read_tensor_table(files))
+    except FormatError as err:
+        raise CheckpointError(f"{files.shards[0]} {err}") from None
+    return layout.shapes
 
 
 def _listing(keys: Sequence[str]) -> str:

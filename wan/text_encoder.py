@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from wan.errors import CheckpointError
+from wan.weight_files import dtype_name, official_getter
+from wan.weight_formats import FormatError, TensorEntry, t5_layout
 
 if TYPE_CHECKING:
     from transformers import UMT5Config, UMT5EncoderModel
@@ -225,8 +227,12 @@ def load_text_encoder(
         path = path / OFFICIAL_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: text-encoder checkpoint not found (expected {OFFICIAL_FILE})")
-    with _open_checkpoint(path) as (shapes, get):
-        return _build(shapes, get, dtype, torch.device(device), str(path))
+    with _open_checkpoint(path) as (table, get):
+        try:  # official or Hugging Face names, float8 weights dequantised (wan.weight_formats)
+            layout = t5_layout(table)
+        except FormatError as err:
+            raise CheckpointError(f"{path} {err}") from None
+        return _build(layout.shapes, official_getter(layout, get), dtype, torch.device(device), str(path))
 
 
 def _build(
@@ -255,8 +261,9 @@ def _build(
 @contextlib.contextmanager
 def _open_checkpoint(
     path: Path,
-) -> Iterator[tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]]:
-    """Tensor shapes and a tensor getter for a .safetensors or torch.save'd file; reads no data up front."""
+) -> Iterator[tuple[dict[str, TensorEntry], Callable[[str], torch.Tensor]]]:
+    """Tensor table (dtype, shape) and a tensor getter for a .safetensors or torch.save'd file; reads no
+    data up front."""
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         from safetensors import SafetensorError, safe_open
 
@@ -267,8 +274,11 @@ def _open_checkpoint(
                 f"{path}: not a readable safetensors file ({_first_line(err)}); re-download it"
             ) from None
         with handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-            yield shapes, handle.get_tensor
+            table = {
+                key: TensorEntry(handle.get_slice(key).get_dtype(), tuple(handle.get_slice(key).get_shape()))
+                for key in handle.keys()  # noqa: SIM118
+            }
+            yield table, handle.get_tensor
         return
     if not zipfile.is_zipfile(path):
         raise CheckpointError(
@@ -287,7 +297,10 @@ def _open_checkpoint(
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a plain state dict of tensors ({OFFICIAL_FILE})")
-    yield {key: tuple(value.shape) for key, value in state.items()}, state.__getitem__
+    yield (
+        {key: TensorEntry(dtype_name(v.dtype), tuple(v.shape)) for key, v in state.items()},
+        state.__getitem__,
+    )
 
 
 def _looks_like_safetensors(path: Path) -> bool:

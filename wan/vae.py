@@ -18,6 +18,8 @@ from torch import nn
 
 from wan.errors import CheckpointError, CheckpointNotFoundError
 from wan.modules import vae_2_1, vae_2_2
+from wan.weight_files import official_state_dict, tensor_table
+from wan.weight_formats import FormatError, vae_layout
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "VaeConfig", "WanVAE", "load_vae"]
 
@@ -77,7 +79,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"VAE checkpoint {path} does not hold a plain state dict of tensors; {_FIX}")
-    return state
+    try:  # markers dropped, float8 weights dequantised (wan.weight_formats)
+        return official_state_dict(vae_layout(tensor_table(state)), state)
+    except FormatError as err:
+        raise CheckpointError(f"VAE checkpoint {path} {err}") from None
 
 
 def vae_config_from_state_dict(state: dict[str, torch.Tensor], source: str = "state dict") -> VaeConfig:
