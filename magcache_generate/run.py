@@ -55,7 +55,7 @@ class Components:
         self, first: Request, reporter: Reporter, *, batch: bool, requests: list[Request] | None = None
     ):
         self.task: TaskConfig = TASKS[first.task]
-        self.ckpt = Path(first.ckpt_dir)
+        self.files = first.weight_paths  # each part's file or folder (--ckpt-dir or its own flag)
         self.device = resolve_device(first.device)
         # --convert-model-dtype: bf16 parameters (upstream regime b). Otherwise float32 parameters, run
         # under bf16 autocast on CUDA (upstream regime a) and in plain float32 on CPU (the goldens' regime).
@@ -65,13 +65,11 @@ class Components:
         self.offload = first.offload_model
         self.reporter = reporter
         self.dit_runtime = DitRuntime.for_request(first, self.device)  # --attention, --compile
+        dits = self.files.dits
         paths = (
-            {"single": self.ckpt}
+            {"single": dits[""]}
             if not self.task.two_experts
-            else {
-                "high": self.ckpt / self.task.high_noise_checkpoint,
-                "low": self.ckpt / self.task.low_noise_checkpoint,
-            }
+            else {"high": dits[self.task.high_noise_checkpoint], "low": dits[self.task.low_noise_checkpoint]}
         )
         self.dit_config = read_transformer_config(next(iter(paths.values())))
         # The memory plan, from headers and shapes only: an infeasible budget stops here, before loading.
@@ -112,9 +110,9 @@ class Components:
             with self.reporter.stage("loading text encoder"):
                 # upstream runs the umT5 encoder in bf16, on CPU too (--t5_cpu)
                 self._text_encoder = wan.load_text_encoder(
-                    self.ckpt / self.task.t5_checkpoint, dtype=torch.bfloat16, device=self.t5_device
+                    self.files.t5, dtype=torch.bfloat16, device=self.t5_device
                 )
-                self._tokenizer = load_tokenizer(self.ckpt / self.task.t5_tokenizer)
+                self._tokenizer = load_tokenizer(self.files.tokenizer)
             self.load_seconds += time.perf_counter() - start
         return self._text_encoder, self._tokenizer
 
@@ -122,7 +120,7 @@ class Components:
         if self._vae is None:
             start = time.perf_counter()
             with self.reporter.stage("loading VAE"):
-                self._vae = wan.load_vae(self.ckpt / self.task.vae_checkpoint, device=self.device)
+                self._vae = wan.load_vae(self.files.vae, device=self.device)
             self.load_seconds += time.perf_counter() - start
         return self._vae
 

@@ -27,6 +27,7 @@ from magcache_generate.magcache.policy import MODES, MagCacheConfig, MagCacheCon
 from magcache_generate.naming import default_save_file
 from magcache_generate.preflight import check_checkpoint_dir, check_image, check_outputs
 from magcache_generate.request import MagCacheOptions, Request, UserError
+from magcache_generate.weight_paths import PartOptions
 from wan.attention_backends import backend_installed, backend_problem
 from wan.configs import SIZES, TASKS, TaskConfig
 
@@ -71,6 +72,12 @@ class GenerateOptions:
     size: str | None = None
     frame_num: int | None = None
     ckpt_dir: Path | None = None
+    dit: Path | None = None  # each overrides that part of ckpt_dir (magcache_generate.weight_paths)
+    dit_high: Path | None = None
+    dit_low: Path | None = None
+    t5: Path | None = None
+    vae: Path | None = None
+    tokenizer: Path | None = None
     offload_model: bool | None = None
     convert_model_dtype: bool = False
     t5_cpu: bool = False
@@ -119,6 +126,18 @@ class PlanSettings:
     has_image: bool
     magcache: MagCacheOptions
     guide_scale: tuple[float, float] | None = None  # None: the task's; 1 on an expert: cond-only steps
+
+
+def part_options(options: GenerateOptions) -> PartOptions:
+    """The per-part weight flags (--dit, --dit-high, --dit-low, --t5, --vae, --tokenizer)."""
+    return PartOptions(
+        dit=options.dit,
+        dit_high=options.dit_high,
+        dit_low=options.dit_low,
+        t5=options.t5,
+        vae=options.vae,
+        tokenizer=options.tokenizer,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,12 +191,13 @@ def build_request(
     if save_frames is not None and item_index is not None:
         save_frames = save_frames / save_file.stem  # one frames folder per batch item
 
-    ckpt_dir = options.ckpt_dir
+    ckpt_dir, weights = options.ckpt_dir, None
     if check_checkpoint:
-        ckpt_dir = check_checkpoint_dir(ckpt_dir, cfg)
+        weights = check_checkpoint_dir(ckpt_dir, cfg, part_options(options))
     request = Request(
         task=cfg.name,
         ckpt_dir=ckpt_dir if ckpt_dir is not None else Path(),
+        weights=weights,
         prompt=prompt,
         size=size,
         frame_num=frame_num,
