@@ -9,11 +9,8 @@ host memory stays near one copy of the model in the target dtype (the real file 
 
 from __future__ import annotations
 
-import contextlib
-import pickle
 import re
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -21,9 +18,10 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
+from wan.checkpoint_reader import T5_NAME, ReadError, identify, map_threaded, open_tensors
 from wan.errors import CheckpointError
-from wan.weight_files import dtype_name, official_getter
-from wan.weight_formats import FormatError, TensorEntry, t5_layout
+from wan.weight_files import official_getter
+from wan.weight_formats import FormatError, t5_layout
 
 if TYPE_CHECKING:
     from transformers import UMT5Config, UMT5EncoderModel
@@ -113,8 +111,8 @@ class TextEncoderConfig:
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], where: str | Path) -> TextEncoderConfig:
     """Read the dimensions off the tensor shapes; raise CheckpointError if this is not a umT5 encoder."""
-    foreign = _foreign_kind(shapes)
-    if foreign:
+    foreign = identify(shapes)
+    if foreign and foreign != T5_NAME:
         raise CheckpointError(f"{where}: this is {foreign}, not the umT5 text encoder ({OFFICIAL_FILE})")
     for key in (
         "token_embedding.weight",
@@ -227,12 +225,15 @@ def load_text_encoder(
         path = path / OFFICIAL_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: text-encoder checkpoint not found (expected {OFFICIAL_FILE})")
-    with _open_checkpoint(path) as (table, get):
-        try:  # official or Hugging Face names, float8 weights dequantised (wan.weight_formats)
+    try:
+        with open_tensors(path) as (table, get):
+            # official or Hugging Face names, float8 weights dequantised (wan.weight_formats)
             layout = t5_layout(table)
-        except FormatError as err:
-            raise CheckpointError(f"{path} {err}") from None
-        return _build(layout.shapes, official_getter(layout, get), dtype, torch.device(device), str(path))
+            return _build(layout.shapes, official_getter(layout, get), dtype, torch.device(device), str(path))
+    except ReadError as err:
+        raise CheckpointError(f"{path} {err}; expected {OFFICIAL_FILE}, re-download it") from None
+    except FormatError as err:
+        raise CheckpointError(f"{path} {err}") from None
 
 
 def _build(
@@ -248,7 +249,9 @@ def _build(
     check_state_shapes(shapes, config, where)
     with torch.device("meta"):
         model = UMT5EncoderModel(config.to_hf())
-    state = {hf_key(key): get(key).to(device=device, dtype=dtype) for key in shapes}
+    # cast (from the file's map) on a few threads: the casts release the GIL
+    tensors = map_threaded(lambda key: get(key).to(device=device, dtype=dtype), list(shapes))
+    state = {hf_key(key): tensor for key, tensor in zip(shapes, tensors, strict=True)}
     # one embedding table feeds both names; upstream's T5 has a single token_embedding
     state["encoder.embed_tokens.weight"] = state["shared.weight"]
     # assign=True adopts our tensors (no second copy); every parameter comes from the file, even
@@ -256,70 +259,3 @@ def _build(
     model.load_state_dict(state, strict=True, assign=True)
     model.encoder.embed_tokens.weight = model.shared.weight  # assign made two Parameters: re-tie them
     return TextEncoder(model, config)
-
-
-@contextlib.contextmanager
-def _open_checkpoint(
-    path: Path,
-) -> Iterator[tuple[dict[str, TensorEntry], Callable[[str], torch.Tensor]]]:
-    """Tensor table (dtype, shape) and a tensor getter for a .safetensors or torch.save'd file; reads no
-    data up front."""
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(
-                f"{path}: not a readable safetensors file ({_first_line(err)}); re-download it"
-            ) from None
-        with handle:
-            table = {
-                key: TensorEntry(handle.get_slice(key).get_dtype(), tuple(handle.get_slice(key).get_shape()))
-                for key in handle.keys()  # noqa: SIM118
-            }
-            yield table, handle.get_tensor
-        return
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{path}: not a readable torch.save checkpoint (no zip archive: truncated, corrupt or "
-            "saved in the legacy format); re-download it"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path}: holds objects other than tensors; expected a plain state dict ({OFFICIAL_FILE})"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise CheckpointError(
-            f"{path}: not a readable torch.save checkpoint ({_first_line(err)}); re-download it"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a plain state dict of tensors ({OFFICIAL_FILE})")
-    yield (
-        {key: TensorEntry(dtype_name(v.dtype), tuple(v.shape)) for key, v in state.items()},
-        state.__getitem__,
-    )
-
-
-def _looks_like_safetensors(path: Path) -> bool:
-    """safetensors files start with an 8-byte header length and then the JSON header."""
-    with path.open("rb") as f:
-        return f.read(9)[8:] == b"{"
-
-
-def _foreign_kind(keys: dict[str, object]) -> str | None:
-    """Name the model a state dict belongs to, when it is clearly not the Wan umT5 encoder."""
-    if "patch_embedding.weight" in keys:
-        return "a Wan transformer (DiT) checkpoint"
-    if any(k.startswith(("encoder.conv1.", "decoder.conv1.")) for k in keys):
-        return "a Wan VAE checkpoint"
-    if "shared.weight" in keys or any(k.startswith("encoder.block.") for k in keys):
-        return "a transformers UMT5 checkpoint (HF key names)"
-    return None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

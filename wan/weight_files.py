@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from wan.weight_formats import Layout, TensorEntry, WeightSource
+from wan.weight_formats import Layout, WeightSource
 
 # (shard, file key, read) as yielded by the transformer loader's shard iterator
 ShardItem = tuple[Path, str, Callable[[], torch.Tensor]]
@@ -78,38 +78,3 @@ def official_getter(layout: Layout, get: Callable[[str], torch.Tensor]) -> Calla
         return materialise(src, get(src.key), get(src.scale) if src.scale else None)
 
     return get_official
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype ("F16", "F8_E4M3", ...), as the format layer compares them."""
-    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-
-
-_DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-def tensor_table(state: dict[str, torch.Tensor]) -> dict[str, TensorEntry]:
-    """The format layer's view of an in-memory state dict."""
-    return {key: TensorEntry(dtype_name(v.dtype), tuple(v.shape)) for key, v in state.items()}
-
-
-def official_state_dict(layout: Layout, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An in-memory state dict under official names, float8 weights dequantised (the dict itself when
-    the layout is already the official one)."""
-    if layout.identity:
-        return state
-    get = official_getter(layout, state.__getitem__)
-    return {key: get(key) for key in layout.sources}

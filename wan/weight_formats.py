@@ -71,14 +71,6 @@ class TensorInfoLike(Protocol):
 
 
 @dataclass(frozen=True)
-class TensorEntry:
-    """A table entry for tensors already in memory (a ``torch.load``ed state dict)."""
-
-    dtype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class WeightSource:
     """Where one official tensor lives in a file. ``scale`` is set only for a float8 weight that
     has a scale; the reader then hands the (float8 weight, scale) pair to the dequantiser."""
@@ -87,6 +79,7 @@ class WeightSource:
     dtype: str
     shape: tuple[int, ...]
     scale: str | None = None
+    start: int | None = None  # byte offset in a safetensors file (reading in file order)
 
     @property
     def float8(self) -> bool:
@@ -181,7 +174,9 @@ def pair_scales(table: dict[str, TensorInfoLike], rename: dict[str, str]) -> Lay
             raise FormatError(
                 f"holds tensor {official!r} twice (as {sources[official].key!r} and {file_key!r})"
             )
-        sources[official] = WeightSource(file_key, info.dtype, tuple(info.shape), scale)
+        sources[official] = WeightSource(
+            file_key, info.dtype, tuple(info.shape), scale, getattr(info, "start", None)
+        )
     ignored = tuple(k for k in table if k not in rename and k not in used_scales)
     return Layout(sources, ignored=ignored, scale_keys=tuple(used_scales))
 

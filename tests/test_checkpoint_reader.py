@@ -15,13 +15,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from magcache_generate.checkpoint_probe import (
-    ProbeError,
+from wan.checkpoint_reader import (
+    ReadError,
     TensorInfo,
     UnsupportedPickle,
-    probe_safetensors,
-    probe_tensor_file,
-    probe_torch_archive,
+    read_safetensors_header,
+    read_table,
+    read_torch_archive,
 )
 
 
@@ -43,7 +43,7 @@ def state() -> dict[str, torch.Tensor]:
 
 
 def test_torch_archive_names_dtypes_and_shapes(tmp_path):
-    table = probe_tensor_file(saved(tmp_path / "m.pth", state()))
+    table = read_table(saved(tmp_path / "m.pth", state()))
     assert table == {
         "weight": TensorInfo("bfloat16", (3, 4)),
         "bias": TensorInfo("float16", (5,)),
@@ -52,7 +52,7 @@ def test_torch_archive_names_dtypes_and_shapes(tmp_path):
         "index": TensorInfo("int64", (7,)),
         "scalar": TensorInfo("float32", ()),
     }
-    assert probe_tensor_file(saved(tmp_path / "plain.pth", dict(state()))) == table
+    assert read_table(saved(tmp_path / "plain.pth", dict(state()))) == table
 
 
 def test_torch_archive_reads_only_the_pickle(tmp_path, monkeypatch):
@@ -65,7 +65,7 @@ def test_torch_archive_reads_only_the_pickle(tmp_path, monkeypatch):
         return original(self, name, *args, **kwargs)
 
     monkeypatch.setattr(zipfile.ZipFile, "open", recording_open)
-    probe_torch_archive(path)
+    read_torch_archive(path)
     assert opened == ["m/data.pkl"]  # tensor bytes (m/data/0, ...) are never opened
 
 
@@ -73,12 +73,12 @@ def test_safetensors_header_matches_safe_open(tmp_path):
     tensors = {"a": torch.zeros(2, 3), "b": torch.ones(4, dtype=torch.bfloat16), "c": torch.zeros(0, 5)}
     path = tmp_path / "s.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
-    table = probe_safetensors(path)
+    table = read_safetensors_header(path)
     with safe_open(str(path), framework="pt") as f:
         expected = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     assert {k: v.shape for k, v in table.items()} == expected
-    assert table["b"].dtype == "BF16"
-    assert probe_tensor_file(path) == table  # told by content, not by name
+    assert table["b"].dtype == "bfloat16"
+    assert read_table(path) == table  # told by content, not by name
 
 
 def test_probing_imports_no_torch(tmp_path):
@@ -86,7 +86,7 @@ def test_probing_imports_no_torch(tmp_path):
     shard = tmp_path / "s.safetensors"
     save_file({"a": torch.zeros(2)}, str(shard))
     code = (
-        "import sys; from magcache_generate.checkpoint_probe import probe_tensor_file as p; "
+        "import sys; from wan.checkpoint_reader import read_table as p; "
         f"p({str(pth)!r}); p({str(shard)!r}); print('torch' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -114,15 +114,15 @@ def _bytes(path: Path) -> bytes:
 def test_damaged_archives(tmp_path, damage, fragment):
     path = saved(tmp_path / "m.pth", state())
     path.write_bytes(damage(_bytes(path)))
-    with pytest.raises(ProbeError, match=re.escape(fragment)) as info:
-        probe_tensor_file(path)
+    with pytest.raises(ReadError, match=re.escape(fragment)) as info:
+        read_table(path)
     assert "\n" not in str(info.value)
 
 
 def test_legacy_format_is_refused_as_the_loaders_do(tmp_path):
     path = saved(tmp_path / "old.pth", state(), _use_new_zipfile_serialization=False)
-    with pytest.raises(ProbeError, match="legacy"):
-        probe_tensor_file(path)
+    with pytest.raises(ReadError, match="legacy"):
+        read_table(path)
     with pytest.raises(RuntimeError, match="mmap"):
         torch.load(path, mmap=True, weights_only=True)
 
@@ -141,8 +141,8 @@ def test_foreign_globals_are_refused_without_running_them(tmp_path):
             return (print, ("pwned",))
 
     path = _archive(tmp_path / "evil.pth", pickle.dumps({"x": Evil()}, protocol=2))
-    with pytest.raises(ProbeError, match=r"pickles \w+\.print, so it is not a plain state dict"):
-        probe_tensor_file(path)
+    with pytest.raises(ReadError, match=r"pickles \w+\.print, so it is not a plain state dict"):
+        read_table(path)
 
 
 def test_torch_globals_it_does_not_model_are_not_a_verdict(tmp_path):
@@ -154,25 +154,25 @@ def test_torch_globals_it_does_not_model_are_not_a_verdict(tmp_path):
     with pytest.raises(
         UnsupportedPickle, match=r"pickles torch\.\S*UntypedStorage, which this reader does not model"
     ):
-        probe_tensor_file(path)
+        read_table(path)
 
 
 def test_non_tensor_entries_and_missing_bytes(tmp_path):
-    with pytest.raises(ProbeError, match="entry 'step' is not a tensor"):
-        probe_tensor_file(_archive(tmp_path / "a.pth", pickle.dumps({"step": 3}, protocol=2)))
-    with pytest.raises(ProbeError, match="holds a list"):
-        probe_tensor_file(_archive(tmp_path / "b.pth", pickle.dumps([1, 2], protocol=2)))
+    with pytest.raises(ReadError, match="entry 'step' is not a tensor"):
+        read_table(_archive(tmp_path / "a.pth", pickle.dumps({"step": 3}, protocol=2)))
+    with pytest.raises(ReadError, match="holds a list"):
+        read_table(_archive(tmp_path / "b.pth", pickle.dumps([1, 2], protocol=2)))
 
     # the archive stores fewer bytes than the pickle says tensor 'w' needs
     good = saved(tmp_path / "m.pth", {"w": torch.zeros(10)})
     with zipfile.ZipFile(good) as archive:
         pickled = archive.read("m/data.pkl")
         data = archive.read("m/data/0")
-    with pytest.raises(ProbeError, match="tensor 'w' needs more bytes than the archive stores"):
-        probe_tensor_file(_archive(tmp_path / "short.pth", pickled, {"data/0": data[:8]}))
-    with pytest.raises(ProbeError, match="bytes of tensor 'w' are missing"):
-        probe_tensor_file(_archive(tmp_path / "none.pth", pickled))
-    assert probe_tensor_file(_archive(tmp_path / "ok.pth", pickled, {"data/0": data})) == {
+    with pytest.raises(ReadError, match="tensor 'w' needs more bytes than the archive stores"):
+        read_table(_archive(tmp_path / "short.pth", pickled, {"data/0": data[:8]}))
+    with pytest.raises(ReadError, match="bytes of tensor 'w' are missing"):
+        read_table(_archive(tmp_path / "none.pth", pickled))
+    assert read_table(_archive(tmp_path / "ok.pth", pickled, {"data/0": data})) == {
         "w": TensorInfo("float32", (10,))
     }
 
@@ -182,24 +182,24 @@ def test_damaged_safetensors(tmp_path):
     save_file({"a": torch.zeros(64), "b": torch.zeros(64)}, str(path))
     data = path.read_bytes()
     path.write_bytes(data[:-10])
-    with pytest.raises(ProbeError, match="is truncated: tensor 'b' ends at byte"):
-        probe_safetensors(path)
+    with pytest.raises(ReadError, match="is truncated: tensor 'b' ends at byte"):
+        read_safetensors_header(path)
     path.write_bytes(data[:20])
-    with pytest.raises(ProbeError, match="is truncated: its header needs"):
-        probe_safetensors(path)
+    with pytest.raises(ReadError, match="is truncated: its header needs"):
+        read_safetensors_header(path)
     path.write_bytes(data[:8] + b"{not json" + data[17:])
-    with pytest.raises(ProbeError, match="unreadable safetensors header"):
-        probe_safetensors(path)
+    with pytest.raises(ReadError, match="unreadable safetensors header"):
+        read_safetensors_header(path)
     path.write_bytes(b"\xff" * 8 + data[8:])
-    with pytest.raises(ProbeError, match="no valid safetensors header"):
-        probe_safetensors(path)
+    with pytest.raises(ReadError, match="no valid safetensors header"):
+        read_safetensors_header(path)
 
 
 def test_the_pickle_walk_matches_torch_load(tmp_path):
     """The stand-in unpickler sees what torch.load sees, on a file written by this torch."""
     path = saved(tmp_path / "m.pth", state())
     loaded = torch.load(path, weights_only=True)
-    table = probe_torch_archive(path)
+    table = read_torch_archive(path)
     assert list(table) == list(loaded)
     for key, tensor in loaded.items():
         assert table[key].shape == tuple(tensor.shape)
