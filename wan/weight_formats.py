@@ -196,7 +196,9 @@ def _check_scale(key: str, shape: tuple[int, ...], weight: tuple[int, ...]) -> N
 def dit_layout(table: dict[str, TensorInfoLike]) -> Layout:
     """A transformer file's layout: the prefix stripped, float8 weights paired with their scales."""
     prefix = key_prefix(list(table))
-    rename = {k: k[len(prefix) :] for k in table if k.startswith(prefix) and not _is_auxiliary(k)}
+    rename = {
+        k: k[len(prefix) :] for k in table if k.startswith(prefix) and not _is_auxiliary(k[len(prefix) :])
+    }
     layout = pair_scales(table, rename)
     return Layout(layout.sources, prefix, False, layout.ignored, None, layout.scale_keys)
 
