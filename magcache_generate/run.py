@@ -33,7 +33,7 @@ from wan.conditioning import Conditioning, i2v_mask, i2v_video
 from wan.configs import SIZES, TASKS, TaskConfig, max_area
 from wan.experts import ExpertPool
 from wan.image_prep import i2v_first_frame, ti2v_first_frame
-from wan.loading import locate_transformer_files, read_transformer_config
+from wan.loading import locate_transformer_files, read_layout, read_transformer_config
 from wan.schedule import make_schedule
 from wan.tokenizer import load_tokenizer
 from wan.weight_storage import WeightStorage
@@ -100,9 +100,12 @@ class Components:
 
     def _start_loading(self, expert: str, path: Path) -> None:
         """A progress bar per expert load, advanced shard by shard."""
-        shards = len(locate_transformer_files(path).shards)
+        files = locate_transformer_files(path)
+        shards = len(files.shards)
+        layout, _ = read_layout(files)  # headers only; says what a single file holds
+        stored = "" if layout.identity else f"; {layout.describe()}"
         self._loading_task = self.reporter.task(f"loading {expert} transformer", total=shards)
-        self.reporter.log(f"loading {expert} transformer from {path} ({shards} shard(s))")
+        self.reporter.log(f"loading {expert} transformer from {path} ({shards} shard(s){stored})")
 
     def text_encoder(self):
         if self._text_encoder is None:

@@ -176,3 +176,27 @@ def test_a_wrong_part_is_one_error_line_and_nothing_is_written(
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
     assert not out.exists()
+
+
+def test_a_ti2v_single_file_passes_every_pre_load_check(tiny_checkpoint_source, tmp_path):
+    from magcache_generate.preflight import check_before_loading
+    from magcache_generate.weight_paths import PartOptions, resolve_weight_paths
+    from wan.configs import TASKS
+
+    ti2v = tiny_checkpoint_source("ti2v-5B")
+    dit = write_single_file(
+        tmp_path / "wan2.2_ti2v_5B_fp16.safetensors",
+        comfy_dit_state(official_dit_state(ti2v), "fp16", prefix=PREFIX),
+    )
+    vae = tmp_path / "wan2.2_vae.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in torch.load(ti2v / "Wan2.2_VAE.pth", weights_only=True).items()},
+        str(vae),
+    )
+    parts = PartOptions(dit=dit, t5=ti2v / T5_FILE, vae=vae, tokenizer=ti2v / "google" / "umt5-xxl")
+    weights = check_before_loading(
+        resolve_weight_paths(None, parts, TASKS["ti2v-5B"]), TASKS["ti2v-5B"], "cpu"
+    )
+    assert weights.root is None and weights.dits == {"": dit} and weights.flag("dit:") == "--dit"
+    with pytest.raises(Exception, match="--dit-high is for the A14B tasks"):
+        resolve_weight_paths(None, PartOptions(dit_high=dit), TASKS["ti2v-5B"])
