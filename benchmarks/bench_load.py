@@ -6,8 +6,8 @@ read + per-tensor cast, on real-width float32 checkpoints at a few depths.
 Each DiT is written at the task's real width (A14B: dim 5120, ffn 13824), float32, one shard per block,
 and loaded cast to bf16 on the CPU. Figures are GiB of file per second, best of `--repeats`; warm means
 the files are in the page cache (read once before), cold means the cache was dropped just before each
-measurement (`/proc/sys/vm/drop_caches`, needs root; refused otherwise and said so). The checkpoints are
-deleted afterwards unless `--keep`.
+measurement (`/proc/sys/vm/drop_caches`, needs root; refused otherwise and said so). One checkpoint is on
+disk at a time (written, measured, deleted).
 """
 
 from __future__ import annotations
@@ -63,18 +63,23 @@ def write_float32_dit(folder: Path, task: str, layers: int, seed: int = 0) -> No
     )
 
 
-def write_t5_and_vae(root: Path, task: str) -> tuple[Path, Path]:
-    """umT5 at real width (4096, ffn 10240, 64 heads) with 2 layers, and the task's real-width VAE, float32."""
+def write_t5(root: Path, task: str, layers: int) -> Path:
+    """umT5 at real width (4096, ffn 10240, 64 heads), `layers` deep, in bf16 as the official file is."""
+    path = root / TASKS[task].t5_checkpoint
+    t5 = tiny_t5_state_dict(vocab_size=64, dim=4096, dim_ffn=10240, num_heads=64, num_layers=layers)
+    torch.save({k: v.to(torch.bfloat16) for k, v in t5.items()}, path)
+    return path
+
+
+def write_vae(root: Path, task: str) -> Path:
+    """The task's VAE at real width, float32 as the official file is."""
     spec = TASKS[task]
-    t5 = tiny_t5_state_dict(vocab_size=64, dim=4096, dim_ffn=10240, num_heads=64, num_layers=2)
-    torch.save(t5, root / spec.t5_checkpoint)
-    del t5
     if spec.vae_kind == "2.1":
         vae = tiny_vae_state_dict("2.1", dim=96)
     else:
         vae = tiny_vae_state_dict("2.2", dim=160, dec_dim=256)
     torch.save(vae, root / spec.vae_checkpoint)
-    return root / spec.t5_checkpoint, root / spec.vae_checkpoint
+    return root / spec.vae_checkpoint
 
 
 def files_of(path: Path) -> list[Path]:
@@ -126,16 +131,31 @@ def measure(fn: Callable[[], object], nbytes: int, repeats: int, cold: bool) -> 
     return nbytes / GIB / best
 
 
+def run_case(name: str, path: Path, runs: dict[str, Callable[[], object]], repeats: int, modes: list[bool]):
+    nbytes = size_of(path)
+    for cold in modes:
+        raw_read(path)  # warm the cache (cold: each run drops it first)
+        figures = {label: measure(fn, nbytes, repeats, cold) for label, fn in runs.items()}
+        ref = next(v for k, v in figures.items() if "mmap" in k)
+        cells = "  ".join(f"{label} {v:5.2f}" for label, v in figures.items())
+        print(
+            f"{name:30s} {nbytes / GIB:5.2f} GiB {'cold' if cold else 'warm'}: {cells}  "
+            f"ours/mmap {figures['ours'] / ref:.2f}x",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--task", default="t2v-A14B", choices=sorted(TASKS))
-    parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--depths", type=int, nargs="*", default=[1, 2, 4], help="DiT blocks per checkpoint")
+    parser.add_argument("--t5-layers", type=int, default=2, help="umT5 layers (0: skip the umT5)")
+    parser.add_argument("--no-vae", action="store_true", help="skip the VAE")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cold", action="store_true", help="also measure after dropping the page cache")
-    parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = parser.parse_args()
 
     import wan
@@ -147,61 +167,44 @@ def main() -> None:
             modes.append(True)
         else:
             print("cold cache: refused (writing /proc/sys/vm/drop_caches needs root); warm only")
-    args.root.mkdir(parents=True, exist_ok=True)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; GiB/s of file, best of {args.repeats}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, loader from {Path(wan.__file__).parent}; "
+        f"GiB/s of file, best of {args.repeats}"
     )
+    # one checkpoint on disk at a time: written, measured, deleted
+    args.root.mkdir(parents=True, exist_ok=True)
     try:
-        t5_file, vae_file = write_t5_and_vae(args.root, args.task)
-        cases: list[tuple[str, Path, dict[str, Callable[[], object]]]] = [
-            (
-                "umT5 (2 layers, real width)",
-                t5_file,
-                {
-                    "raw read": lambda: raw_read(t5_file),
-                    "ours": lambda: wan.load_text_encoder(t5_file, dtype=bf16),
-                    "torch.load mmap + cast": lambda: torch_mmap_cast(t5_file, bf16),
-                },
-            ),
-            (
-                "VAE (real width)",
-                vae_file,
-                {
-                    "raw read": lambda: raw_read(vae_file),
-                    "ours": lambda: wan.load_vae(vae_file, dtype=torch.float32),
-                    "torch.load mmap + cast": lambda: torch_mmap_cast(vae_file, torch.float32),
-                },
-            ),
-        ]
+        if args.t5_layers:
+            t5 = write_t5(args.root, args.task, args.t5_layers)
+            runs = {
+                "raw read": lambda: raw_read(t5),
+                # cast to float32: loaded in bf16 on the CPU the tensors would stay mapped, nothing read
+                "ours": lambda: wan.load_text_encoder(t5, dtype=torch.float32),
+                "torch.load mmap + cast": lambda: torch_mmap_cast(t5, torch.float32),
+            }
+            run_case(f"umT5 bf16->fp32 x{args.t5_layers} layers", t5, runs, args.repeats, modes)
+            t5.unlink()
+        if not args.no_vae:
+            vae = write_vae(args.root, args.task)
+            runs = {
+                "raw read": lambda: raw_read(vae),
+                "ours": lambda: wan.load_vae(vae, dtype=bf16),
+                "torch.load mmap + cast": lambda: torch_mmap_cast(vae, bf16),
+            }
+            run_case(f"VAE {TASKS[args.task].vae_kind} fp32->bf16", vae, runs, args.repeats, modes)
+            vae.unlink()
         for depth in args.depths:
             folder = args.root / f"dit_{depth}"
             write_float32_dit(folder, args.task, depth)
-            cases.append(
-                (
-                    f"DiT {args.task} x{depth} blocks",
-                    folder,
-                    {
-                        "raw read": lambda f=folder: raw_read(f),
-                        "ours": lambda f=folder: wan.load_transformer(f, dtype=bf16),
-                        "safetensors mmap + cast": lambda f=folder: safetensors_mmap_cast(f, bf16),
-                    },
-                )
-            )
-        for name, path, runs in cases:
-            nbytes = size_of(path)
-            for cold in modes:
-                raw_read(path)  # warm the cache (and, cold, nothing: each run drops it first)
-                figures = {label: measure(fn, nbytes, args.repeats, cold) for label, fn in runs.items()}
-                ref = next(v for k, v in figures.items() if "mmap" in k)
-                cells = "  ".join(f"{label} {v:5.2f}" for label, v in figures.items())
-                print(
-                    f"{name:32s} {nbytes / GIB:5.2f} GiB {'cold' if cold else 'warm'}: {cells}  "
-                    f"ours/mmap {figures['ours'] / ref:.2f}x",
-                    flush=True,
-                )
+            runs = {
+                "raw read": lambda f=folder: raw_read(f),
+                "ours": lambda f=folder: wan.load_transformer(f, dtype=bf16),
+                "safetensors mmap + cast": lambda f=folder: safetensors_mmap_cast(f, bf16),
+            }
+            run_case(f"DiT {args.task} fp32->bf16 x{depth}", folder, runs, args.repeats, modes)
+            shutil.rmtree(folder)
     finally:
-        if not args.keep:
-            shutil.rmtree(args.root, ignore_errors=True)
+        shutil.rmtree(args.root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -156,10 +156,14 @@ def summary_table(result: dict, console: Console | None = None) -> Table:
 
 
 def memory_rows(mem: dict) -> list[tuple[str, str]]:
-    """Summary rows for the sidecar's `peak_memory`: host RSS of the item (or the process, where the
-    peak cannot be reset), then GPU peak reserved / allocated per stage."""
+    """Summary rows for the sidecar's `peak_memory`: host pressure (anonymous + pinned) with the
+    file-backed part apart, host RSS of the item (or the process, where the peak cannot be reset), then GPU peak reserved / allocated per stage."""
     scope = "this item" if str(mem.get("host_rss_scope", "")).startswith("item") else "process"
-    rows = [(f"peak host RSS, {scope} (GiB)", f"{mem['host_rss_gib']:.2f}")]
+    rows = []
+    if mem.get("host_pressure_gib") is not None:
+        rows.append(("peak host memory, anonymous + pinned (GiB)", f"{mem['host_pressure_gib']:.2f}"))
+        rows.append(("  file-backed, reclaimable (GiB)", f"{mem['host_file_backed_gib']:.2f}"))
+    rows.append((f"peak host RSS, {scope} (GiB)", f"{mem['host_rss_gib']:.2f}"))
     stages = mem.get("stages") or {}
     for stage, peaks in stages.items():
         rows.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import pickle
 import re
 import subprocess
@@ -16,9 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from wan.checkpoint_reader import (
+    MappedSafetensors,
     ReadError,
     TensorInfo,
     UnsupportedPickle,
+    open_tensors,
     read_safetensors_header,
     read_table,
     read_torch_archive,
@@ -204,3 +207,92 @@ def test_the_pickle_walk_matches_torch_load(tmp_path):
     for key, tensor in loaded.items():
         assert table[key].shape == tuple(tensor.shape)
         assert table[key].dtype == str(tensor.dtype).removeprefix("torch.")
+
+
+def _write_header(path: Path, header: dict, data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+def test_safetensors_dtype_names_and_wrong_dtypes(tmp_path):
+    path = tmp_path / "s.safetensors"
+    tensors = {
+        "f32": torch.zeros(2),
+        "bf16": torch.zeros(2, dtype=torch.bfloat16),
+        "e4m3": torch.zeros(3, dtype=torch.float8_e4m3fn),
+        "i64": torch.zeros(1, dtype=torch.int64),
+    }
+    save_file(tensors, str(path))
+    table = read_table(path)
+    assert {k: v.dtype for k, v in table.items()} == {k: str(v.dtype)[6:] for k, v in tensors.items()}
+    assert all(getattr(torch, info.dtype) == tensors[k].dtype for k, info in table.items())
+
+    # a dtype safetensors does not define, and a dtype whose width does not match the bytes stored
+    bad = {"x": {"dtype": "F7", "shape": [2], "data_offsets": [0, 8]}}
+    with pytest.raises(ReadError, match="tensor 'x' of unsupported dtype 'F7'"):
+        read_table(_write_header(tmp_path / "bad.safetensors", bad, bytes(8)))
+    wide = {"x": {"dtype": "F64", "shape": [2], "data_offsets": [0, 8]}}
+    with pytest.raises(ReadError, match="is corrupt: tensor 'x' has 8 bytes for shape \\[2\\]"):
+        read_table(_write_header(tmp_path / "wide.safetensors", wide, bytes(8)))
+
+
+def test_open_tensors_maps_both_formats(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7, dtype=torch.float16), "empty": torch.zeros(0, 4)}
+    for path in (tmp_path / "s.safetensors", tmp_path / "m.pth"):
+        save_file(tensors, str(path)) if path.suffix == ".safetensors" else torch.save(tensors, path)
+        with open_tensors(path) as (table, get):
+            assert set(table) == set(tensors)
+            for key, tensor in tensors.items():
+                assert table[key].shape == tuple(tensor.shape)
+                assert torch.equal(get(key), tensor) and get(key).dtype == tensor.dtype
+
+
+def test_open_tensors_refuses_a_truncated_file_before_mapping_it(tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_file({"a": torch.zeros(64)}, str(path))
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(ReadError, match="is truncated"), open_tensors(path):
+        pass
+
+
+def test_mapped_views_survive_close_and_release(tmp_path):
+    path = tmp_path / "s.safetensors"
+    big = torch.randn(4096, 8)  # spans whole pages, so release really drops some
+    save_file({"big": big, "small": torch.arange(3.0)}, str(path))
+    with MappedSafetensors(path) as mapped:
+        view = mapped.tensor("big")
+        mapped.release("big")
+        assert torch.equal(view, big)  # released pages are read again from the file
+    assert torch.equal(view, big)  # the map lives while a view does
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loader_gives_the_tensors_of_a_plain_read_and_cast(tmp_path, dtype):
+    """The memory-mapped, threaded loader gives exactly what safetensors' load_file + a per-tensor cast
+    give, and the model owns its memory (rewriting the files afterwards changes nothing)."""
+    from safetensors.torch import load_file
+
+    import wan
+    from wan.testing.dit import (
+        random_transformer_state_dict,
+        tiny_transformer_config,
+        write_transformer_folder,
+    )
+
+    cfg = tiny_transformer_config("t2v")
+    folder = write_transformer_folder(
+        tmp_path / "dit", cfg, state=random_transformer_state_dict(cfg, seed=5), shards=3
+    )
+    expected = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        expected |= {k: v.to(dtype).clone() for k, v in load_file(shard).items()}
+    model = wan.load_transformer(folder, dtype=dtype)
+    loaded = model.state_dict()
+    assert set(loaded) == set(expected)
+    for shard in folder.glob("*.safetensors"):
+        with shard.open("r+b") as f:  # zero the tensor bytes in place, past the header
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+            f.write(bytes(shard.stat().st_size - f.tell()))
+    for key, tensor in expected.items():
+        assert loaded[key].dtype == dtype and torch.equal(loaded[key], tensor), key

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wan.checkpoint_reader import VAE_MARKER_KEYS, ReadError, identify, open_tensors, vae_kind
+from wan.checkpoint_reader import VAE_MARKER_KEYS, ReadError, identify, map_threaded, open_tensors, vae_kind
 from wan.errors import CheckpointError, CheckpointNotFoundError
 from wan.modules import vae_2_1, vae_2_2
 from wan.weight_files import official_getter
@@ -139,7 +139,12 @@ def vae_from_state_dict(
     with torch.device("meta"):
         model = config.build()
     check_state_dict(model, state, config, source)
-    model.load_state_dict(state, strict=True, assign=True)
+    # cast (from the file's map) on a few threads, as model.to would do on one
+    casts = map_threaded(
+        lambda t: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device),
+        list(state.values()),
+    )
+    model.load_state_dict(dict(zip(state, casts, strict=True)), strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return WanVAE(model)
 
