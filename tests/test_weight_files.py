@@ -103,6 +103,14 @@ def test_hf_t5_names_map_to_wan_names_and_the_embedded_tokenizer_is_found():
     }
 
 
+def test_hf_t5_with_only_the_tied_embedding_name_uses_it():
+    table = {
+        "encoder.embed_tokens.weight": info("float16", 64, 32),
+        "encoder.block.0.layer.0.SelfAttention.q.weight": info("float16", 32, 32),
+    }
+    assert set(t5_layout(table).sources) == {"token_embedding.weight", "blocks.0.attn.q.weight"}
+
+
 def test_vae_layout_drops_markers():
     layout = vae_layout(
         {"conv2.weight": info("float16", 32, 32, 1, 1, 1), "scaled_fp8": info("float8_e4m3fn", 0)}

@@ -1,12 +1,12 @@
 """The single-file weight formats users already have, as pure functions over tensor tables.
 
-A tensor table is ``name -> info`` where ``info`` has ``.dtype`` (a safetensors dtype name such as
-"F16", "F8_E4M3") and ``.shape``; nothing here reads tensor data or imports torch, so the CLI can
-check a file before anything loads. Each ``*_layout`` function turns a file's table into a
+A tensor table is ``name -> info`` where ``info`` has ``.dtype`` (as ``wan.checkpoint_reader`` names
+it: "float16", "float8_e4m3fn"; safetensors' "F8_E4M3" is understood too) and ``.shape``; nothing
+here reads tensor data or imports torch, so the CLI can check a file before anything loads. Each ``*_layout`` function turns a file's table into a
 ``Layout``: for every official Wan key, the file key that holds it and, for float8 weights, the key
 of its scale. ``wan.weight_files`` then reads tensors through that layout.
 
-Formats recognised (all verified against the publishing projects' own readers):
+Formats recognised (key names as the publishing projects' own readers use them):
 
 * DiT: bare Wan keys or keys under ``model.diffusion_model.``; float32 / bf16 / fp16; float8_e4m3fn
   Linear weights with a per-tensor (0-d) or per-row (``[out]`` / ``[out, 1]``) scale named
@@ -214,12 +214,16 @@ def t5_layout(table: dict[str, TensorInfoLike]) -> Layout:
     """A umT5 file's layout: Hugging Face names mapped to Wan's, scales paired, the embedded tokenizer found."""
     tokenizer = TOKENIZER_KEY if TOKENIZER_KEY in table else None
     hf = "shared.weight" in table or any(k.startswith("encoder.block.") for k in table)
+    # the tied copy of ``shared`` is the embedding itself when a file stores only that name
+    duplicates = T5_HF_DUPLICATES if "shared.weight" in table else frozenset()
     rename: dict[str, str] = {}
     for key in table:
-        if key == tokenizer or _is_auxiliary(key) or (hf and key in T5_HF_DUPLICATES):
+        if key == tokenizer or _is_auxiliary(key) or (hf and key in duplicates):
             continue
         if hf:
             official = wan_t5_key(key)
+            if official is None and key in T5_HF_DUPLICATES:
+                official = "token_embedding.weight"
             rename[key] = (
                 official if official is not None else key
             )  # unknown keys: the strict check names them
