@@ -33,11 +33,6 @@ class WeightPaths:
     def flag(self, part: str) -> str:
         return self.flags.get(part, CKPT_DIR)
 
-    @property
-    def from_flags(self) -> bool:
-        """Some part comes from its own flag rather than the official folder."""
-        return any(flag != CKPT_DIR for flag in self.flags.values())
-
     @classmethod
     def official(cls, root: Path, cfg: TaskConfig) -> WeightPaths:
         """Every part where the official release keeps it under ``root``."""
