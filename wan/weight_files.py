@@ -8,16 +8,12 @@ computes), converted by the loader to the run's dtype like any other tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from wan.weight_formats import Layout, WeightSource
-
-# (shard, file key, read) as yielded by the transformer loader's shard iterator
-ShardItem = tuple[Path, str, Callable[[], torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -45,29 +41,6 @@ def materialise(source: WeightSource, tensor: torch.Tensor, scale: torch.Tensor 
     if source.float8:
         return tensor.float()
     return tensor
-
-
-def stream_official(layout: Layout, items: Callable[[], Iterable[ShardItem]]) -> Iterator[ShardItem]:
-    """(shard, official key, read) for every tensor the layout loads, in file order.
-
-    ``items()`` starts one pass over the file(s); a float8 layout takes two: the scales first (a few
-    bytes each; a scale may sit after its weight in the file), then the weights."""
-    by_file_key = {src.key: (key, src) for key, src in layout.sources.items()}
-    scales: dict[str, torch.Tensor] = {}
-    if layout.scale_keys:
-        wanted = set(layout.scale_keys)
-        for _, key, read in items():
-            if key in wanted:
-                scales[key] = read()
-    for shard, key, read in items():
-        if key not in by_file_key:
-            continue  # markers, input scales, weight scales: recognised, not loaded
-        official, src = by_file_key[key]
-
-        def read_official(read=read, src=src) -> torch.Tensor:
-            return materialise(src, read(), scales.get(src.scale) if src.scale else None)
-
-        yield shard, official, read_official
 
 
 def official_getter(layout: Layout, get: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:

@@ -240,11 +240,6 @@ def vae_layout(table: dict[str, TensorInfoLike]) -> Layout:
     return pair_scales(table, rename)
 
 
-def official_table(layout: Layout) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Official key -> (dtype, shape): what the checks compare against the model."""
-    return {key: (src.dtype, src.shape) for key, src in layout.sources.items()}
-
-
 DIT_KINDS = {16: "t2v", 36: "i2v", 48: "ti2v"}  # patch-embedding input channels -> model type
 
 
