@@ -205,7 +205,7 @@ def _check_dit(dit: DitContents, contents: CheckpointContents, release: str) -> 
     try:
         dims = dit_dims({key: info.shape for key, info in tables.items()}, where)
     except CheckpointError as err:
-        raise UserError(f"{err}; {fix}") from None
+        raise UserError(str(err)) from None  # the message says the fix
     in_dim, expected = dims.in_dim, DIT_IN_CHANNELS[cfg.model_type]
     if in_dim != expected:
         kinds = [t for t, n in DIT_IN_CHANNELS.items() if n == in_dim]

@@ -55,6 +55,7 @@ def forbidden_run(monkeypatch):
     import torch
 
     import wan
+    import wan.checkpoint_reader
     import wan.loading
 
     fake = types.ModuleType("magcache_generate.run")
@@ -67,7 +68,8 @@ def forbidden_run(monkeypatch):
 
     fake.run_requests = run_requests
     monkeypatch.setitem(sys.modules, "magcache_generate.run", fake)
-    for target, name in [(torch, "load"), (wan.loading, "_read_into"), (wan.loading, "load_transformer")]:
+    tensor_reads = [(torch, "load"), (wan.checkpoint_reader.MappedSafetensors, "tensor")]
+    for target, name in [*tensor_reads, (wan.loading, "load_transformer")]:
         monkeypatch.setattr(target, name, no_loading)
     for name in ("load_transformer", "load_text_encoder", "load_vae"):
         monkeypatch.setattr(wan, name, no_loading)
