@@ -16,7 +16,8 @@ input stream, a random time modulation and a random text context. Variants:
 - `fp8_<granularity>_scaled_mm` (GPUs with compute capability >= 8.9): the fp8 matmul.
 
 Errors: ||y - y_ref|| / ||y_ref|| of the block's update (output minus input: what the block adds to
-the residual stream) and of its output. On CUDA every variant is also timed (median of --repeat
+the residual stream) and of its output, against fp32; the fp8 variants' update also against
+`bf16_linears` (the regime fp8 replaces on a GPU). On CUDA every variant is also timed (median of --repeat
 calls, after --warmup), optionally compiled (--compile).
 """
 
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
     rope = grid_rope(head_dim, grid, device)
     runtime = BlockRuntime(rope=rope, attention=AttentionPolicy(args.attention))
     cuda = device.type == "cuda"
-    results, reference = {}, None
+    results, reference, bf16_out = {}, None, None
     for name, (block, dtype) in variants.items():
         block = block.to(device)
         ctx = context.to(device=device, dtype=dtype)
@@ -134,6 +135,13 @@ def run(args: argparse.Namespace) -> dict:
                 update, ref_update = out - x, reference - x
                 row["rel_error_update"] = float((update - ref_update).norm() / ref_update.norm())
                 row["rel_error_output"] = float((out - reference).norm() / reference.norm())
+            if name == "bf16_linears":
+                bf16_out = out
+            elif name.startswith("fp8") and bf16_out is not None:  # against the regime it replaces
+                bf16_update = bf16_out - x
+                row["rel_error_update_vs_bf16_linears"] = float(
+                    (out - x - bf16_update).norm() / bf16_update.norm()
+                )
             if cuda or args.time_cpu:
                 for _ in range(args.warmup):
                     call()
