@@ -12,7 +12,7 @@ input stream, a random time modulation and a random text context. Variants:
 - `bf16_linears`: the block Linears in bf16, norms and modulation float32 (the default GPU regime,
   float32 parameters under bf16 autocast): the baseline the fp8 speed-ups are given against;
 - `fp8_<granularity>_dequant_<dtype>`: the block Linears in fp8 (`wan.fp8`, per-tensor or per-row
-  scales), dequantised per layer to `dtype` (fp32 on the CPU, bf16 as a GPU run computes);
+  scales), dequantised per layer to `dtype` (float32 as on the CPU, bfloat16 as on a GPU);
 - `fp8_<granularity>_scaled_mm` (GPUs with compute capability >= 8.9): the fp8 matmul.
 
 Errors: ||y - y_ref|| / ||y_ref|| of the block's update (output minus input: what the block adds to
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
     for name in BLOCK_LINEARS:
         linears_bf16.get_submodule(name).to(torch.bfloat16)
     variants["bf16_linears"] = (linears_bf16, torch.bfloat16)
-    compute = sorted({torch.float32, torch.bfloat16 if device.type == "cuda" else torch.float32}, key=str)
+    compute = (torch.float32, torch.bfloat16)  # float32: a CPU run's regime; bfloat16: a GPU run's
     for granularity in ("tensor", "row"):
         for dtype in compute:
             block = copy.deepcopy(base)
