@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from wan.fp8 import dequantize
 from wan.weight_formats import Layout, WeightSource
 
 
@@ -24,13 +25,8 @@ class ScaledFloat8:
     scale: torch.Tensor
 
     def dequantise(self) -> torch.Tensor:
-        """float32 ``weight * scale``, a per-row scale broadcast over its row."""
-        scale = self.scale.float()
-        if scale.numel() != 1:
-            scale = scale.reshape(-1, *([1] * (self.weight.dim() - 1)))
-        else:
-            scale = scale.reshape(())
-        return self.weight.float() * scale
+        """float32 ``weight * scale``, a per-row scale broadcast over its row (``wan.fp8``'s rule)."""
+        return dequantize(self.weight, self.scale)
 
 
 def materialise(source: WeightSource, tensor: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
