@@ -142,6 +142,8 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
     if result.get("attention"):
         attention = result["attention"]
         rows.append(("attention", f"{attention['actual']} (asked: {attention['requested']})"))
+    if result.get("weights"):  # the DiT's storage precision (fp8 block Linears with --quantize fp8)
+        rows.append(("DiT weights", result["weights"]))
     rows += [(str(label), str(value)) for label, value in result.get("summary_rows", ())]
     return rows
 

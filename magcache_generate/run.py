@@ -26,6 +26,7 @@ from magcache_generate.magcache.session import CalibrationCollector, build_cache
 from magcache_generate.magcache.verify import verify_report, warm_up
 from magcache_generate.metering import StageMeter
 from magcache_generate.progress import Reporter, print_result
+from magcache_generate.quantization import resolve_fp8_matmul
 from magcache_generate.render import Rendered, SamplingInputs, autocast_for, render_video
 from magcache_generate.request import OutOfMemory, Request
 from magcache_generate.video_io import read_image, write_sidecar
@@ -61,7 +62,9 @@ class Components:
         # under bf16 autocast on CUDA (upstream regime a) and in plain float32 on CPU (the goldens' regime).
         self.dtype = torch.bfloat16 if first.convert_model_dtype else torch.float32
         # per-parameter storage: under autocast the Linears it casts to bf16 are stored in bf16 (exact)
-        self.weights = WeightStorage.for_run(self.dtype, self.device)
+        # --quantize fp8: block Linears stored fp8; --fp8-matmul: multiplied in fp8 where the GPU can
+        fp8_matmul = resolve_fp8_matmul(first.fp8_matmul, first.quantize, self.device)
+        self.weights = WeightStorage.for_run(self.dtype, self.device, first.quantize, fp8_matmul)
         self.offload = first.offload_model
         self.reporter = reporter
         self.dit_runtime = DitRuntime.for_request(first, self.device)  # --attention, --compile
@@ -278,6 +281,7 @@ def generate_one(
         "device": str(device),
         "dtype": str(components.dtype).replace("torch.", ""),
         "weights": components.weights.describe(),
+        "precision": {**components.weights.precision(), "text_encoder": "bf16", "vae": "fp32"},
         "steps_run": len(schedule),
         "timings_s": {},
         "peak_memory": meter.peak_memory(),

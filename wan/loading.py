@@ -30,6 +30,7 @@ from wan.checkpoint_layout import (  # noqa: F401 - re-exported
 )
 from wan.checkpoint_reader import LOAD_THREADS, MappedSafetensors, TensorInfo
 from wan.errors import CheckpointError
+from wan.modules.fp8_linear import quantize_model, quantize_options
 from wan.modules.transformer import TransformerConfig, WanTransformer
 from wan.placement import Placement, WeightSink
 from wan.weight_storage import WeightStorage
@@ -165,7 +166,8 @@ def load_transformer(
 
     Each tensor goes read -> transform -> convert and place. `storage` gives each parameter's dtype
     (default: every parameter in `dtype`; `WeightStorage.for_run` stores the autocast-consumed
-    Linears in bf16 for float32 runs on CUDA). `transform(key, tensor)` rewrites each
+    Linears in bf16 for float32 runs on CUDA; with `quantize="fp8"` the block Linears' weights are
+    quantised as they arrive, after `transform`). `transform(key, tensor)` rewrites each
     tensor as it is read (e.g. `wan.lora.LoraMerge`, in float32: rounded once, here, afterwards);
     `placement` (default: everything on `device`)
     says which blocks stream from host memory; those land straight in their host buffers, so the host
@@ -184,8 +186,9 @@ def load_transformer(
     with torch.device("meta"):
         model = WanTransformer(cfg)
     check_state_shapes(model, shapes, path)
-    sink = WeightSink(
-        model, storage or WeightStorage(dtype), placement or Placement(torch.device(device)), on_warning
-    )
+    storage = storage or WeightStorage(dtype)
+    if storage.quantize is not None:  # the block Linears become fp8 layers, filled as tensors arrive
+        quantize_model(model, **quantize_options(storage))
+    sink = WeightSink(model, storage, placement or Placement(torch.device(device)), on_warning)
     _place_all(files, tables, sink, transform, on_shard)
     return sink.finish().eval().requires_grad_(False)

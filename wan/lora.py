@@ -361,6 +361,23 @@ class LoraMerge:
         self._merged.add(key)
         return merged
 
+    def merge_quantized(
+        self, key: str, weight: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same merge into a weight held quantised (fp8 + float32 scale, `wan.fp8`): dequantised,
+        merged in float32, requantised at its scale's granularity. Untouched weights pass through."""
+        patches = self.patches.get(key)
+        if not patches:
+            return weight, scale
+        from wan.fp8 import merge_delta
+
+        weight, scale = weight.to(self.device), scale.to(self.device)
+        delta = self.delta(*patches[0], weight.shape)
+        for path, patch in patches[1:]:
+            delta = delta + self.delta(path, patch, weight.shape)
+        self._merged.add(key)
+        return merge_delta(weight, scale, delta)
+
     def delta(self, path: Path, patch: LoraPatch, shape: torch.Size) -> torch.Tensor:
         """The float32 update of one patch, shaped like its parameter."""
         import torch
