@@ -14,6 +14,7 @@ nothing.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,8 +53,12 @@ def seconds_since_process_start() -> float | None:
 class StartupClock:
     """Milestones of one process on the ``perf_counter`` clock, measured from the process's start."""
 
-    def __init__(self, *, origin: float | None = None, origin_source: str | None = None):
-        now = time.perf_counter()
+    def __init__(
+        self, *, origin: float | None = None, origin_source: str | None = None, now: float | None = None
+    ):
+        """``origin``/``now``: the process start and the command's start on ``perf_counter``'s clock
+        (default: read from the kernel, and now)."""
+        now = time.perf_counter() if now is None else now
         if origin is None:
             elapsed = seconds_since_process_start()
             origin, origin_source = (
@@ -65,11 +70,15 @@ class StartupClock:
         self.load_s = 0.0  # expert loads between the denoising's start and the end of its first step
         self.text_s: dict[str, float] = {}  # the first text stage's parts
         self.device_init_s: float | None = None  # CUDA initialisation, within ``setup``
+        self.torch_imported_in: str | None = None  # the part that paid torch's import
         self.mark("command", now)
 
     def mark(self, name: str, at: float | None = None) -> None:
         """Record milestone ``name`` now (or at ``at``); the first record of a name is kept."""
         self.marks.setdefault(name, time.perf_counter() if at is None else at)
+        if name == "validated" and self.torch_imported_in is None:
+            # validation reads .pth headers and checks the device, which may import torch early
+            self.torch_imported_in = "validation" if "torch" in sys.modules else "imports"
 
     def text_stage(self, parts: dict[str, float]) -> None:
         """The parts of the first text stage (the one ahead of the first step)."""
@@ -99,6 +108,7 @@ class StartupClock:
             "at_s": {name: round(self.marks[name] - self.origin, 4) for name, _ in MILESTONES},
             "text_s": {part: round(seconds, 4) for part, seconds in self.text_s.items()},
             "device_init_s": None if self.device_init_s is None else round(self.device_init_s, 4),
+            "torch_imported_in": self.torch_imported_in,
         }
 
 
