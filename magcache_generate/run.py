@@ -100,6 +100,7 @@ class Components:
         self._text_encoder = None
         self._tokenizer = None
         self.text_parts: dict[str, float] = {}  # the current item's text stage, in parts
+        self.contexts: dict[tuple[str, int], torch.Tensor] = {}  # encoded prompts, reused by a batch
         self._vae = None
         self.load_seconds = 0.0
 
@@ -149,8 +150,9 @@ def encode_prompts(components: Components, prompt: str, negative: str) -> tuple[
         encoder.to(components.t5_device)
     text_len = components.dit_config.text_len
     # two separate batch-1 calls, as upstream; each runs on its prompt's real tokens only
-    context = encode_timed(encoder, tokenizer, [prompt], text_len, components.text_parts)[0]
-    context_null = encode_timed(encoder, tokenizer, [negative], text_len, components.text_parts)[0]
+    parts, known = components.text_parts, components.contexts
+    context = encode_timed(encoder, tokenizer, [prompt], text_len, parts, known)[0]
+    context_null = encode_timed(encoder, tokenizer, [negative], text_len, parts, known)[0]
     return context[None].to(components.device), context_null[None].to(components.device)
 
 

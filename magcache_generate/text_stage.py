@@ -17,6 +17,8 @@ import torch
 from wan.text_encoder import TextEncoder
 from wan.tokenizer import Tokenizer, load_tokenizer
 
+KEEP_CONTEXTS = 4  # encoded prompts kept for reuse (the negative prompt above all); a few MB at most
+
 
 @contextmanager
 def timed(parts: dict[str, float], name: str, device: torch.device | None = None) -> Iterator[None]:
@@ -60,8 +62,27 @@ def load_text_side(
 
 
 def encode_timed(
-    encoder: TextEncoder, tokenizer: Tokenizer, prompts: list[str], text_len: int, parts: dict[str, float]
+    encoder: TextEncoder,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    text_len: int,
+    parts: dict[str, float],
+    known: dict[tuple[str, int], torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """``encoder.encode`` (each prompt on its real tokens), timed as ``encode`` with its device work."""
-    with timed(parts, "encode", encoder.device):
-        return encoder.encode(prompts, tokenizer, text_len)
+    """``encoder.encode`` (each prompt on its real tokens), timed as ``encode`` with its device work.
+
+    ``known``: contexts already encoded in this process, by (prompt, text_len); a batch's items share
+    the negative prompt, so it is encoded once, not once per item. The encoder is deterministic for a
+    given prompt, so a reused context is the one a new encode would give."""
+    known = {} if known is None else known
+    missing = [p for p in dict.fromkeys(prompts) if (p, text_len) not in known]
+    if missing:
+        with timed(parts, "encode", encoder.device):
+            for prompt, context in zip(missing, encoder.encode(missing, tokenizer, text_len), strict=True):
+                known[(prompt, text_len)] = context
+    contexts = [known[(p, text_len)] for p in prompts]
+    for prompt in prompts:  # most recently used last; a long batch of distinct prompts keeps a few
+        known[(prompt, text_len)] = known.pop((prompt, text_len))
+    while len(known) > KEEP_CONTEXTS:
+        del known[next(iter(known))]
+    return contexts

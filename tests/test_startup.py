@@ -99,3 +99,29 @@ def test_cli_batch_reports_time_to_first_step_and_text_stage(tmp_path):
     assert second["time_to_first_step"] is None
     assert set(second["text_stage_s"]) == {"encode", "other"}
     assert "time to first step" in proc.stdout and "text stage" in proc.stdout
+
+
+def test_a_batch_encodes_a_shared_prompt_once(tmp_path):
+    """encode_timed reuses known contexts (a batch's negative prompt) and keeps only a few."""
+    from magcache_generate.text_stage import KEEP_CONTEXTS, encode_timed
+    from wan.testing.text import tiny_t5_state_dict, write_tiny_tokenizer
+    from wan.text_encoder import text_encoder_from_state_dict
+    from wan.tokenizer import load_tokenizer
+
+    encoder = text_encoder_from_state_dict(tiny_t5_state_dict(), dtype=torch.float32)
+    tokenizer = load_tokenizer(write_tiny_tokenizer(tmp_path / "tok"))
+    calls = []
+    hook = encoder.model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    known, parts = {}, {}
+    negative = "low quality, blurry"
+    first = encode_timed(encoder, tokenizer, [negative], 16, parts, known)[0]
+    for i in range(KEEP_CONTEXTS + 2):
+        encode_timed(encoder, tokenizer, [f"a cat {i}"], 16, parts, known)
+        again = encode_timed(encoder, tokenizer, [negative], 16, parts, known)[0]
+        assert again is first
+    hook.remove()
+    assert len(calls) == 1 + KEEP_CONTEXTS + 2  # the negative prompt once, each new prompt once
+    assert len(known) == KEEP_CONTEXTS and (negative, 16) in known
+    fresh = encoder.encode([negative], tokenizer, 16)[0]
+    assert torch.equal(fresh, first)
+    assert parts["encode"] > 0
