@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -53,14 +54,18 @@ def padded_encode(encoder: TextEncoder, tokenizer: FixedTokens, text_len: int) -
     return encoder(ids, mask)[0, : int(mask.sum())]
 
 
-def timed(fn, repeats: int) -> tuple[list[float], torch.Tensor]:
+def timed(fn, repeats: int) -> tuple[list[float], list[float], torch.Tensor]:
+    """Wall seconds and process CPU seconds (all threads) of each repeat, after one warm-up call.
+
+    On a machine shared with other jobs the wall time stretches with the load; the CPU time much less."""
     out = fn()  # warm-up (allocator, oneDNN kernels)
-    seconds = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = fn()
-        seconds.append(time.perf_counter() - start)
-    return seconds, out
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    return wall, cpu, out
 
 
 def main() -> None:
@@ -85,8 +90,12 @@ def main() -> None:
     del state
     tokenizer = FixedTokens(args.tokens, args.vocab)
 
-    padded_s, padded = timed(lambda: padded_encode(encoder, tokenizer, args.text_len), args.repeats)
-    real_s, real = timed(lambda: encoder.encode(["prompt"], tokenizer, args.text_len)[0], args.repeats)
+    padded_s, padded_cpu, padded = timed(
+        lambda: padded_encode(encoder, tokenizer, args.text_len), args.repeats
+    )
+    real_s, real_cpu, real = timed(
+        lambda: encoder.encode(["prompt"], tokenizer, args.text_len)[0], args.repeats
+    )
     assert real.shape == padded.shape, (real.shape, padded.shape)
     diff = (real.float() - padded.float()).abs().max().item()
     scale = padded.float().abs().max().item()
@@ -101,6 +110,10 @@ def main() -> None:
         "padded_median_s": round(statistics.median(padded_s), 4),
         "real_median_s": round(statistics.median(real_s), 4),
         "speedup": round(statistics.median(padded_s) / statistics.median(real_s), 2),
+        "padded_cpu_median_s": round(statistics.median(padded_cpu), 4),
+        "real_cpu_median_s": round(statistics.median(real_cpu), 4),
+        "cpu_speedup": round(statistics.median(padded_cpu) / statistics.median(real_cpu), 2),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "max_abs_diff": diff,
         "output_scale": round(scale, 3),
     }
@@ -113,6 +126,11 @@ def main() -> None:
     )
     print(f"  padded to {args.text_len}: median {record['padded_median_s']:.3f} s  {record['padded_s']}")
     print(f"  real tokens only: median {record['real_median_s']:.3f} s  {record['real_s']}")
+    print(
+        f"  CPU seconds (all threads), median: padded {record['padded_cpu_median_s']:.3f}, "
+        f"real {record['real_cpu_median_s']:.3f} ({record['cpu_speedup']:.1f}x); "
+        f"load average {record['load_average_1min']}"
+    )
     print(
         f"  speedup {record['speedup']:.1f}x; real rows differ by at most {diff:.3g} (output scale {scale:.2f})"
     )
