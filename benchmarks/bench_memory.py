@@ -18,9 +18,9 @@ Before a target's runs, one forward of a one-block model at its shape takes the 
 (kernel choices, cuDNN's attention plan), so that neither run is charged them. `--rows-file` also
 appends each finished row as one JSON line (kept when a caller's time limit stops the run).
 
-Examples (see the report for the GPU command):
+Examples (benchmarks/README.md has the GPU command):
     python benchmarks/bench_memory.py --small                       # CPU dry run (simulated budget)
-    python benchmarks/bench_memory.py --root /tmp/ckpt --json       # the issue's targets, on CUDA
+    python benchmarks/bench_memory.py --root /tmp/ckpt --json       # the budget targets, on CUDA
     python benchmarks/bench_memory.py --target t2v-A14B:832*480:81:8 --steps 2 --layers 8
 """
 

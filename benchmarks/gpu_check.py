@@ -1,8 +1,8 @@
-"""The one GPU check for issues 8 and 9: runs the `cuda` tests, the speed benchmark at A14B width, the
-memory benchmark for the issue-8 targets and the "no budget flag" check, within a wall-clock budget,
-and writes ONE results file (JSON) with every figure the two issues' targets name.
+"""The GPU check: runs the `cuda` tests, the speed benchmark at A14B width, the memory benchmark at the
+budget targets and the "no budget flag" check, within a wall-clock budget, and writes ONE results file
+(JSON) with every figure the speed and memory targets name.
 
-    benchmarks/gpu_check.sh                                   # on the GPU machine (see README, "GPU check")
+    benchmarks/gpu_check.sh                                   # on a GPU machine (benchmarks/README.md)
     python benchmarks/gpu_check.py --out results.json         # the same, without the wheel set-up
     python benchmarks/gpu_check.py --small --out /tmp/gpu_check.json   # CPU dry run, tiny sizes
     python benchmarks/gpu_check.py --only speed_720p_compile --out ...  # a rerun of some parts
@@ -12,9 +12,9 @@ never past the overall deadline (--deadline, 410 s: 7 minutes less the wrapper's
 that runs out is stopped and recorded as "timed out", one that no time is left for as "skipped".
 The parts run in the order below (most needed first). The results file is rewritten after every
 part, and on SIGTERM/SIGINT, so an outer `timeout` still leaves every figure measured so far. The
-parts' output tails go to one log file beside it (`gpu_check.log`: a device call returns at most 8
-files). Estimates (seconds on one H100, start-up excluded) and how they were derived: README,
-section "GPU check".
+parts' output tails go to one log file beside it (`gpu_check.log`), so a remote run has two files to
+fetch back. Estimates (seconds on one H100, start-up excluded) and how they were derived:
+benchmarks/README.md, section "GPU check".
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import gpu_check_targets as targets_mod  # a sibling module of this script
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 410  # 7 minutes, less the wrapper's own start-up (wheels, CUDA probe)
-SMALL_DEADLINE_S = 1800  # the CPU dry run on a busy 2-core host
+SMALL_DEADLINE_S = 1800  # the CPU dry run on a small, busy host (2 cores)
 MIN_PART_S = 15  # a part gets at least this much time, or is skipped
 # math is left out: it materialises the L x L scores (86 GB at 480p) and is no candidate anyway.
 SPEED_BACKENDS = "auto,cudnn,flash,efficient,fa3,fa2"  # those not installed are left out by the benchmark
@@ -49,7 +49,7 @@ class Part:
     name: str
     argv: tuple[str, ...]  # after the Python executable, run in the repository root
     limit_s: int  # its own time limit
-    estimate_s: int  # expected seconds on one H100 (README, "GPU check")
+    estimate_s: int  # expected seconds on one H100 (benchmarks/README.md, "GPU check")
 
 
 def speed_part(
@@ -219,8 +219,7 @@ LOG_TAIL_CHARS = 40_000  # of each part's stdout and stderr, in the one log file
 
 
 def append_log(log: Path, name: str, record: dict, logs: Path) -> None:
-    """Add a part's command, status and output tails to the combined log (one file: a device call
-    returns at most 8 files)."""
+    """Add a part's command, status and output tails to the combined log (one file for every part)."""
     with open(log, "a") as f:
         f.write(f"===== {name}: {record['status']} in {record.get('wall_s')} s: {record['command']}\n")
         for stream in ("out", "err"):

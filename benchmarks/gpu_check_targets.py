@@ -1,5 +1,5 @@
 """The GPU check's arithmetic (no torch, no subprocesses): read what each part printed, evaluate every
-target of issues 8 and 9 on it, and render the short human summary. `gpu_check.py` runs the parts;
+speed and memory target on it, and render the short human summary. `gpu_check.py` runs the parts;
 `tests/test_gpu_check.py` feeds this module canned outputs.
 
 Every target is `{"value", "target", "compare", "met", "unit", "how"}` (plus `"note"` when the value
@@ -15,10 +15,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-FRACTION_TARGET = 0.70  # DiT forward / measured bf16 matmul rate (issue 9)
-STRETCH_SECONDS = 150.0  # T2V-A14B 480p 40 steps MagCache preset denoising (issue 9, stretch)
-MAGCACHE_PRESET_FORWARDS = 52  # of 80 (40 steps x CFG): the preset's computed forwards (issue 9)
-RATIO_TARGET = 1.10  # budgeted denoising time / fully resident (issue 8)
+FRACTION_TARGET = 0.70  # DiT forward / measured bf16 matmul rate
+STRETCH_SECONDS = 150.0  # T2V-A14B 480p 40 steps MagCache preset denoising (stretch)
+MAGCACHE_PRESET_FORWARDS = 52  # of 80 (40 steps x CFG): the preset's computed forwards
+RATIO_TARGET = 1.10  # budgeted denoising time / fully resident
 AUTO_OVERHEAD_TARGET = (
     1.10  # no-flag pipeline step / two bare forwards: the check's tolerance (as RATIO_TARGET)
 )

@@ -243,7 +243,7 @@ class Overheads:
 
     `fragmentation`: peak reserved over the modelled live bytes, per stage, on CUDA with the
     allocator's expandable segments (`magcache_generate.allocator`, the CLI's default). Measured on
-    an H100 (torch 2.11, 2026-11-26, `bench_memory.py` at the issue-8 targets): denoising held 0.98-1.01x
+    an H100 (torch 2.11, 2026-11-26, `bench_memory.py` at the budget targets): denoising held 0.98-1.01x
     the modelled bytes (before the +5% below). The VAE stages hold more than their live tensors
     (cuDNN convolution workspaces: 0.45-1.31 GiB above the live bytes) plus 5-23% allocator slack:
     reserved was up to 1.35x the modelled bytes for the Wan2.1 encode (i2v 832x480x81: 8.04 GiB)
