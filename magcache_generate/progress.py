@@ -34,6 +34,7 @@ from magcache_generate.cfg_batching import summary_text as cfg_batch_summary
 from magcache_generate.magcache.report import format_speedup
 from magcache_generate.naming import sidecar_path
 from magcache_generate.quality import summary_line
+from magcache_generate.startup import summary_rows as startup_rows
 
 if TYPE_CHECKING:
     from magcache_generate.batch import BatchRow
@@ -144,6 +145,7 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         rows.append(("attention", f"{attention['actual']} (asked: {attention['requested']})"))
     if result.get("weights"):  # the DiT's storage precision (fp8 block Linears with --quantize fp8)
         rows.append(("DiT weights", result["weights"]))
+    rows += startup_rows(result)
     rows += [(str(label), str(value)) for label, value in result.get("summary_rows", ())]
     return rows
 
