@@ -12,8 +12,9 @@ import torch
 from goldens import entry, golden_params, indexed, tensors, weights_path
 
 import wan
-from wan.modules.rope import grid_rope, rope_table
+from wan.modules.rope import grid_rope
 from wan.modules.transformer import TokenTimesteps
+from wan.testing.reference import rope_table
 
 
 def tokens(x: torch.Tensor) -> int:

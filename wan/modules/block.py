@@ -7,12 +7,15 @@ RoPE is applied in float32 from a cached table (upstream: float64; see `wan.modu
 
 Memory (what differs from a literal port; none of it changes a value):
 - the block input is normalised, modulated and cast once, then feeds q, k and v;
-- the float32 element-wise stages (norms, modulation, RoPE, gated residual adds) run PASS_TOKENS
-  tokens at a time, writing into their bf16 (or float32) destination, and the residual stream is
-  updated in place once the block owns it, so no full-size float32 temporaries pile up;
-- with `BlockRuntime.chunk` set, every token-local stage (also the projections and the FFN) runs over
-  token chunks of that size; only attention sees the whole sequence. The FFN hidden state (tokens x
-  ffn_dim, the largest temporary) then exists for one chunk at a time.
+- the modulation runs in place on the fresh float32 norm output, and the residual stream is updated
+  in place once the block owns it, so no extra full-size float32 temporaries pile up;
+- with `BlockRuntime.chunk` set (the memory planner's one knob; None when memory allows), every
+  token-local stage (norms, modulation, RoPE, projections, FFN, residual adds) runs over token
+  chunks of that size; only attention sees the whole sequence. The FFN hidden state (tokens x
+  ffn_dim, the largest temporary) and the float32 element-wise temporaries then exist for one chunk
+  at a time.
+
+Each stage has one definition, eager and compiled alike: `--compile` fuses the element-wise chains.
 """
 
 from __future__ import annotations
@@ -33,10 +36,6 @@ if TYPE_CHECKING:
 
 # Rows of a block's modulation table, in upstream's chunk order.
 SHIFT_MSA, SCALE_MSA, GATE_MSA, SHIFT_FFN, SCALE_FFN, GATE_FFN = range(6)
-# Tokens per pass of the float32 element-wise stages: bounds their temporaries whatever the sequence
-# length. The stages are row-wise, so the split changes no value; passes are large enough (4096 x dim)
-# that a GPU stays busy between the extra kernel launches.
-PASS_TOKENS = 4096
 Spans = list[tuple[int, int]]
 Rows = Callable[[int, int], tuple[torch.Tensor, ...]]  # tokens a..b -> modulation rows [B, b - a | 1, dim]
 
@@ -145,51 +144,30 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
-def passes(length: int) -> Spans:
-    """Element-wise passes over `length` tokens. Under torch.compile one pass: the compiler fuses the
-    element-wise ops itself, so there are no full-size temporaries to bound."""
-    return [(0, length)] if torch.compiler.is_compiling() else token_spans(length, PASS_TOKENS)
-
-
 def normalized(
     norm: LayerNorm, x: torch.Tensor, dtype: torch.dtype, shift_scale: Rows | None = None, start: int = 0
 ) -> torch.Tensor:
     """norm(x), modulated when `shift_scale` gives the rows (tokens start+a .. start+b), in `dtype`
-    (the Linear that reads it): upstream's `norm(x).float() * (1 + scale) + shift` computed in float32
-    PASS_TOKENS tokens at a time, the last add writing (and rounding) straight into the output."""
-    if torch.compiler.is_compiling():  # functional: the compiler fuses it (and rejects `out=` views)
-        n = norm(x).float()
-        if shift_scale is None:
-            return n.to(dtype)
+    (the Linear that reads it): upstream's `norm(x).float() * (1 + scale) + shift` in float32, the
+    modulation in place on the fresh norm output (one float32 temporary), then one cast."""
+    n = norm(x).float()
+    if shift_scale is not None:
         shift, scale = shift_scale(start, start + x.shape[1])
-        return (n * (1 + scale) + shift).to(dtype)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    for a, b in passes(x.shape[1]):
-        n = norm(x[:, a:b]).float()
-        if shift_scale is None:
-            out[:, a:b] = n
-        else:
-            shift, scale = shift_scale(start + a, start + b)
-            torch.add(n.mul_(1 + scale), shift, out=out[:, a:b])
-    return out
+        n = n.mul_(1 + scale).add_(shift)
+    return n.to(dtype)
 
 
 def gated_sum(x: torch.Tensor, y: torch.Tensor, gate: Rows, start: int = 0) -> torch.Tensor:
-    """upstream's `x + y * gate` as a new float32 tensor, PASS_TOKENS tokens at a time."""
-    if torch.compiler.is_compiling():
-        return (y * gate(start, start + x.shape[1])[0] + x).float()
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    for a, b in passes(x.shape[1]):
-        torch.add(
-            y[:, a:b] * gate(start + a, start + b)[0], x[:, a:b], out=out[:, a:b]
-        )  # (y*g) + x == x + y*g
-    return out
+    """upstream's `x + y * gate` as a new float32 tensor (y bf16 or float32, the gate float32).
+
+    Written `y * gate + x` (the same sum): the result takes the layout of the fresh contiguous
+    product, so the residual stream is contiguous even when x is the token-strided patch embedding."""
+    return y * gate(start, start + x.shape[1])[0] + x
 
 
 def add_gated_(x: torch.Tensor, y: torch.Tensor, gate: Rows, start: int = 0) -> None:
-    """x += y * gate in place (upstream: `x = x + y * gate`), PASS_TOKENS tokens at a time."""
-    for a, b in passes(x.shape[1]):
-        x[:, a:b].add_(y[:, a:b] * gate(start + a, start + b)[0])
+    """x += y * gate in place (upstream: `x = x + y * gate`; same values, no new residual stream)."""
+    x.add_(y * gate(start, start + x.shape[1])[0])
 
 
 class RMSNorm(nn.Module):
@@ -197,8 +175,8 @@ class RMSNorm(nn.Module):
     (upstream WanRMSNorm: `norm(x.float()).type_as(x) * weight`, two roundings in bf16, kept).
 
     The normalisation is `F.rms_norm` without weight (one fused kernel on CUDA where torch has one;
-    elsewhere its float32 composite, identical to upstream's formula), PASS_TOKENS rows at a time
-    into the output; the weight multiply follows in the output dtype.
+    elsewhere its float32 composite, identical to upstream's formula); the weight multiply follows
+    in the output dtype.
     """
 
     def __init__(self, dim: int, eps: float):
@@ -207,15 +185,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
-        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, self.weight.dtype), device=x.device)
-        rows, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
-        for s, e in passes(rows.shape[0]):
-            # .to(x.dtype): under autocast rms_norm returns float32; upstream rounds to x's dtype first
-            normed = F.rms_norm(rows[s:e], (x.shape[-1],), eps=self.eps).to(x.dtype)
-            torch.mul(normed, self.weight, out=rows_out[s:e])
-        return out
+        # .to(x.dtype): under autocast rms_norm returns float32; upstream rounds to x's dtype first
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -246,17 +217,12 @@ class Attention(nn.Module):
         """q or k from its projection (`linear(self.q, x)`): RMS norm, RoPE for self-attention (tokens
         start.. of the table), attention dtype; [B, L, heads, head_dim].
 
-        Pass the projection as a temporary: it is dropped once normed, and the rotation writes into the
-        fresh norm output when the dtypes agree.
-        """
+        Pass the projection as a temporary: it is dropped once normed."""
         normed = self.heads(norm(projected))
         del projected
-        if rope is None:
-            return normed.to(dtype)
-        out = (
-            normed if normed.dtype == dtype else torch.empty(normed.shape, dtype=dtype, device=normed.device)
-        )
-        return apply_rope(normed, rope, start=start, out=out)
+        if rope is not None:
+            normed = apply_rope(normed, rope, start=start)  # float32, as upstream's rotation returns
+        return normed.to(dtype)
 
 
 class Block(nn.Module):
