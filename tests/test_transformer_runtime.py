@@ -106,6 +106,9 @@ def test_rope_table_is_cached_per_grid_and_device():
     assert grid_rope(64, (2, 3, 4)) is not grid_rope(64, (2, 3, 5))
 
 
+VIEWS = {"unsqueeze", "view", "view_as_complex", "view_as_real", "slice", "alias"}
+
+
 class OpNames(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -118,13 +121,13 @@ class OpNames(TorchDispatchMode):
 
 def test_rope_builds_no_table_while_rotating():
     """The complex table is built once per grid; a rotation only reads rows of it (no torch.complex,
-    cos or sin per call, and one product for the whole sequence)."""
+    cos or sin per call): one float32 copy, one complex product in place on it, for the whole sequence."""
     rope = grid_rope(64, (2, 3, 4))
     x = torch.randn(1, 24, 2, 64)
     with OpNames() as ops:
         apply_rope(x, rope)
     assert not {"complex", "cos", "sin", "polar"} & set(ops.names), ops.names
-    assert ops.names.count("mul") == 1, ops.names
+    assert [n for n in ops.names if n not in VIEWS] == ["_to_copy", "mul_"], ops.names
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ RoPE is applied in float32 from a cached table (upstream: float64; see `wan.modu
 
 Memory (what differs from a literal port; none of it changes a value):
 - the block input is normalised, modulated and cast once, then feeds q, k and v;
-- the modulation runs in place on the fresh float32 norm output, and the residual stream is updated
-  in place once the block owns it, so no extra full-size float32 temporaries pile up;
+- the modulation and the gated residual adds work in place on their fresh float32 temporaries
+  (one each) or write straight into their destination, and the residual stream is updated in place
+  once the block owns it, so no extra full-size float32 temporaries pile up;
 - with `BlockRuntime.chunk` set (the memory planner's one knob; None when memory allows), every
   token-local stage (norms, modulation, RoPE, projections, FFN, residual adds) runs over token
   chunks of that size; only attention sees the whole sequence. The FFN hidden state (tokens x
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 # Rows of a block's modulation table, in upstream's chunk order.
 SHIFT_MSA, SCALE_MSA, GATE_MSA, SHIFT_FFN, SCALE_FFN, GATE_FFN = range(6)
 Spans = list[tuple[int, int]]
-Rows = Callable[[int, int], tuple[torch.Tensor, ...]]  # tokens a..b -> modulation rows [B, b - a | 1, dim]
+Row = Callable[[int, int], torch.Tensor]  # tokens a..b -> modulation rows [B, b - a | 1, dim]
 
 
 class BlockRunner(Protocol):
@@ -145,29 +146,36 @@ class LayerNorm(nn.LayerNorm):
 
 
 def normalized(
-    norm: LayerNorm, x: torch.Tensor, dtype: torch.dtype, shift_scale: Rows | None = None, start: int = 0
+    norm: LayerNorm,
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    modulation: tuple[Row, Row] | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    """norm(x), modulated when `shift_scale` gives the rows (tokens start+a .. start+b), in `dtype`
-    (the Linear that reads it): upstream's `norm(x).float() * (1 + scale) + shift` in float32, the
-    modulation in place on the fresh norm output (one float32 temporary), then one cast."""
+    """norm(x), modulated when `modulation` gives the (shift, 1 + scale) rows of tokens start..,
+    in `dtype` (the Linear that reads it): upstream's `norm(x).float() * (1 + scale) + shift` in
+    float32, the multiply in place on the fresh norm output and the add writing (and rounding)
+    straight into the `dtype` output. One float32 temporary; per-token rows (ti2v with an image) are
+    gathered one at a time."""
     n = norm(x).float()
-    if shift_scale is not None:
-        shift, scale = shift_scale(start, start + x.shape[1])
-        n = n.mul_(1 + scale).add_(shift)
-    return n.to(dtype)
+    if modulation is None:
+        return n.to(dtype)
+    shift, scale1 = modulation
+    end = start + x.shape[1]
+    n.mul_(scale1(start, end))
+    return torch.add(n, shift(start, end), out=torch.empty(n.shape, dtype=dtype, device=n.device))
 
 
-def gated_sum(x: torch.Tensor, y: torch.Tensor, gate: Rows, start: int = 0) -> torch.Tensor:
-    """upstream's `x + y * gate` as a new float32 tensor (y bf16 or float32, the gate float32).
+def gated_sum(x: torch.Tensor, y: torch.Tensor, gate: Row, start: int = 0) -> torch.Tensor:
+    """upstream's `x + y * gate` as a new float32 tensor (y bf16 or float32, the gate float32): the
+    sum lands in the fresh product (same values: float addition commutes), which is contiguous even
+    when x is the token-strided patch embedding."""
+    return (y * gate(start, start + x.shape[1])).add_(x)
 
-    Written `y * gate + x` (the same sum): the result takes the layout of the fresh contiguous
-    product, so the residual stream is contiguous even when x is the token-strided patch embedding."""
-    return y * gate(start, start + x.shape[1])[0] + x
 
-
-def add_gated_(x: torch.Tensor, y: torch.Tensor, gate: Rows, start: int = 0) -> None:
+def add_gated_(x: torch.Tensor, y: torch.Tensor, gate: Row, start: int = 0) -> None:
     """x += y * gate in place (upstream: `x = x + y * gate`; same values, no new residual stream)."""
-    x.add_(y * gate(start, start + x.shape[1])[0])
+    x.add_(y * gate(start, start + x.shape[1]))
 
 
 class RMSNorm(nn.Module):
@@ -186,7 +194,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # .to(x.dtype): under autocast rms_norm returns float32; upstream rounds to x's dtype first
-        return F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(x.dtype)
+        if torch.promote_types(x.dtype, self.weight.dtype) == x.dtype:
+            return normed.mul_(self.weight)  # a fresh tensor of the result dtype: in place
+        return normed * self.weight
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,9 +271,11 @@ class Block(nn.Module):
 
         `dtype`: the Linears' compute dtype (`compute_dtype`), decided by a caller outside torch.compile."""
         table = self.modulation.float() + mod.e0  # [B, U, 6, dim] float32
+        for i in (SCALE_MSA, SCALE_FFN):
+            table[:, :, i].add_(1)  # 1 + scale, once per distinct timestep rather than per token
 
-        def rows(*which: int) -> Rows:
-            return lambda a, b: tuple(mod.per_token(table[:, :, i], a, b) for i in which)
+        def rows(i: int) -> Row:
+            return lambda a, b: mod.per_token(table[:, :, i], a, b)
 
         spans = token_spans(x.shape[1], runtime.chunk)
         dtype = dtype or compute_dtype(self.self_attn.q, x.device)
@@ -274,7 +287,7 @@ class Block(nn.Module):
     def _self_attention(
         self,
         x: torch.Tensor,
-        rows: Callable[..., Rows],
+        rows: Callable[[int], Row],
         runtime: BlockRuntime,
         spans: Spans,
         dtype: torch.dtype,
@@ -283,7 +296,7 @@ class Block(nn.Module):
 
         def projections(s: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             h = normalized(
-                self.norm1, x[:, s:e], dtype, rows(SHIFT_MSA, SCALE_MSA), s
+                self.norm1, x[:, s:e], dtype, (rows(SHIFT_MSA), rows(SCALE_MSA)), s
             )  # one cast for q, k, v
             q = attn.prepare(linear(attn.q, h, dtype), attn.norm_q, dtype, rope, s)
             k = attn.prepare(linear(attn.k, h, dtype), attn.norm_k, dtype, rope, s)
@@ -322,10 +335,10 @@ class Block(nn.Module):
         for s, e in spans:  # no modulation and no gate (upstream)
             x[:, s:e].add_(linear(attn.o, out[:, s:e].flatten(2), dtype))
 
-    def _ffn(self, x: torch.Tensor, rows: Callable[..., Rows], spans: Spans, dtype: torch.dtype) -> None:
+    def _ffn(self, x: torch.Tensor, rows: Callable[[int], Row], spans: Spans, dtype: torch.dtype) -> None:
         for s, e in spans:
             hidden = linear(
-                self.ffn[0], normalized(self.norm2, x[:, s:e], dtype, rows(SHIFT_FFN, SCALE_FFN), s), dtype
+                self.ffn[0], normalized(self.norm2, x[:, s:e], dtype, (rows(SHIFT_FFN), rows(SCALE_FFN)), s), dtype
             )
             torch.ops.aten.gelu_(hidden, approximate="tanh")  # in place: same values as nn.GELU
             y = linear(self.ffn[2], hidden, dtype)

@@ -82,11 +82,12 @@ def apply_rope(x: torch.Tensor, rope: RopeTable, *, start: int = 0) -> torch.Ten
     RoPE); a new float32 tensor, as upstream's rotation returns float32.
 
     Tokens of x are rows `start .. start + L` of the table (x may be a token chunk). Each channel pair
-    is a complex64 number times the table's cos + i sin (upstream: complex128): three contiguous
-    kernels (upcast, complex product, the caller's cast) where the real form needs six over stride-2
-    halves (by their call counts, the H100 profile's slow non-vectorised float32 kernels were mostly
+    is a complex64 number times the table's cos + i sin (upstream: complex128), in place on one
+    float32 copy of x: three contiguous kernels (the copy, the complex product, the caller's cast)
+    where the real form needs six over stride-2 halves (by their call counts, the H100 profile's slow non-vectorised float32 kernels were mostly
     those)."""
     length, d = x.shape[1], x.shape[-1]
     turn = rope.rotation[start : start + length, None, :]
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (d // 2, 2)))  # x.float(): no copy if float32
-    return torch.view_as_real(pairs * turn).flatten(-2)
+    rotated = x.to(torch.float32, copy=True)  # the one float32 temporary: rotated in place
+    torch.view_as_complex(rotated.unflatten(-1, (d // 2, 2))).mul_(turn)
+    return rotated

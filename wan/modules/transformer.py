@@ -136,10 +136,9 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
 
     def forward(self, x: torch.Tensor, mod: Modulation, chunk: int | None = None) -> torch.Tensor:
-        table = self.modulation.float()[None] + mod.e[:, :, None, :]  # [B, U, 2, dim]
-
-        def shift_scale(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return mod.per_token(table[:, :, 0], a, b), mod.per_token(table[:, :, 1], a, b)
+        table = self.modulation.float()[None] + mod.e[:, :, None, :]  # [B, U, 2, dim]: shift, scale
+        table[:, :, 1].add_(1)  # 1 + scale, once per distinct timestep
+        shift_scale = tuple(lambda a, b, i=i: mod.per_token(table[:, :, i], a, b) for i in (0, 1))
 
         out = torch.empty((*x.shape[:2], self.head.out_features), dtype=torch.float32, device=x.device)
         for s, e in token_spans(x.shape[1], chunk):
