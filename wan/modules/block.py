@@ -338,7 +338,9 @@ class Block(nn.Module):
     def _ffn(self, x: torch.Tensor, rows: Callable[[int], Row], spans: Spans, dtype: torch.dtype) -> None:
         for s, e in spans:
             hidden = linear(
-                self.ffn[0], normalized(self.norm2, x[:, s:e], dtype, (rows(SHIFT_FFN), rows(SCALE_FFN)), s), dtype
+                self.ffn[0],
+                normalized(self.norm2, x[:, s:e], dtype, (rows(SHIFT_FFN), rows(SCALE_FFN)), s),
+                dtype,
             )
             torch.ops.aten.gelu_(hidden, approximate="tanh")  # in place: same values as nn.GELU
             y = linear(self.ffn[2], hidden, dtype)
