@@ -15,6 +15,7 @@ from magcache_generate.fast_path import fast_path_notes
 from magcache_generate.loras import check_loras
 from magcache_generate.plan_check import check_magcache_plan, print_plan
 from magcache_generate.request import UserError
+from magcache_generate.startup import StartupClock
 from magcache_generate.validate import GenerateOptions, build_request, plan_settings, task_config
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ def run_command(
     """Validate everything, then plan (``plan``) or generate; returns the exit code."""
     from magcache_generate.progress import make_console
 
+    startup = StartupClock()  # time to first step, from the process's start
     started = time.perf_counter()
     console = make_console()
     if as_json and not plan:
@@ -80,16 +82,19 @@ def run_command(
                 markup=False,
             )
 
+    startup.mark("validated")
     from magcache_generate.run import run_requests  # torch and the models: only now
 
+    startup.mark("runtime_imported")
+
     if batch is None:
-        results = run_requests(requests, console=console, debug=debug)
+        results = run_requests(requests, console=console, debug=debug, startup=startup)
         failed = [r for r in results if isinstance(r, dict) and r.get("error")]
         return EXIT_FAILURE if failed else 0
     from magcache_generate.batch import batch_exit_code, batch_rows
     from magcache_generate.progress import print_batch
 
-    results = run_requests(requests, console=console, debug=debug, batch=True)
+    results = run_requests(requests, console=console, debug=debug, batch=True, startup=startup)
     rows = batch_rows(batch.entries, batch.problems, results)
     print_batch(console, rows, time.perf_counter() - started)
     return batch_exit_code(rows)

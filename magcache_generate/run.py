@@ -26,8 +26,11 @@ from magcache_generate.magcache.session import CalibrationCollector, build_cache
 from magcache_generate.magcache.verify import verify_report, warm_up
 from magcache_generate.metering import StageMeter
 from magcache_generate.progress import Reporter, print_result
+from magcache_generate.quantization import resolve_fp8_matmul
 from magcache_generate.render import Rendered, SamplingInputs, autocast_for, render_video
 from magcache_generate.request import OutOfMemory, Request
+from magcache_generate.startup import StartupClock
+from magcache_generate.text_stage import encode_timed, initialise_device, load_text_side
 from magcache_generate.video_io import read_image, write_sidecar
 from wan.conditioning import Conditioning, i2v_mask, i2v_video
 from wan.configs import SIZES, TASKS, TaskConfig, max_area
@@ -35,7 +38,6 @@ from wan.experts import ExpertPool
 from wan.image_prep import i2v_first_frame, ti2v_first_frame
 from wan.loading import locate_transformer_files, read_transformer_config
 from wan.schedule import make_schedule
-from wan.tokenizer import load_tokenizer
 from wan.weight_storage import WeightStorage
 
 
@@ -57,11 +59,14 @@ class Components:
         self.task: TaskConfig = TASKS[first.task]
         self.ckpt = Path(first.ckpt_dir)
         self.device = resolve_device(first.device)
+        self.device_init_s = initialise_device(self.device)  # CUDA context, reported on its own
         # --convert-model-dtype: bf16 parameters (upstream regime b). Otherwise float32 parameters, run
         # under bf16 autocast on CUDA (upstream regime a) and in plain float32 on CPU (the goldens' regime).
         self.dtype = torch.bfloat16 if first.convert_model_dtype else torch.float32
         # per-parameter storage: under autocast the Linears it casts to bf16 are stored in bf16 (exact)
-        self.weights = WeightStorage.for_run(self.dtype, self.device)
+        # --quantize fp8: block Linears stored fp8; --fp8-matmul: multiplied in fp8 where the GPU can
+        fp8_matmul = resolve_fp8_matmul(first.fp8_matmul, first.quantize, self.device)
+        self.weights = WeightStorage.for_run(self.dtype, self.device, first.quantize, fp8_matmul)
         self.offload = first.offload_model
         self.reporter = reporter
         self.dit_runtime = DitRuntime.for_request(first, self.device)  # --attention, --compile
@@ -97,6 +102,8 @@ class Components:
         self._loading_task = 0
         self._text_encoder = None
         self._tokenizer = None
+        self.text_parts: dict[str, float] = {}  # the current item's text stage, in parts
+        self.contexts: dict[tuple[str, int], torch.Tensor] = {}  # encoded prompts, reused by a batch
         self._vae = None
         self.load_seconds = 0.0
 
@@ -111,10 +118,12 @@ class Components:
             start = time.perf_counter()
             with self.reporter.stage("loading text encoder"):
                 # upstream runs the umT5 encoder in bf16, on CPU too (--t5_cpu)
-                self._text_encoder = wan.load_text_encoder(
-                    self.ckpt / self.task.t5_checkpoint, dtype=torch.bfloat16, device=self.t5_device
+                self._text_encoder, self._tokenizer = load_text_side(
+                    self.ckpt / self.task.t5_checkpoint,
+                    self.ckpt / self.task.t5_tokenizer,
+                    device=self.t5_device,
+                    parts=self.text_parts,
                 )
-                self._tokenizer = load_tokenizer(self.ckpt / self.task.t5_tokenizer)
             self.load_seconds += time.perf_counter() - start
         return self._text_encoder, self._tokenizer
 
@@ -143,9 +152,10 @@ def encode_prompts(components: Components, prompt: str, negative: str) -> tuple[
     if components._text_encoder is not None and encoder.device != components.t5_device:
         encoder.to(components.t5_device)
     text_len = components.dit_config.text_len
-    # two separate batch-1 calls, as upstream
-    context = encoder.encode([prompt], tokenizer, text_len)[0]
-    context_null = encoder.encode([negative], tokenizer, text_len)[0]
+    # two separate batch-1 calls, as upstream; each runs on its prompt's real tokens only
+    parts, known = components.text_parts, components.contexts
+    context = encode_timed(encoder, tokenizer, [prompt], text_len, parts, known)[0]
+    context_null = encode_timed(encoder, tokenizer, [negative], text_len, parts, known)[0]
     return context[None].to(components.device), context_null[None].to(components.device)
 
 
@@ -200,8 +210,10 @@ def generate_one(
     *,
     batch: bool,
     calibration: CalibrationCollector | None = None,
+    startup: StartupClock | None = None,
 ) -> dict[str, Any]:
-    """One video: returns the result record (also written as the JSON sidecar)."""
+    """One video: returns the result record (also written as the JSON sidecar). ``startup``: the
+    process's clock; the item that runs the process's first denoising step reports its time to it."""
 
     timings: dict[str, float] = {}
     task = components.task
@@ -210,11 +222,21 @@ def generate_one(
     negative = request.negative_prompt if request.negative_prompt is not None else task.negative_prompt
 
     generator = torch.Generator(device=device).manual_seed(request.base_seed)
+    first_item = startup is not None and "first_step_done" not in startup.marks
+    if startup is not None:
+        startup.device_init_s = components.device_init_s
+        startup.mark("text_start")
+    components.text_parts = {}
     with meter.stage("encode_text"):
         with reporter.stage("encoding text"):
             context, context_null = encode_prompts(components, request.prompt, negative)
         components.park_text_encoder(keep=batch)
     timings["encode_text"] = meter.seconds["encode_text"]
+    text_parts = dict(components.text_parts)
+    text_parts["other"] = max(0.0, timings["encode_text"] - sum(text_parts.values()))  # moves, parking
+    if startup is not None:
+        startup.mark("text_done")
+        startup.text_stage(text_parts)
 
     with meter.stage("encode_image"):
         noise, conditioning, (width, height) = prepare_latents(components, request, generator)
@@ -253,6 +275,7 @@ def generate_one(
             save_file=request.dense_save_file,
             save_frames=None,
             label="denoising (dense reference)",
+            startup=startup,
         )
         timings["verify_dense"] = sum(dense.timings.values())
 
@@ -265,6 +288,7 @@ def generate_one(
         meter=meter,
         save_file=request.save_file,
         save_frames=request.save_frames,
+        startup=startup,
     )
     timings.update(rendered.timings)
 
@@ -278,8 +302,11 @@ def generate_one(
         "device": str(device),
         "dtype": str(components.dtype).replace("torch.", ""),
         "weights": components.weights.describe(),
+        "precision": {**components.weights.precision(), "text_encoder": "bf16", "vae": "fp32"},
         "steps_run": len(schedule),
         "timings_s": {},
+        "text_stage_s": {part: round(seconds, 4) for part, seconds in text_parts.items()},
+        "time_to_first_step": startup.report() if first_item and startup is not None else None,
         "peak_memory": meter.peak_memory(),
         "sampling": sampling_record(request, schedule, rendered.dit_calls),
         "loras": lora_records(request.loras, task),
@@ -375,7 +402,12 @@ def out_of_memory(request: Request, err: BaseException) -> OutOfMemory:
 
 
 def run_requests(
-    requests: list[Request], *, console: Console, debug: bool = False, batch: bool | None = None
+    requests: list[Request],
+    *,
+    console: Console,
+    debug: bool = False,
+    batch: bool | None = None,
+    startup: StartupClock | None = None,
 ) -> list[dict[str, Any]]:
     """Generate every request with models loaded once; in a batch (default: more than one request) a
     failing item is reported and skipped. The caller prints the closing batch table."""
@@ -396,7 +428,9 @@ def run_requests(
             start = time.perf_counter()
             try:
                 try:
-                    result = generate_one(components, request, reporter, batch=batch, calibration=calibration)
+                    result = generate_one(
+                        components, request, reporter, batch=batch, calibration=calibration, startup=startup
+                    )
                 except torch.cuda.OutOfMemoryError as err:  # also torch.OutOfMemoryError
                     raise out_of_memory(request, err) from None
             except KeyboardInterrupt:

@@ -26,6 +26,7 @@ from magcache_generate.loras import resolve_loras
 from magcache_generate.magcache.policy import MODES, MagCacheConfig, MagCacheConfigError
 from magcache_generate.naming import default_save_file
 from magcache_generate.preflight import check_checkpoint_dir, check_image, check_outputs
+from magcache_generate.quantization import check_fp8_matmul, check_quantize
 from magcache_generate.request import MagCacheOptions, Request, UserError
 from wan.attention_backends import backend_installed, backend_problem
 from wan.configs import SIZES, TASKS, TaskConfig
@@ -73,6 +74,8 @@ class GenerateOptions:
     ckpt_dir: Path | None = None
     offload_model: bool | None = None
     convert_model_dtype: bool = False
+    quantize: str | None = None  # --quantize fp8
+    fp8_matmul: str = "auto"  # --fp8-matmul auto|on|off
     t5_cpu: bool = False
     save_file: Path | None = None
     prompt: str | None = None
@@ -194,6 +197,8 @@ def build_request(
         if options.offload_model is None
         else options.offload_model,  # one device: upstream's True
         convert_model_dtype=options.convert_model_dtype,
+        quantize=check_quantize(options.quantize),
+        fp8_matmul=check_fp8_matmul(options.fp8_matmul, options.quantize),
         t5_cpu=options.t5_cpu,
         device=options.device,
         save_frames=save_frames,
