@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from magcache_generate.distilled import apply_distilled
 from magcache_generate.fast_path import fast_path_notes
 from magcache_generate.loras import check_loras
 from magcache_generate.plan_check import check_magcache_plan, print_plan
@@ -44,18 +43,18 @@ def run_command(
         return 0
     if demo and options.ckpt_dir is not None:
         raise UserError("--demo builds its own tiny checkpoint; drop --ckpt-dir (or --demo)")
-    options = apply_distilled(options)  # before the demo's defaults: the recipe's step count wins
-    if demo:
-        options = with_demo_defaults(options)
+    defaults = demo_defaults(options.task) if demo else None  # under the distilled recipe's
     batch = None
     if prompt_file is not None:
-        batch = batch_requests(options, prompt_file)
+        batch = batch_requests(options, prompt_file, defaults)
         requests = [e.request for e in batch.entries]
         random_seeds = [e.random_seed for e in batch.entries]
+        magcache = [e.magcache for e in batch.entries]
     else:
-        requests = [build_request(options, check_checkpoint=False)]
+        requests = [build_request(options, check_checkpoint=False, defaults=defaults)]
         random_seeds = [options.base_seed == -1]
-    for note in fast_path_notes(options, requests[0], check_magcache_plan(requests[0])):
+        magcache = [check_magcache_plan(requests[0])]
+    for note in fast_path_notes(options, requests[0], magcache[0]):
         console.print(note, soft_wrap=True)  # before anything loads
 
     cfg = task_config(options.task)
@@ -82,46 +81,44 @@ def run_command(
 
     from magcache_generate.run import run_requests  # torch and the models: only now
 
-    if batch is None:
-        results = run_requests(requests, console=console, debug=debug)
-        failed = [r for r in results if isinstance(r, dict) and r.get("error")]
-        return EXIT_FAILURE if failed else 0
+    if batch is None:  # one video: a failure raises (and is reported by the caller)
+        run_requests(requests, console=console, debug=debug, magcache=magcache)
+        return 0
     from magcache_generate.batch import batch_exit_code, batch_rows
     from magcache_generate.progress import print_batch
 
-    results = run_requests(requests, console=console, debug=debug, batch=True)
+    results = run_requests(requests, console=console, debug=debug, batch=True, magcache=magcache)
     rows = batch_rows(batch.entries, batch.problems, results)
     print_batch(console, rows, time.perf_counter() - started)
     return batch_exit_code(rows)
 
 
-def with_demo_defaults(options: GenerateOptions) -> GenerateOptions:
-    """The demo's small size, frame count and step count, where the user gave none."""
+def demo_defaults(task: str) -> dict[str, object]:
+    """The demo's small size, frame count and step count, for the options the user (and the distilled
+    recipe) left unset."""
     from magcache_generate.demo import DEMO_OVERRIDES, DEMO_SIZES
 
-    defaults = {k: v for k, v in DEMO_OVERRIDES.items() if getattr(options, k) is None}
-    if options.size is None and options.task in DEMO_SIZES:
-        defaults["size"] = DEMO_SIZES[options.task]
-    return dataclasses.replace(options, **defaults)
+    return {**DEMO_OVERRIDES, **({"size": DEMO_SIZES[task]} if task in DEMO_SIZES else {})}
 
 
-def batch_requests(options: GenerateOptions, prompt_file: Path) -> Batch:
-    """The prompt file's runnable items; bad ones are reported on stderr (and kept as problems)."""
+def batch_requests(options: GenerateOptions, prompt_file: Path, defaults: dict[str, object] | None) -> Batch:
+    """The prompt file's runnable items, each with its MagCache plan; bad ones are reported on stderr
+    (and kept as problems)."""
     from magcache_generate.batch import Batch, BatchProblem, build_batch
 
     if options.prompt is not None:
         raise UserError("--prompt and --prompt-file exclude each other; put the prompt into the file")
     if options.save_file is not None:
         raise UserError("--save-file names one video; with --prompt-file set save_file per line (JSON Lines)")
-    batch = build_batch(options, prompt_file)
+    batch = build_batch(options, prompt_file, defaults=defaults)
     entries, problems = [], list(batch.problems)
     for entry in batch.entries:
         try:
-            check_magcache_plan(entry.request)
+            plan = check_magcache_plan(entry.request)
         except UserError as err:
             problems.append(BatchProblem(entry.line, str(err), entry.number))
             continue
-        entries.append(entry)
+        entries.append(dataclasses.replace(entry, magcache=plan))
     problems.sort(key=lambda p: p.line)
     for problem in problems:
         typer.echo(f"skipped: {prompt_file} {problem}", err=True)

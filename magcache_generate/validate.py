@@ -14,10 +14,11 @@ import math
 import random
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from magcache_generate.budget import check_gpu_memory
 from magcache_generate.cfg_batching import check_cfg_batch
@@ -132,15 +133,20 @@ def build_request(
     item_index: int | None = None,
     check_checkpoint: bool = True,
     rng: random.Random | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> Request:
-    """Apply task defaults to ``options`` and validate everything that needs no weights.
+    """Apply the distilled recipe, then ``defaults`` (e.g. --demo's), then the task's defaults to
+    ``options``, and validate everything that needs no weights.
 
     ``item_index`` (1-based position in a prompt file) keeps default output names of a batch apart.
     With ``check_checkpoint=False`` the checkpoint is left to the caller (checked once for a whole
     batch, or built by --demo); a missing --ckpt-dir then becomes ``Path()``.
     """
     cfg = task_config(options.task)
-    options = apply_distilled(options)
+    options = apply_distilled(options)  # the one place a request's recipe is applied
+    if defaults:
+        unset = {k: v for k, v in defaults.items() if getattr(options, k) is None}
+        options = dataclasses.replace(options, **unset)
     size = resolve_size(options.size, cfg)
     frame_num = check_frame_num(cfg.frame_num if options.frame_num is None else options.frame_num)
     solver, steps, shift = check_sampling(

@@ -40,7 +40,7 @@ def captured(monkeypatch) -> list[Request]:
     seen: list[Request] = []
     fake = types.ModuleType("magcache_generate.run")
 
-    def run_requests(requests, *, console, debug=False, batch=None):
+    def run_requests(requests, *, console, debug=False, batch=None, magcache=None):
         seen.extend(requests)
         return [{"task": r.task} for r in requests]
 
@@ -59,7 +59,7 @@ def forbidden_run(monkeypatch):
 
     fake = types.ModuleType("magcache_generate.run")
 
-    def run_requests(requests, *, console, debug=False, batch=None):
+    def run_requests(requests, *, console, debug=False, batch=None, magcache=None):
         raise AssertionError("bad input reached run_requests")
 
     def no_loading(*args, **kwargs):
@@ -406,7 +406,7 @@ def test_ti2v_image_is_optional(workdir, captured, capsys):
 def test_unexpected_errors_exit_1_with_a_hint(workdir, monkeypatch, capsys):
     fake = types.ModuleType("magcache_generate.run")
 
-    def boom(requests, *, console, debug=False, batch=None):
+    def boom(requests, *, console, debug=False, batch=None, magcache=None):
         raise RuntimeError("CUDA out of memory\nmore detail")
 
     fake.run_requests = boom
@@ -421,7 +421,7 @@ def test_unexpected_errors_exit_1_with_a_hint(workdir, monkeypatch, capsys):
 def test_keyboard_interrupt_exits_130(workdir, monkeypatch, capsys):
     fake = types.ModuleType("magcache_generate.run")
 
-    def interrupted(requests, *, console, debug=False, batch=None):
+    def interrupted(requests, *, console, debug=False, batch=None, magcache=None):
         raise KeyboardInterrupt
 
     fake.run_requests = interrupted
@@ -494,7 +494,7 @@ def test_batch_exit_codes(workdir, monkeypatch, capsys):
     fake = types.ModuleType("magcache_generate.run")
     outcome = {"fail": False}
 
-    def run_requests(requests, *, console, debug=False, batch=None):
+    def run_requests(requests, *, console, debug=False, batch=None, magcache=None):
         assert batch is True
         results = [{"task": r.task, "total_s": 1.0} for r in requests]
         if outcome["fail"]:

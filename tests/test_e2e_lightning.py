@@ -27,8 +27,10 @@ from safetensors.torch import load_file
 
 from magcache_generate.argv import normalize_argv
 from magcache_generate.cli import app
+from magcache_generate.conditioner import Conditioner
+from magcache_generate.models import Models
 from magcache_generate.progress import Reporter
-from magcache_generate.run import Components, encode_prompts, prepare_latents
+from magcache_generate.run_plan import RunPlan, plan_request
 from magcache_generate.validate import GenerateOptions, build_request
 from wan.configs import TASKS
 from wan.sampling import sample
@@ -119,12 +121,14 @@ def test_schedule_and_final_latent(case, tmp_path):
     ].tolist()
 
     with Reporter(Console(quiet=True)) as reporter:
-        components = Components(request, reporter, batch=False)
+        run = RunPlan.build([request], keep_inactive=False)
+        models = Models(run, request, reporter)
+        conditioner = Conditioner(run, models)
         generator = torch.Generator(device="cpu").manual_seed(request.base_seed)
-        context, context_null = encode_prompts(components, request.prompt, components.task.negative_prompt)
-        noise, conditioning, _ = prepare_latents(components, request, generator)
+        context, context_null = conditioner.text(request.prompt, run.task.negative_prompt)
+        noise, conditioning, _ = conditioner.latents(plan_request(request, run, None), generator)
         options = {"guide_scale": request.guide_scale, "boundary": boundary, "conditioning": conditioning}
-        latent = sample(noise, schedule, components.experts, context, context_null, **options)
+        latent = sample(noise, schedule, models.experts, context, context_null, **options)
     expected = data["output.latent"]
     scale = max(1.0, expected.abs().max().item())
     assert (latent[0] - expected).abs().max().item() <= 1e-4 * scale
