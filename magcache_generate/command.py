@@ -39,8 +39,14 @@ def run_command(
     if as_json and not plan:
         raise UserError("--json only applies to --magcache-plan; drop it or add --magcache-plan")
     if plan:
-        print_plan(plan_settings(options), as_json=as_json)
+        from magcache_generate.gpu_plan import print_card_plan
+
+        settings = plan_settings(options)
+        memory = print_card_plan(options, as_json=as_json)  # with --gpu-memory GB: that card's plan
+        if as_json or options.gpu_memory is None or options.use_magcache:
+            print_plan(settings, as_json=as_json, memory=memory)
         return 0
+    check_budget_has_gpu(options)  # before anything is printed
     if demo and options.ckpt_dir is not None:
         raise UserError("--demo builds its own tiny checkpoint; drop --ckpt-dir (or --demo)")
     defaults = demo_defaults(options.task) if demo else None  # under the distilled recipe's
@@ -91,6 +97,23 @@ def run_command(
     rows = batch_rows(batch.entries, batch.problems, results)
     print_batch(console, rows, time.perf_counter() - started)
     return batch_exit_code(rows)
+
+
+def check_budget_has_gpu(options: GenerateOptions) -> None:
+    """A `--gpu-memory` budget on a machine without a CUDA device is refused before anything prints; the
+    plan for a card of that size is one flag away."""
+    from magcache_generate.budget import parse_gpu_memory
+
+    given = parse_gpu_memory(options.gpu_memory)
+    if given is None or options.device == "cpu":  # a --device cpu run is refused by its validation
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"--gpu-memory {given:g} applies to GPU runs, and this machine has no CUDA device; drop it, "
+            "or add --magcache-plan to see the memory plan for such a card"
+        )
 
 
 def demo_defaults(task: str) -> dict[str, object]:
