@@ -22,6 +22,7 @@ VALUE_OPTIONS = frozenset(
         "--frame-num",
         "--ckpt-dir",
         "--save-file",
+        "--output-dir",
         "--prompt",
         "--negative-prompt",
         "--base-seed",

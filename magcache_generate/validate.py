@@ -76,6 +76,7 @@ class GenerateOptions:
     convert_model_dtype: bool = False
     t5_cpu: bool = False
     save_file: Path | None = None
+    output_dir: Path | None = None  # folder for the outputs: default names and relative --save-file go there
     prompt: str | None = None
     negative_prompt: str | None = None
     base_seed: int = -1
@@ -174,6 +175,8 @@ def build_request(
         if item_index is not None:
             name = f"{Path(name).stem}_{item_index:03d}.mp4"
         save_file = Path(name)
+    if options.output_dir is not None:
+        save_file = under_output_dir(options.output_dir, save_file)
     save_frames = options.save_frames
     if save_frames is not None and item_index is not None:
         save_frames = save_frames / save_file.stem  # one frames folder per batch item
@@ -216,6 +219,17 @@ def build_request(
     )
     check_outputs(request)
     return request
+
+
+def under_output_dir(output_dir: Path, save_file: Path) -> Path:
+    """``save_file`` inside ``--output-dir`` (an absolute one stays where it is). The folder is created
+    with the first output written; ``check_outputs`` checks before loading that it can be."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(
+            f"--output-dir '{output_dir}' is a file, not a folder; pass a folder (created if missing)"
+        )
+    return save_file if save_file.is_absolute() else output_dir / save_file
 
 
 def plan_settings(options: GenerateOptions) -> PlanSettings:

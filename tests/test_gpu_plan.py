@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.cli_runs import run_cli
+from cli_runs import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
