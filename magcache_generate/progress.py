@@ -23,9 +23,10 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -49,6 +50,22 @@ def make_console(file: IO[str] | None = None) -> Console:
     return console
 
 
+class StepEtaColumn(ProgressColumn):
+    """Time left from the average step so far: shown once one step has finished (rich's own column
+    needs two updates within 30 s, which minute-long CPU steps never give)."""
+
+    def render(self, task: Task) -> Text:
+        if not task.total or not task.completed or task.elapsed is None or task.finished:
+            return Text("-:--:--", style="progress.remaining")
+        left = task.elapsed / task.completed * (task.total - task.completed)
+        return Text(eta_text(left), style="progress.remaining")
+
+
+def eta_text(seconds: float) -> str:
+    whole = max(0, round(seconds))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
 class Reporter:
     """One rich Progress shared by the stages of a run (loading, text, denoising, decode, writing)."""
 
@@ -60,7 +77,7 @@ class Reporter:
             MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"),
             TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            StepEtaColumn(),
             console=console,
             transient=True,  # cleared when the run ends: the summary says what happened
             disable=not console.is_terminal,

@@ -211,6 +211,10 @@ def run_requests(
         run = RunPlan.build(requests, keep_inactive=batch or verify)
         if run.memory is not None:
             reporter.log(run.memory.render())
+        if run.device.type == "cpu":
+            from magcache_generate.cpu_estimate import cpu_notice
+
+            reporter.log(escape(cpu_notice(requests, magcache, run.dit_config, requests[0].device)))
         models = Models(run, requests[0], reporter)
         calibrate_file = requests[0].magcache.calibrate_file
         calibration = CalibrationCollector(calibrate_file) if calibrate_file is not None else None
