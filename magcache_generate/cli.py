@@ -56,6 +56,8 @@ InMagCache = functools.partial(typer.Option, rich_help_panel="MagCache")
 InBatch = functools.partial(typer.Option, rich_help_panel="Batch")
 InLora = functools.partial(typer.Option, rich_help_panel="LoRAs and distilled models")
 InSpeed = functools.partial(typer.Option, rich_help_panel="Speed")
+InPlan = functools.partial(typer.Option, rich_help_panel="Plan before running (no GPU, no weights)")
+InGeneral = functools.partial(typer.Option, rich_help_panel="General")
 
 
 class Task(str, Enum):
@@ -106,24 +108,30 @@ def _show_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.command()
+@app.command(
+    epilog="Other command: magcache-generate compare A B (PSNR and SSIM of video B against A; compare --help)."
+)
 def generate(
     task: Annotated[Task, InTask(help="What to generate.")] = Task.t2v_a14b,
-    ckpt_dir: Annotated[Path | None, InTask(help="Folder with the task's official weights.")] = None,
+    ckpt_dir: Annotated[
+        Path | None, InTask(help="The task's official weights folder, e.g. ./Wan2.2-T2V-A14B.")
+    ] = None,
     prompt: Annotated[
-        str | None, InTask(help="Text prompt", show_default="upstream's example prompt")
+        str | None, InTask(help="What the video shows, in quotes.", show_default="upstream's example prompt")
     ] = None,
     negative_prompt: Annotated[
-        str | None, InTask(help="Negative prompt", show_default="the official one")
+        str | None, InTask(help="What the video should avoid, in quotes.", show_default="the official one")
     ] = None,
     image: Annotated[
         Path | None, InTask(help="First frame: required by i2v-A14B, optional for ti2v-5B.")
     ] = None,
     size: Annotated[
-        str | None, InTask(help="W*H (or WxH)", show_default="1280*720; ti2v-5B 1280*704")
+        str | None,
+        InTask(help="Width*height, e.g. 832*480 (or 832x480).", show_default="1280*720; ti2v-5B 1280*704"),
     ] = None,
     frame_num: Annotated[
-        int | None, InTask(help=f"Frames, 4n+1, at most {MAX_FRAME_NUM}", show_default="81; ti2v-5B 121")
+        int | None,
+        InTask(help=f"Frames, 4n+1 (e.g. 81), at most {MAX_FRAME_NUM}", show_default="81; ti2v-5B 121"),
     ] = None,
     demo: Annotated[
         bool, InTask("--demo", help="Use tiny random weights (no download; the video is noise).")
@@ -135,7 +143,8 @@ def generate(
         int | None, InSampling(help=f"Steps, at most {MAX_SAMPLE_STEPS}", show_default="40; ti2v-5B 50")
     ] = None,
     sample_shift: Annotated[
-        float | None, InSampling(help="Sigma shift", show_default="12 t2v; 5 i2v, ti2v")
+        float | None,
+        InSampling(help="Sigma shift of the schedule, e.g. 5", show_default="12 t2v; 5 i2v, ti2v"),
     ] = None,
     sample_guide_scale: Annotated[
         str | None,
@@ -145,7 +154,7 @@ def generate(
         ),
     ] = None,
     base_seed: Annotated[int, InSampling(help="Seed; -1 draws a random one (printed).")] = -1,
-    device: Annotated[str, InMemory(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, InMemory(help="Where to run: auto, cpu, cuda or cuda:N.")] = "auto",
     offload_model: Annotated[
         bool | None,
         InMemory(
@@ -193,6 +202,13 @@ def generate(
     save_file: Annotated[
         Path | None, InOutput(help="Output video", show_default="upstream's name pattern, shell-safe")
     ] = None,
+    output_dir: Annotated[
+        Path | None,
+        InOutput(
+            help="Folder for the videos (created if missing); a relative --save-file goes inside it.",
+            show_default="the current folder",
+        ),
+    ] = None,
     save_frames: Annotated[
         Path | None, InOutput(help="Also write every frame as PNG into this folder.")
     ] = None,
@@ -202,14 +218,16 @@ def generate(
         bool, InMagCache("--use-magcache", help="Skip DiT block stacks whose output MagCache predicts.")
     ] = False,
     magcache_thresh: Annotated[
-        float | None, InMagCache(help="Error budget", show_default="0.06 preset")
+        float | None,
+        InMagCache(help="Error budget, e.g. 0.06; higher skips more", show_default="0.06 preset"),
     ] = None,
     magcache_k: Annotated[
         int | None,
-        InMagCache("--magcache-K", "--magcache-k", help="Most consecutive skips", show_default="2"),
+        InMagCache("--magcache-K", "--magcache-k", help="Most consecutive skips, e.g. 2", show_default="2"),
     ] = None,
     retention_ratio: Annotated[
-        float | None, InMagCache(help="Share of steps that always compute first", show_default="per task")
+        float | None,
+        InMagCache(help="Share of steps that always compute first, e.g. 0.2", show_default="per task"),
     ] = None,
     magcache_mode: Annotated[
         MagCacheMode | None,
@@ -218,13 +236,13 @@ def generate(
         ),
     ] = None,
     magcache_ratios: Annotated[
-        Path | None, InMagCache(help="Calibrated ratios JSON", show_default="the official curve")
+        Path | None, InMagCache(help="Calibrated ratios JSON file", show_default="the official curve")
     ] = None,
     magcache_calibrate: Annotated[
         Path | None, InMagCache(help="Dense run that records the ratios into this JSON file.")
     ] = None,
     magcache_speedup: Annotated[
-        float | None, InMagCache(help="Pick the smallest threshold reaching this ideal speedup.")
+        float | None, InMagCache(help="Pick the smallest threshold reaching this ideal speedup, e.g. 2.")
     ] = None,
     magcache_verify: Annotated[
         bool,
@@ -236,13 +254,13 @@ def generate(
     ] = False,
     magcache_plan: Annotated[
         bool,
-        InMagCache(
-            "--magcache-plan", help="Print which steps MagCache would skip, then exit (loads nothing)."
+        InPlan(
+            "--magcache-plan",
+            help="Print which steps MagCache would skip and, with --gpu-memory GB, the memory plan for a "
+            "GPU of that size; then exit (loads nothing, needs no GPU).",
         ),
     ] = False,
-    as_json: Annotated[
-        bool, InMagCache("--json", help="With --magcache-plan: print one JSON object.")
-    ] = False,
+    as_json: Annotated[bool, InPlan("--json", help="With --magcache-plan: print one JSON object.")] = False,
     lora: Annotated[
         list[str] | None,
         InLora(
@@ -283,12 +301,12 @@ def generate(
         ),
     ] = None,
     prompt_file: Annotated[
-        Path | None, InBatch(help="One prompt (or JSON object) per line; models load once.")
+        Path | None, InBatch(help="Text file with one prompt (or JSON object) per line; models load once.")
     ] = None,
-    debug: Annotated[bool, InBatch("--debug", help="Show tracebacks.")] = False,
+    debug: Annotated[bool, InGeneral("--debug", help="Show the traceback of an error.")] = False,
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version and exit."),
+        InGeneral("--version", callback=_show_version, is_eager=True, help="Show the version and exit."),
     ] = False,
 ) -> None:
     """Generate a video with Wan 2.2, optionally with MagCache step skipping."""
@@ -352,6 +370,12 @@ def _reported_errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(exit_code_for(err, debug)) from None
 
 
+def _wants_help(argv: list[str]) -> bool:
+    """Whether this command line asks for --help (before a bare ``--``)."""
+    head = argv[: argv.index("--")] if "--" in argv else argv
+    return any(a in ("-h", "--help") for a in head)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: normalise upstream spellings, check the option names, run the app,
     exit with its code."""
@@ -364,6 +388,11 @@ def main(argv: list[str] | None = None) -> None:
 
             args = [a for a in argv[1:] if a != "--debug"]
             code = compare_command().main(args=args, prog_name=prog, standalone_mode=False)
+        elif _wants_help(argv) and not sys.stdout.isatty():  # piped or logged: plain, 80 columns
+            from magcache_generate.help_text import plain_help
+
+            sys.stdout.write(plain_help(typer.main.get_command(app), PROG))
+            code = 0
         else:
             prefer_expandable_segments()  # before anything touches CUDA (the budget probe does)
             command = typer.main.get_command(app)
