@@ -26,6 +26,7 @@ from magcache_generate.distilled import apply_distilled, recipe_name
 from magcache_generate.loras import resolve_loras
 from magcache_generate.magcache.policy import MODES, MagCacheConfig, MagCacheConfigError
 from magcache_generate.naming import default_save_file
+from magcache_generate.options import MAX_CRF, MAX_FRAME_NUM, MAX_SAMPLE_STEPS, GenerateOptions
 from magcache_generate.preflight import check_checkpoint_dir, check_image, check_outputs
 from magcache_generate.request import MagCacheOptions, Request, UserError
 from wan.attention_backends import backend_installed, backend_problem
@@ -47,11 +48,7 @@ EXAMPLE_PROMPTS = {"t2v-A14B": CATS_PROMPT, "i2v-A14B": BEACH_CAT_PROMPT, "ti2v-
 SOLVERS = ("unipc", "dpm++", "euler")
 DEFAULT_SOLVER = "unipc"
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-MAX_CRF = 51  # libx264's range for 8-bit video is 0..51
 MAX_SEED = sys.maxsize  # upstream draws random seeds from [0, sys.maxsize]
-# Fixed upper bounds (see check_limits): far beyond any useful run, low enough to refuse a typo at once.
-MAX_FRAME_NUM = 1001  # 62 s at 16 fps; 250 latent frames
-MAX_SAMPLE_STEPS = 1000  # the scheduler's whole training range
 
 # MagCache tuning options and their flags: they only mean something with --use-magcache (or --magcache-plan).
 MAGCACHE_TUNING_FLAGS = {
@@ -62,51 +59,6 @@ MAGCACHE_TUNING_FLAGS = {
     "magcache_ratios": "--magcache-ratios",
     "magcache_speedup": "--magcache-speedup",
 }
-
-
-@dataclass(frozen=True)
-class GenerateOptions:
-    """The generation options as given on the command line; ``None`` means "not given" (task default)."""
-
-    task: str = "t2v-A14B"
-    size: str | None = None
-    frame_num: int | None = None
-    ckpt_dir: Path | None = None
-    offload_model: bool | None = None
-    convert_model_dtype: bool = False
-    t5_cpu: bool = False
-    save_file: Path | None = None
-    prompt: str | None = None
-    negative_prompt: str | None = None
-    base_seed: int = -1
-    image: Path | None = None
-    sample_solver: str | None = None  # None: unipc, or the --distilled recipe's
-    sample_steps: int | None = None
-    sample_shift: float | None = None
-    sample_guide_scale: str | float | Sequence[float] | None = None
-    save_frames: Path | None = None
-    overwrite: bool = False
-    crf: int = 10
-    device: str = "auto"
-    vae_tiled: bool = False
-    attention: str = "auto"
-    compile: bool = False
-    gpu_memory: str | None = None  # --gpu-memory GB|auto; None: auto
-    cfg_batch: str = "auto"  # --cfg-batch auto|on|off
-    use_magcache: bool = False
-    magcache_thresh: float | None = None
-    magcache_k: int | None = None
-    retention_ratio: float | None = None
-    magcache_mode: str | None = None
-    magcache_ratios: Path | None = None
-    magcache_calibrate: Path | None = None
-    magcache_speedup: float | None = None
-    lora: Sequence[str] | None = ()  # FILE[:SCALE], every expert
-    lora_high: Sequence[str] | None = ()  # A14B high-noise expert only
-    lora_low: Sequence[str] | None = ()  # A14B low-noise expert only
-    lora_dir: Sequence[Path] | None = ()  # the Lightning fork's layout; implies --distilled lightning
-    distilled: str | None = None  # "lightning" | "none"
-    magcache_verify: bool = False
 
 
 @dataclass(frozen=True)
