@@ -24,7 +24,7 @@ from magcache_generate.budget import check_gpu_memory
 from magcache_generate.cfg_batching import check_cfg_batch
 from magcache_generate.distilled import apply_distilled, recipe_name
 from magcache_generate.loras import resolve_loras
-from magcache_generate.magcache.policy import MODES, MagCacheConfig, MagCacheConfigError
+from magcache_generate.magcache.policy import MagCacheConfig, MagCacheConfigError
 from magcache_generate.naming import default_save_file
 from magcache_generate.options import MAX_CRF, MAX_FRAME_NUM, MAX_SAMPLE_STEPS, GenerateOptions
 from magcache_generate.preflight import check_checkpoint_dir, check_image, check_outputs
@@ -59,6 +59,13 @@ MAGCACHE_TUNING_FLAGS = {
     "magcache_ratios": "--magcache-ratios",
     "magcache_speedup": "--magcache-speedup",
 }
+# The MagCacheConfig setting each flag sets (its range errors are reported under the flag's name).
+MAGCACHE_SETTING_FLAGS = {
+    "thresh": "--magcache-thresh",
+    "K": "--magcache-K",
+    "retention": "--retention-ratio",
+}
+MAGCACHE_SETTING_FLAGS["mode"] = "--magcache-mode"
 
 
 @dataclass(frozen=True)
@@ -332,18 +339,16 @@ def magcache_options(options: GenerateOptions, *, plan: bool = False) -> MagCach
 
     thresh, k, retention = options.magcache_thresh, options.magcache_k, options.retention_ratio
     mode = "aligned" if options.magcache_mode is None else options.magcache_mode
-    if thresh is not None and not (math.isfinite(thresh) and thresh > 0):
-        raise UserError(
-            f"--magcache-thresh {thresh} must be > 0; upstream's tuned value is 0.06 (larger skips more)"
+    defaults = MagCacheConfig()
+    try:  # the ranges, and the rules across fields, are the policy's: one rule, one message each
+        MagCacheConfig(
+            thresh=defaults.thresh if thresh is None else thresh,
+            K=defaults.K if k is None else k,
+            retention=defaults.retention if retention is None else retention,
+            mode=mode,
         )
-    if k is not None and k < 1:
-        raise UserError(f"--magcache-K {k} must be >= 1 (the most consecutive skips); upstream uses 2")
-    if retention is not None and not 0 <= retention < 1:
-        raise UserError(
-            f"--retention-ratio {retention} must be in [0, 1): the fraction of steps that always compute first"
-        )
-    if mode not in MODES:
-        raise UserError(f"unknown --magcache-mode {mode!r}; use aligned (default) or official")
+    except MagCacheConfigError as err:
+        raise UserError(err.named(MAGCACHE_SETTING_FLAGS[err.setting]) if err.setting else str(err)) from None
     speedup = options.magcache_speedup
     if speedup is not None and thresh is not None:
         raise UserError(
@@ -353,17 +358,6 @@ def magcache_options(options: GenerateOptions, *, plan: bool = False) -> MagCach
         raise UserError(
             f"--magcache-speedup {speedup} must be > 1 (the ideal speedup over a dense run, e.g. 1.5)"
         )
-
-    defaults = MagCacheConfig()
-    try:  # cross-field rules (official mode and retention 0) live in the policy
-        MagCacheConfig(
-            thresh=defaults.thresh if thresh is None else thresh,
-            K=defaults.K if k is None else k,
-            retention=defaults.retention if retention is None else retention,
-            mode=mode,
-        )
-    except MagCacheConfigError as err:
-        raise UserError(str(err)) from None
     if options.magcache_ratios is not None:
         check_ratios_file(options.magcache_ratios)
     return MagCacheOptions(
