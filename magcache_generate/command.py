@@ -12,9 +12,10 @@ import typer
 
 from magcache_generate.fast_path import fast_path_notes
 from magcache_generate.loras import check_loras
+from magcache_generate.options import GenerateOptions
 from magcache_generate.plan_check import check_magcache_plan, print_plan
 from magcache_generate.request import UserError
-from magcache_generate.validate import GenerateOptions, build_request, plan_settings, task_config
+from magcache_generate.validate import build_request, plan_settings, task_config
 
 if TYPE_CHECKING:
     from magcache_generate.batch import Batch
@@ -22,29 +23,23 @@ if TYPE_CHECKING:
 EXIT_FAILURE = 1  # a run (or a batch item) failed after loading
 
 
-def run_command(
-    options: GenerateOptions,
-    *,
-    prompt_file: Path | None = None,
-    demo: bool = False,
-    plan: bool = False,
-    as_json: bool = False,
-    debug: bool = False,
-) -> int:
-    """Validate everything, then plan (``plan``) or generate; returns the exit code."""
+def run_command(options: GenerateOptions) -> int:
+    """Validate everything, then print the MagCache plan (--magcache-plan) or generate; returns the
+    exit code."""
     from magcache_generate.progress import make_console
 
     started = time.perf_counter()
     console = make_console()
-    if as_json and not plan:
+    demo, prompt_file, debug = options.demo, options.prompt_file, options.debug
+    if options.as_json and not options.magcache_plan:
         raise UserError("--json only applies to --magcache-plan; drop it or add --magcache-plan")
-    if plan:
+    if options.magcache_plan:
         from magcache_generate.gpu_plan import print_card_plan
 
         settings = plan_settings(options)
-        memory = print_card_plan(options, as_json=as_json)  # with --gpu-memory GB: that card's plan
-        if as_json or options.gpu_memory is None or options.use_magcache:
-            print_plan(settings, as_json=as_json, memory=memory)
+        memory = print_card_plan(options, as_json=options.as_json)  # with --gpu-memory GB: that card's
+        if options.as_json or options.gpu_memory is None or options.use_magcache:
+            print_plan(settings, as_json=options.as_json, memory=memory)
         return 0
     check_budget_has_gpu(options)  # before anything is printed
     if demo and options.ckpt_dir is not None:

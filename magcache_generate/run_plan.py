@@ -10,7 +10,6 @@ plan, the decode tile and the memory record). A parallel layout would enter here
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,16 +110,10 @@ class RequestPlan:
     memory_record: dict[str, Any] | None  # the sidecar's `memory_plan` (None: a CPU run)
 
 
-def plan_request(
-    request: Request,
-    run: RunPlan,
-    magcache: Plan | None,
-    *,
-    decode_tile: Callable[[RunMemory, Request], int | None] = RunMemory.decode_tile,
-) -> RequestPlan:
+def plan_request(request: Request, run: RunPlan, magcache: Plan | None) -> RequestPlan:
     """`magcache`: the plan checked before loading (`plan_check.check_magcache_plan`), passed on."""
     negative = request.negative_prompt if request.negative_prompt is not None else run.task.negative_prompt
-    tile = decode_tile(run.memory, request) if run.memory is not None else None
+    tile = run.memory.decode_tile(request) if run.memory is not None else None
     return RequestPlan(
         request=request,
         run=run,

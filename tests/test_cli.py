@@ -362,6 +362,29 @@ def test_upstream_spellings_give_the_same_request(workdir, captured, capsys):
     assert first.guide_scale == (3.0, 3.0) and first.base_seed == 42 and first.offload_model
 
 
+def test_every_option_has_its_underscore_spelling():
+    """Derived from the command: an option added to it is known in both spellings, value or flag."""
+    import typer
+
+    from magcache_generate.argv import command_options, normalize_argv
+
+    options = command_options(typer.main.get_command(app))
+    for name, takes_value in options.items():
+        if not name.startswith("--") or "-" not in name[2:] or name == "--no-offload-model":
+            continue
+        underscore = "--" + name[2:].replace("-", "_")
+        argv = [underscore, "3"] if takes_value else [underscore]
+        expected = {"--offload-model": ["--offload-model"], "--sample-guide-scale": [f"{name}=3"]}
+        assert normalize_argv(argv, options) == expected.get(name, [f"{name}=3"] if takes_value else [name])
+
+
+def test_underscore_spellings_of_newer_options(workdir, captured, capsys):
+    argv = ["--ckpt_dir", ckpt(), "--cfg_batch", "off", "--gpu_memory", "8", "--attention", "math"]
+    code, _, err = run_main(argv, capsys)
+    assert code == 0, err
+    assert (captured[0].cfg_batch, captured[0].gpu_memory, captured[0].attention) == ("off", 8.0, "math")
+
+
 def test_typer_app_and_main_agree(workdir, captured, capsys):
     args = ["--ckpt-dir", ckpt(), "--base-seed", "1", "--save-file", "a.mp4", "--size", "832*480"]
     assert CliRunner().invoke(app, args).exit_code == 0

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import subprocess
-from enum import Enum
 from pathlib import Path
 
 import pytest
@@ -97,11 +96,8 @@ def test_cli_reproduces_the_forks_frames(case, tmp_path):
 
 def request_for(argv: list[str]):
     """The Request the CLI builds from `argv` (parsed by the CLI's own option table)."""
-    options = typer.main.get_command(app).make_context("magcache-generate", normalize_argv(argv)).params
-    plain = {k: v.value if isinstance(v, Enum) else v for k, v in options.items()}
-    request = build_request(
-        GenerateOptions(**{f.name: plain[f.name] for f in dataclasses.fields(GenerateOptions)})
-    )
+    params = typer.main.get_command(app).make_context("magcache-generate", normalize_argv(argv)).params
+    request = build_request(GenerateOptions.from_params(params))
     return dataclasses.replace(request, device="cpu")
 
 

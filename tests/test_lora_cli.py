@@ -177,9 +177,7 @@ def test_lora_dir_and_distilled_resolution(ckpt, lora, tmp_path):
         dataclasses.replace(base, distilled="lightning", sample_steps=8, sample_guide_scale="1 2")
     )
     assert (user.sample_steps, user.guide_scale, user.sample_solver) == (8, (1.0, 2.0), "euler")
-    demo = build_request(
-        dataclasses.replace(base, distilled="lightning"), defaults=demo_defaults("t2v-A14B")
-    )
+    demo = build_request(dataclasses.replace(base, distilled="lightning"), defaults=demo_defaults("t2v-A14B"))
     assert demo.sample_steps == 4  # the recipe's step count wins over the demo's 8
     assert (demo.frame_num, demo.size) == (5, "832*480")  # the demo's fill what the recipe leaves
     with pytest.raises(UserError, match="unknown --distilled 'turbo'"):
