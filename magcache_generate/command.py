@@ -72,11 +72,12 @@ def run_command(options: GenerateOptions) -> int:
     ckpt_dir = check_before_loading(ckpt_dir, cfg, options.device)
     check_loras(requests[0].loras, ckpt_dir, cfg)  # headers only, before any weight loads
     requests = [dataclasses.replace(r, ckpt_dir=ckpt_dir) for r in requests]
-    for request, was_random in zip(requests, random_seeds, strict=True):
+    numbers = [e.number for e in batch.entries] if batch is not None else [1]
+    for request, was_random, index in zip(requests, random_seeds, numbers, strict=True):
         if was_random:
             console.print(
-                f"seed {request.base_seed} (random; --base-seed {request.base_seed} repeats it) "
-                f"for {request.save_file}",
+                f"seed {request.base_seed} (random; --base-seed {request.base_seed} repeats it)"
+                + (f" for item {index:03d}" if batch is not None else ""),
                 markup=False,
             )
 

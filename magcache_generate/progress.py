@@ -163,13 +163,24 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
     return rows
 
 
+# A summary value longer than this is a sentence, not a figure: it goes below the table as its own line
+# (in the table it would pad every row of the right-aligned column to its width).
+TABLE_VALUE_WIDTH = 16
+
+
 def summary_table(result: dict, console: Console | None = None) -> Table:
     table = _table(console or make_console(), f"{result['task']}  seed {result['seed']}")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     for label, value in summary_rows(result):
-        table.add_row(label, value)
+        if len(value) <= TABLE_VALUE_WIDTH:
+            table.add_row(label, value)
     return table
+
+
+def summary_notes(result: dict) -> list[str]:
+    """The summary rows whose value is a sentence, as `label: value` lines."""
+    return [f"{label}: {value}" for label, value in summary_rows(result) if len(value) > TABLE_VALUE_WIDTH]
 
 
 def memory_rows(mem: dict) -> list[tuple[str, str]]:
@@ -222,6 +233,8 @@ def magcache_caption(report: dict) -> str:
 def print_result(console: Console, result: dict) -> None:
     """One finished video: its summary, MagCache counts, where it went and how long it took in all."""
     print_table(console, summary_table(result, console))
+    for note in summary_notes(result):
+        console.print(note, markup=False)
     report = result.get("magcache")
     if report and report.get("calls"):
         print_table(console, magcache_table(report, console))

@@ -188,6 +188,15 @@ def is_sticky_device_error(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "CUDA error" in message and "out of memory" not in message
 
 
+PROMPT_ECHO = 60  # characters of the prompt echoed before a run (the line stays under 100)
+
+
+def short_prompt(prompt: str, limit: int = PROMPT_ECHO) -> str:
+    """The prompt on one line, quoted, cut with an ellipsis when longer than `limit`."""
+    flat = " ".join(prompt.split())
+    return repr(flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…")
+
+
 def run_requests(
     requests: list[Request],
     *,
@@ -226,7 +235,7 @@ def run_requests(
                 )
                 continue
             reporter.log(
-                f"[bold]{request.task}[/] seed {request.base_seed}: {escape(repr(request.prompt[:80]))}"
+                f"[bold]{request.task}[/] seed {request.base_seed}: {escape(short_prompt(request.prompt))}"
             )
             start = time.perf_counter()
             try:

@@ -378,7 +378,10 @@ def test_every_option_has_its_underscore_spelling():
         assert normalize_argv(argv, options) == expected.get(name, [f"{name}=3"] if takes_value else [name])
 
 
-def test_underscore_spellings_of_newer_options(workdir, captured, capsys):
+def test_underscore_spellings_of_newer_options(workdir, captured, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a budget needs a GPU (refused early)
     argv = ["--ckpt_dir", ckpt(), "--cfg_batch", "off", "--gpu_memory", "8", "--attention", "math"]
     code, _, err = run_main(argv, capsys)
     assert code == 0, err
