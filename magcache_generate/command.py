@@ -26,10 +26,14 @@ EXIT_FAILURE = 1  # a run (or a batch item) failed after loading
 def run_command(options: GenerateOptions) -> int:
     """Validate everything, then print the MagCache plan (--magcache-plan) or generate; returns the
     exit code."""
-    from magcache_generate.progress import make_console
+    from magcache_generate.progress import make_console, print_message
 
     started = time.perf_counter()
     console = make_console()
+    if options.settings_from is not None:  # the stored settings, under the options given
+        from magcache_generate.reproduce import apply_settings, read_settings
+
+        options = apply_settings(options, read_settings(options.settings_from))
     demo, prompt_file, debug = options.demo, options.prompt_file, options.debug
     if options.as_json and not options.magcache_plan:
         raise UserError("--json only applies to --magcache-plan; drop it or add --magcache-plan")
@@ -56,7 +60,7 @@ def run_command(options: GenerateOptions) -> int:
         random_seeds = [options.base_seed == -1]
         magcache = [check_magcache_plan(requests[0])]
     for note in fast_path_notes(options, requests[0], magcache[0]):
-        console.print(note, soft_wrap=True)  # before anything loads
+        print_message(console, note)  # before anything loads
 
     cfg = task_config(options.task)
     if demo:

@@ -97,6 +97,14 @@ class GenerateOptions:
         int | None,
         InTask(help=f"Frames, 4n+1 (e.g. 81), at most {MAX_FRAME_NUM}", show_default="81; ti2v-5B 121"),
     ] = None
+    settings_from: Annotated[
+        Path | None,
+        InTask(
+            help="Run again the settings stored in a video made here (or its .json sidecar); options "
+            "given with other values override them.",
+            metavar="FILE",
+        ),
+    ] = None
     demo: Annotated[
         bool, InTask("--demo", help="Use tiny random weights (no download; the video is noise).")
     ] = False

@@ -13,6 +13,7 @@ The output reads well in a terminal, a pipe and a log file alike:
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any
@@ -122,7 +123,26 @@ class Reporter:
         self.finish(task_id)
 
     def log(self, message: str) -> None:
-        self.console.print(message)
+        print_message(self.console, message)
+
+
+PIPE_WIDTH = 100  # outside a terminal a message line is wrapped at spaces to this many columns
+
+
+def print_message(console: Console, message: str) -> None:
+    """A (rich markup) message: as is in a terminal (which wraps it); in a pipe or a log, plain lines of
+    at most PIPE_WIDTH columns, wrapped at spaces (a continuation indented two more), so no word (or
+    path) is cut."""
+    if console.is_terminal:
+        console.print(message)
+        return
+    for line in Text.from_markup(message).plain.splitlines() or [""]:
+        indent = " " * (len(line) - len(line.lstrip()) + 2)
+        wrapped = textwrap.wrap(
+            line, PIPE_WIDTH, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+        )
+        for part in wrapped or [line]:
+            console.print(part, markup=False)
 
 
 def _table(console: Console, title: str | None = None) -> Table:

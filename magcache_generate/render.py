@@ -19,6 +19,7 @@ from magcache_generate.magcache.session import TimedCache
 from magcache_generate.magcache.verify import synchronize
 from magcache_generate.metering import StageMeter
 from magcache_generate.progress import Reporter
+from magcache_generate.reproduce import settings_comment
 from magcache_generate.video_io import to_uint8_frames, write_frames_png, write_mp4
 from wan.conditioning import Conditioning
 from wan.sampling import ModelProvider, StepInfo, sample
@@ -150,7 +151,10 @@ def render_video(
     start = time.perf_counter()
     frames = to_uint8_frames(video.cpu())
     with reporter.stage("writing video"):
-        write_mp4(frames, save_file, fps=run.task.fps, crf=request.crf, overwrite=request.overwrite)
+        comment = settings_comment(request)  # the settings travel with the video
+        write_mp4(
+            frames, save_file, fps=run.task.fps, crf=request.crf, overwrite=request.overwrite, comment=comment
+        )
         if save_frames is not None:
             write_frames_png(frames, save_frames, overwrite=request.overwrite)
     timings["write"] = time.perf_counter() - start

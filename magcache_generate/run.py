@@ -8,6 +8,7 @@ Heavy imports (torch, transformers, wan.modules) happen here, never at CLI impor
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +24,7 @@ from magcache_generate.models import Models
 from magcache_generate.progress import Reporter, print_result
 from magcache_generate.record import result_record
 from magcache_generate.render import Rendered, SamplingInputs, autocast_for, render_video
+from magcache_generate.reproduce import sidecar_extras
 from magcache_generate.request import OutOfMemory, Request
 from magcache_generate.run_plan import RequestPlan, RunPlan, magcache_plans, plan_request
 from magcache_generate.video_io import write_sidecar
@@ -44,6 +46,7 @@ def generate_one(
 ) -> dict[str, Any]:
     """One video: returns the result record (also written as the JSON sidecar)."""
     request = plan.request
+    started, started_at = time.perf_counter(), datetime.now().astimezone().isoformat(timespec="seconds")
     meter = StageMeter(plan.run.device)  # synchronised stage times, GPU peaks per stage, host peak
     conditioned = Conditioner(plan.run, models).condition(plan, meter, reporter, keep_encoder=batch)
     timings = dict(conditioned.timings)
@@ -72,6 +75,7 @@ def generate_one(
     result["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
     if calibration is not None:
         collect_calibration(calibration, cache, plan, result["dtype"])
+    result.update(sidecar_extras(request, started_at, time.perf_counter() - started))
     if request.sidecar:
         write_sidecar(request.save_file, result, overwrite=request.overwrite)
     return result

@@ -12,7 +12,7 @@ from PIL import Image
 
 from magcache_generate.command import demo_defaults
 from magcache_generate.plan_check import check_magcache_plan
-from magcache_generate.progress import make_console, print_result
+from magcache_generate.progress import make_console, print_message, print_result
 from magcache_generate.run import short_prompt
 from magcache_generate.validate import GenerateOptions, build_request
 from wan.configs import TASKS
@@ -105,3 +105,14 @@ def test_the_memory_plan_block_fits_100_columns():
     )
     text = plan.render("--gpu-memory auto (77.1 GiB free on cuda:0 minus a margin)")
     assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_long_messages_wrap_at_100_columns_in_a_pipe():
+    out = io.StringIO()
+    console = make_console(out)
+    words = ["word"] * 60 + ["/a/long/path/" + "x" * 120]
+    print_message(console, "[yellow]note[/]: " + " ".join(words))
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("note: ") and all(line.startswith("  ") for line in lines[1:])
+    assert all(len(line) <= 100 for line in lines if "/a/long/path/" not in line)
+    assert " ".join(out.getvalue().split()) == "note: " + " ".join(words)  # nothing cut or lost
