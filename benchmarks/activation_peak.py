@@ -15,7 +15,7 @@ What it does not see: the attention kernel's internals. Attention is replaced by
 allocates what a fused kernel (cuDNN / flash) allocates: the output in the query's layout and its
 float32 softmax statistics (B x heads x L); SDPA's math fallback would materialise L x L scores, which
 no fused kernel does. Also outside: cuBLAS/cuDNN workspaces (tens of MiB) and allocator rounding.
-Validated against the H100 run in ../shared/gpu/README.md (peak allocated minus weights).
+Validated against an H100 run (peak allocated minus weights; benchmarks/README.md).
 
 The same pass also counts the memory traffic of the element-wise work (every op except the GEMMs,
 attention, views and allocations): bytes read plus bytes written, broadcast operands counted once.

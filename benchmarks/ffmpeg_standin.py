@@ -1,6 +1,6 @@
-"""A stand-in for the `ffmpeg` executable, for the GPU check on a machine that has no ffmpeg and cannot
-carry one (imageio-ffmpeg's static ffmpeg is 80 MB, 20 MB even xz-compressed, and the project's tree
-already takes 49 of the 64 MiB a device call may carry). `benchmarks/gpu_check.sh` points
+"""A stand-in for the `ffmpeg` executable, for the GPU check on an offline machine that has no ffmpeg
+(the offline wheel set of `benchmarks/fetch_gpu_wheels.sh` leaves out imageio-ffmpeg's static ffmpeg,
+80 MB, 20 MB even xz-compressed, to keep the copy small). `benchmarks/gpu_check.sh` points
 IMAGEIO_FFMPEG_EXE at it only when no working ffmpeg is found, and the results say so.
 
 It understands the one command `magcache_generate.video_io.write_mp4` builds (rawvideo rgb24 frames on

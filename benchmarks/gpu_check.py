@@ -1,8 +1,8 @@
-"""The one GPU check for issues 8 and 9: runs the `cuda` tests, the speed benchmark at A14B width, the
-memory benchmark for the issue-8 targets and the "no budget flag" check, within a wall-clock budget,
-and writes ONE results file (JSON) with every figure the two issues' targets name.
+"""The GPU check: runs the `cuda` tests, the speed benchmark at A14B width, the memory benchmark at the
+budget targets and the "no budget flag" check, within a wall-clock budget, and writes ONE results file
+(JSON) with every figure the speed and memory targets name.
 
-    benchmarks/gpu_check.sh                                   # on the GPU machine (see README, "GPU check")
+    benchmarks/gpu_check.sh                                   # on a GPU machine (benchmarks/README.md)
     python benchmarks/gpu_check.py --out results.json         # the same, without the wheel set-up
     python benchmarks/gpu_check.py --small --out /tmp/gpu_check.json   # CPU dry run, tiny sizes
     python benchmarks/gpu_check.py --only speed_720p_compile --out ...  # a rerun of some parts
@@ -12,9 +12,9 @@ never past the overall deadline (--deadline, 410 s: 7 minutes less the wrapper's
 that runs out is stopped and recorded as "timed out", one that no time is left for as "skipped".
 The parts run in the order below (most needed first). The results file is rewritten after every
 part, and on SIGTERM/SIGINT, so an outer `timeout` still leaves every figure measured so far. The
-parts' output tails go to one log file beside it (`gpu_check.log`: a device call returns at most 8
-files). Estimates (seconds on one H100, start-up excluded) and how they were derived: README,
-section "GPU check".
+parts' output tails go to one log file beside it (`gpu_check.log`), so a remote run has two files to
+fetch back. Estimates (seconds on one H100, start-up excluded) and how they were derived:
+benchmarks/README.md, section "GPU check".
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import gpu_check_targets as targets_mod  # a sibling module of this script
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 410  # 7 minutes, less the wrapper's own start-up (wheels, CUDA probe)
-SMALL_DEADLINE_S = 1800  # the CPU dry run on a busy 2-core host
+SMALL_DEADLINE_S = 1800  # the CPU dry run on a small, busy host (2 cores)
 MIN_PART_S = 15  # a part gets at least this much time, or is skipped
 # math is left out: it materialises the L x L scores (86 GB at 480p) and is no candidate anyway.
 SPEED_BACKENDS = "auto,cudnn,flash,efficient,fa3,fa2"  # those not installed are left out by the benchmark
@@ -49,7 +49,7 @@ class Part:
     name: str
     argv: tuple[str, ...]  # after the Python executable, run in the repository root
     limit_s: int  # its own time limit
-    estimate_s: int  # expected seconds on one H100 (README, "GPU check")
+    estimate_s: int  # expected seconds on one H100 (benchmarks/README.md, "GPU check")
 
 
 def speed_part(
@@ -80,6 +80,21 @@ def speed_part(
     return Part(name, tuple(argv), limit, estimate)
 
 
+def fp8_part(
+    name: str, size: str, *, compile_: bool, device: str, small: bool, limit: int, estimate: int
+) -> Part:
+    """One real-width block in fp8 (`benchmarks/fp8_block.py`): errors against fp32 and bf16 Linears,
+    and the speed of the fp8 matmul against bf16 Linears (compiled: those two variants only)."""
+    argv = ["benchmarks/fp8_block.py", "--json", "--device", device]
+    if small:
+        argv.append("--small")
+    else:
+        argv += ["--size", size, "--repeat", "3", "--warmup", "2"]
+    if compile_:
+        argv += ["--compile", "--only", "bf16_linears,fp8_tensor_scaled_mm"]
+    return Part(name, tuple(argv), limit, estimate)
+
+
 def plan_parts(small: bool, device: str, logs: Path, ckpt_root: Path) -> list[Part]:
     specs = targets_mod.SMALL_MEMORY_TARGETS if small else targets_mod.MEMORY_TARGETS
     memory = ["benchmarks/bench_memory.py", "--json", "--root", str(ckpt_root), "--steps", "1"]
@@ -107,8 +122,11 @@ def plan_parts(small: bool, device: str, logs: Path, ckpt_root: Path) -> list[Pa
             estimate=15,
             **speed,
         ),
+        fp8_part("fp8_block_480p", "832x480x81", compile_=False, limit=60, estimate=30, **speed),
         speed_part("speed_480p_compile", "832x480x81", 3, compile_=True, limit=100, estimate=60, **speed),
         speed_part("speed_720p_compile", "1280x720x81", 2, compile_=True, limit=120, estimate=65, **speed),
+        fp8_part("fp8_block_480p_compile", "832x480x81", compile_=True, limit=90, estimate=50, **speed),
+        fp8_part("fp8_block_720p_compile", "1280x720x81", compile_=True, limit=110, estimate=60, **speed),
     ]
 
 
@@ -201,6 +219,7 @@ def build_report(args: argparse.Namespace, parts: dict, data: dict, started: flo
         "targets": targets_mod.evaluate(data, parts, small=args.small),
         "figures": {
             "speed": targets_mod.speed_figures(data),
+            "fp8_block": {k: data[k] for k in targets_mod.FP8_PARTS if data.get(k)},
             "memory": data.get("memory_rows", []),
             "memory_finished": data.get("memory_finished"),
             "probe": probe,
@@ -219,8 +238,7 @@ LOG_TAIL_CHARS = 40_000  # of each part's stdout and stderr, in the one log file
 
 
 def append_log(log: Path, name: str, record: dict, logs: Path) -> None:
-    """Add a part's command, status and output tails to the combined log (one file: a device call
-    returns at most 8 files)."""
+    """Add a part's command, status and output tails to the combined log (one file for every part)."""
     with open(log, "a") as f:
         f.write(f"===== {name}: {record['status']} in {record.get('wall_s')} s: {record['command']}\n")
         for stream in ("out", "err"):

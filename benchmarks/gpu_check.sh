@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The one GPU check for issues 8 and 9 (README, "GPU check"). On the GPU machine, with .whl/ carried:
-#   timeout -k 15 470 bash benchmarks/gpu_check.sh     -> $OUT/gpu_check.json and $OUT/gpu_check.log
+# The GPU check (benchmarks/README.md, "GPU check"). On any machine with an NVIDIA GPU:
+#   bash benchmarks/gpu_check.sh --out results/gpu_check.json   (or set $OUT: $OUT/gpu_check.json)
+# Offline GPU machine: run benchmarks/fetch_gpu_wheels.sh where PyPI is reachable and copy .whl/ along.
 # CPU dry run (tiny sizes, a few minutes):
 #   DEVICE=cpu benchmarks/gpu_check.sh --small --out /tmp/gpu_check/gpu_check.json
 # 1. Installs into /tmp/site (GPU_CHECK_SITE) the wheels in .whl/ of the modules this Python lacks (pip --no-index).
-# 2. Without a working ffmpeg (the static one does not fit a device call next to the tree), videos
+# 2. Without a working ffmpeg (the offline wheel set leaves out imageio-ffmpeg's 80 MB binary), videos
 #    are written by benchmarks/ffmpeg_standin.py (OpenCV, mp4v); the results say which ffmpeg ran.
 # 3. Runs benchmarks/gpu_check.py with /tmp/site and the repository on PYTHONPATH.
 set -euo pipefail
@@ -22,7 +23,7 @@ for module in imageio_ffmpeg ftfy wcwidth pytest pluggy iniconfig packaging pygm
   "$PYTHON" -c "import $module" 2>/dev/null && continue
   found=$(compgen -G ".whl/${module}-*.whl" || true)
   if [[ -z $found ]]; then
-    echo "error: $PYTHON lacks $module and .whl/ has no wheel of it (run benchmarks/fetch_gpu_wheels.sh, carry .whl)" >&2
+    echo "error: $PYTHON lacks $module and .whl/ has no wheel of it (run benchmarks/fetch_gpu_wheels.sh and copy .whl/ here, or pip install it)" >&2
     exit 2
   fi
   wheels+=($found)

@@ -123,6 +123,14 @@ class GenerateOptions:
     convert_model_dtype: Annotated[
         bool, InMemory("--convert-model-dtype", help="Keep the DiT weights in bf16 (upstream's flag).")
     ] = False
+    quantize: Annotated[
+        str | None,
+        InMemory(help="fp8: keep the DiT block Linears' weights in float8 (half of bf16's memory)."),
+    ] = None
+    fp8_matmul: Annotated[
+        str,
+        InSpeed(help="fp8 Linears multiply in fp8 (auto = on GPUs of compute capability >= 8.9), on or off."),
+    ] = "auto"
     t5_cpu: Annotated[bool, InMemory("--t5-cpu", help="Run the text encoder on the CPU.")] = False
     vae_tiled: Annotated[bool, InMemory("--vae-tiled", help="Decode the VAE in tiles (less memory).")] = False
     attention: Annotated[

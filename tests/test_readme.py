@@ -1,5 +1,6 @@
-"""README and CLI agree: every option of the command is documented in README's tables, and every
-option those tables name is one the command accepts (upstream underscore spellings included)."""
+"""The documentation and the CLI agree: every option of the command is in the option reference
+(docs/options.md), and every option any README or docs/ table names is one the command accepts
+(upstream underscore spellings included)."""
 
 from __future__ import annotations
 
@@ -11,25 +12,30 @@ import typer
 from magcache_generate.argv import command_options, normalize_argv
 from magcache_generate.cli import app
 
-README = Path(__file__).parents[1] / "README.md"
+ROOT = Path(__file__).parents[1]
+README = ROOT / "README.md"
+OPTIONS = ROOT / "docs" / "options.md"
 STANDARD = {"--help", "-h", "--version"}
 
 
-def table_options() -> set[str]:
-    rows = [line for line in README.read_text().splitlines() if line.startswith("|")]
+def table_options(*files: Path) -> set[str]:
+    rows = [line for file in files for line in file.read_text().splitlines() if line.startswith("|")]
     return {match for row in rows for match in re.findall(r"`(--[A-Za-z0-9][A-Za-z0-9_-]*)", row)}
 
 
-def test_every_option_is_documented():
+def documented_files() -> list[Path]:
+    return [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_every_option_is_in_the_option_reference():
     options = set(command_options(typer.main.get_command(app))) - STANDARD
-    documented = table_options()
-    assert sorted(options - documented) == []
+    assert sorted(options - table_options(OPTIONS)) == []
 
 
 def test_every_documented_option_exists():
     options = set(command_options(typer.main.get_command(app)))
     unknown = []
-    for option in sorted(table_options()):
+    for option in sorted(table_options(*documented_files())):
         # upstream spellings go through the same normalisation as a real command line
         takes_value = (
             option.replace("_", "-") in options or option == "--lora_dir2"
@@ -39,3 +45,9 @@ def test_every_documented_option_exists():
         if name not in options:
             unknown.append(option)
     assert unknown == []
+
+
+def test_readme_lists_the_options_that_matter_most():
+    section = README.read_text().split("## The options that matter most", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `--")]
+    assert len(rows) == 10
