@@ -84,8 +84,11 @@ class Target:
         return f"{self.task}:{self.size}:{self.frames}:{self.budget:g}"
 
 
-def full_depth_plan(target: Target, budget_gib: float, small: bool) -> memory_plan.MemoryPlan | None:
-    """The plan of the FULL-depth model (bf16) at this budget, or None if infeasible."""
+def full_depth_plan(
+    target: Target, budget_gib: float, small: bool, quantize: str | None = None
+) -> memory_plan.MemoryPlan | None:
+    """The plan of the FULL-depth model (bf16; fp8 block Linears with `--quantize fp8`) at this
+    budget, or None if infeasible."""
     width, height = (int(v) for v in target.size.split("*"))
     req = memory_plan.MemoryRequest(
         TASKS[target.task],
@@ -96,6 +99,7 @@ def full_depth_plan(target: Target, budget_gib: float, small: bool) -> memory_pl
         budget=int(budget_gib * GIB),
         image=TASKS[target.task].image == "required",
         vae_during_denoise=TASKS[target.task].image == "required",
+        fp8_linears=quantize == "fp8",
     )
     try:
         return memory_plan.plan_memory(req)
@@ -110,6 +114,7 @@ def options(target: Target, ckpt: Path, out: Path, image: Path | None, args, bud
         frame_num=args.frames or target.frames,
         ckpt_dir=ckpt,
         convert_model_dtype=True,
+        quantize=args.quantize,
         prompt="a red fox runs through the snowy forest",
         base_seed=1,
         image=image,
@@ -289,6 +294,9 @@ def main() -> None:
         action="store_true",
         help="run only the budgeted configuration (memory figures; no time ratio)",
     )
+    parser.add_argument(
+        "--quantize", choices=("fp8",), default=None, help="both runs with --quantize fp8 (fp8 block Linears)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--rows-file",
@@ -308,7 +316,7 @@ def main() -> None:
     started = time.perf_counter()
     warmed = False
     for target in targets:
-        plan = full_depth_plan(target, target.budget, args.small)
+        plan = full_depth_plan(target, target.budget, args.small, args.quantize)
         full_layers = real_transformer_config(target.task).num_layers
         streams = plan is not None and plan.streamed_blocks > 0
         layers = min(full_layers, max(args.layers, plan.resident_blocks + 3)) if streams else args.layers
@@ -359,6 +367,7 @@ def main() -> None:
                     "device": device_name(args.device),
                     "seconds": round(time.perf_counter() - started, 1),
                     "steps": args.steps,
+                    "quantize": args.quantize,
                     "rows": rows,
                 }
             )

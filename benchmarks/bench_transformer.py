@@ -6,6 +6,7 @@ for each attention backend available (random weights).
     python benchmarks/bench_transformer.py --device cuda --size 1280x720x81 --attention cudnn,fa3 --compile
     python benchmarks/bench_transformer.py --device cuda --preset ti2v-5B --size 1280x704x121 --json
     python benchmarks/bench_transformer.py --device cuda --attention auto --cfg-batch  # batch-2 CFG vs 2 calls
+    python benchmarks/bench_transformer.py --device cuda --attention auto --quantize fp8  # fp8 block Linears
 
 Per attention backend it times the forward with the blocks (median of --repeat) and without them
 (embeddings and head), so per block = (forward - fixed) / layers, and extrapolates to the full depth.
@@ -33,8 +34,10 @@ from torch import nn
 
 from wan.attention_backends import BACKENDS, backend_problem
 from wan.cfg_batch import repeat_batch, split_branches, stack_contexts
+from wan.fp8 import scaled_mm_capable
 from wan.modules.attention import AttentionPolicy
 from wan.modules.compile import BlockCompiler
+from wan.modules.fp8_linear import quantize_model
 from wan.modules.transformer import TransformerConfig, WanTransformer
 from wan.testing.dit import IN_OUT, tiny_transformer_config
 
@@ -198,6 +201,11 @@ def run(args: argparse.Namespace) -> dict:
     cfg = preset_config(preset, args.layers, args.text_len, args.text_dim)
     rate = matmul_rate(device, dtype, args.matmul_size, timer)
     model = build(cfg, dtype, device)
+    fp8_matmul = args.quantize == "fp8" and args.fp8_matmul != "off" and scaled_mm_capable(device)
+    if args.quantize == "fp8":  # the block Linears in fp8, as --quantize fp8 loads them
+        if args.fp8_matmul == "on" and not fp8_matmul:
+            raise SystemExit("error: --fp8-matmul on needs a CUDA GPU with compute capability >= 8.9")
+        quantize_model(model, compute_dtype=dtype, use_scaled_mm=fp8_matmul)
     model.activation_chunk = args.chunk
     x = torch.randn(1, 16 if preset.model_type == "i2v" else in_dim, *latent, device=device)
     ctx = torch.randn(1, args.text_len, args.text_dim, device=device, dtype=dtype)
@@ -262,6 +270,8 @@ def run(args: argparse.Namespace) -> dict:
         "layers_run": args.layers,
         "full_depth": preset.depth,
         "dtype": args.dtype,
+        "quantize": args.quantize,
+        "fp8_matmul": fp8_matmul,
         "activation_chunk": model.activation_chunk,
         "compile": args.compile,
         "matmul": {"size": args.matmul_size, "dtype": args.dtype, "tflops": sig(rate / 1e12)},
@@ -275,6 +285,7 @@ def print_table(result: dict) -> None:
         f"{result['device']}, torch {result['torch']}: {result['preset']} {result['size']} "
         f"({result['tokens']} tokens), {result['layers_run']} blocks run, {result['dtype']}, "
         f"chunk {result['activation_chunk']}, compile {result['compile']}"
+        + (f", {result['quantize']} (fp8 matmul {result['fp8_matmul']})" if result["quantize"] else "")
     )
     print(f"matmul {result['matmul']['size']}^3 {result['dtype']}: {result['matmul']['tflops']} TFLOP/s")
     print(f"FLOP per block: {result['block_flops'] / 1e12:.2f} T")
@@ -325,6 +336,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunk", type=int, default=None, help="activation_chunk (tokens)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks")
+    parser.add_argument("--quantize", choices=("fp8",), default=None, help="fp8 block Linears")
+    parser.add_argument("--fp8-matmul", choices=("auto", "on", "off"), default="auto")
     parser.add_argument(
         "--cfg-batch", action="store_true", help="also time a CFG step: two batch-1 forwards vs one batch-2"
     )

@@ -80,6 +80,21 @@ def speed_part(
     return Part(name, tuple(argv), limit, estimate)
 
 
+def fp8_part(
+    name: str, size: str, *, compile_: bool, device: str, small: bool, limit: int, estimate: int
+) -> Part:
+    """One real-width block in fp8 (`benchmarks/fp8_block.py`): errors against fp32 and bf16 Linears,
+    and the speed of the fp8 matmul against bf16 Linears (compiled: those two variants only)."""
+    argv = ["benchmarks/fp8_block.py", "--json", "--device", device]
+    if small:
+        argv.append("--small")
+    else:
+        argv += ["--size", size, "--repeat", "3", "--warmup", "2"]
+    if compile_:
+        argv += ["--compile", "--only", "bf16_linears,fp8_tensor_scaled_mm"]
+    return Part(name, tuple(argv), limit, estimate)
+
+
 def plan_parts(small: bool, device: str, logs: Path, ckpt_root: Path) -> list[Part]:
     specs = targets_mod.SMALL_MEMORY_TARGETS if small else targets_mod.MEMORY_TARGETS
     memory = ["benchmarks/bench_memory.py", "--json", "--root", str(ckpt_root), "--steps", "1"]
@@ -107,8 +122,11 @@ def plan_parts(small: bool, device: str, logs: Path, ckpt_root: Path) -> list[Pa
             estimate=15,
             **speed,
         ),
+        fp8_part("fp8_block_480p", "832x480x81", compile_=False, limit=60, estimate=30, **speed),
         speed_part("speed_480p_compile", "832x480x81", 3, compile_=True, limit=100, estimate=60, **speed),
         speed_part("speed_720p_compile", "1280x720x81", 2, compile_=True, limit=120, estimate=65, **speed),
+        fp8_part("fp8_block_480p_compile", "832x480x81", compile_=True, limit=90, estimate=50, **speed),
+        fp8_part("fp8_block_720p_compile", "1280x720x81", compile_=True, limit=110, estimate=60, **speed),
     ]
 
 
@@ -201,6 +219,7 @@ def build_report(args: argparse.Namespace, parts: dict, data: dict, started: flo
         "targets": targets_mod.evaluate(data, parts, small=args.small),
         "figures": {
             "speed": targets_mod.speed_figures(data),
+            "fp8_block": {k: data[k] for k in targets_mod.FP8_PARTS if data.get(k)},
             "memory": data.get("memory_rows", []),
             "memory_finished": data.get("memory_finished"),
             "probe": probe,

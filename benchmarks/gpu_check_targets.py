@@ -30,6 +30,15 @@ FORWARDS_PER_STEP = 2
 # of each (part name + "_compile"). A CFG batch-2 timing of bench_transformer belongs here too, as
 # another part whose rows carry the batch size (see gpu_check.py, SPEED_PARTS).
 SPEED_SHAPES = {"speed_480p": "A14B 832x480x81", "speed_720p": "A14B 1280x720x81"}
+# fp8 block parts (benchmarks/fp8_block.py) -> shape label; targets: the fp8 matmul block at least
+# FP8_SPEEDUP_TARGET x the bf16-Linear block (compiled), its update within FP8_ERROR_TARGET of bf16's.
+FP8_PARTS = {
+    "fp8_block_480p": "A14B 832x480x81",
+    "fp8_block_480p_compile": "A14B 832x480x81",
+    "fp8_block_720p_compile": "A14B 1280x720x81",
+}
+FP8_SPEEDUP_TARGET = 1.15
+FP8_ERROR_TARGET = 0.03
 # Memory targets (bench_memory --target specs) -> (label, time-ratio target applies, speed part whose
 # bare forward this shape's no-flag run is compared with).
 MEMORY_TARGETS = {
@@ -215,6 +224,33 @@ def speed_targets(data: dict, parts: dict, targets: dict) -> None:
                 )
 
 
+def fp8_targets(data: dict, parts: dict, targets: dict) -> None:
+    """The fp8 matmul block's speed-up over bf16 Linears (compiled parts) and its error (eager part)."""
+    for part, shape in FP8_PARTS.items():
+        row = ((data.get(part) or {}).get("variants") or {}).get("fp8_tensor_scaled_mm") or {}
+        note = None if row else not_measured(part, parts) + " (or no fp8 matmul on this GPU)"
+        if part.endswith("_compile"):
+            targets[f"fp8_block_speedup/{shape}/compiled"] = target(
+                row.get("speedup_vs_bf16_linears"),
+                FP8_SPEEDUP_TARGET,
+                ">=",
+                "x",
+                "fp8_block: bf16-Linear block s / fp8 _scaled_mm block s, one real-width block, compiled",
+                note,
+            )
+        else:
+            value = row.get("rel_error_update_vs_bf16_linears")
+            targets[f"fp8_block_rel_error_vs_bf16/{shape}"] = target(
+                value if value is None else round(value, 4),
+                FP8_ERROR_TARGET,
+                "<=",
+                "fraction",
+                "fp8_block: ||update_fp8 - update_bf16|| / ||update_bf16||, the block's update (output - "
+                "input) with per-tensor fp8 weights and activations (_scaled_mm) vs bf16 Linears",
+                note,
+            )
+
+
 def memory_targets(data: dict, parts: dict, targets: dict, specs: dict) -> None:
     rows = {row.get("spec"): row for row in data.get("memory_rows", [])}
     for spec, (label, timed, speed_part) in specs.items():
@@ -340,6 +376,7 @@ def evaluate(data: dict, parts: dict, *, small: bool) -> dict[str, dict]:
     targets: dict[str, dict] = {}
     cuda_tests_target(data, parts, targets)
     speed_targets(data, parts, targets)
+    fp8_targets(data, parts, targets)
     memory_targets(data, parts, targets, SMALL_MEMORY_TARGETS if small else MEMORY_TARGETS)
     plan_targets(data, parts, targets)
     return targets

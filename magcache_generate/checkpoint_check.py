@@ -1,7 +1,7 @@
 """Does a checkpoint folder hold what the task needs? Torch-free; reads headers and pickles, no tensor data.
 
 Every DiT shard, the umT5 file and the VAE file are opened and their tensor tables read
-(``checkpoint_probe``); then each file must hold the right model (not the T5 under the VAE's name),
+(``wan.checkpoint_reader``); then each file must hold the right model (not the T5 under the VAE's name),
 the VAE must be the task's generation, and the parts must fit together: the DiT's input channels are
 the task's (t2v 16, i2v 36, ti2v 48: the I2V and T2V folders look alike otherwise), its text width is
 the T5's and its output channels are the VAE's latent channels. Each failure is one ``UserError``
@@ -12,19 +12,22 @@ line naming the file and the fix. The strict per-key check against the models ru
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from magcache_generate.checkpoint_probe import (
-    ProbeError,
+from magcache_generate.request import UserError
+from wan.checkpoint_layout import TransformerFiles, dit_dims, read_tensor_table
+from wan.checkpoint_reader import (
+    T5_MARKER_KEYS,
+    VAE_MARKER_KEYS,
+    ReadError,
     TensorInfo,
     TensorTable,
     UnsupportedPickle,
-    probe_tensor_file,
+    identify,
+    read_table,
+    vae_kind,
 )
-from magcache_generate.request import UserError
-from wan.checkpoint_layout import TransformerFiles, read_tensor_table
 from wan.configs import TaskConfig
 from wan.errors import CheckpointError
 
@@ -35,12 +38,6 @@ RELEASES = {
 }
 DIT_IN_CHANNELS = {"t2v": 16, "i2v": 36, "ti2v": 48}  # patch_embedding input channels per model type
 VAE_LATENT_CHANNELS = {"2.1": 16, "2.2": 48}
-VAE_MARKER_KEYS = ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")
-T5_MARKER_KEYS = (
-    "token_embedding.weight",
-    "blocks.0.attn.q.weight",
-    "blocks.0.pos_embedding.embedding.weight",
-)
 
 
 @dataclass(frozen=True)
@@ -65,24 +62,6 @@ class CheckpointContents:
     t5: TensorTable | None
     vae_file: Path
     vae: TensorTable | None
-
-
-def identify(keys: TensorTable | dict) -> str | None:
-    """Which Wan model a tensor table belongs to, told by a few characteristic keys."""
-    if "patch_embedding.weight" in keys:
-        return "a Wan diffusion transformer (DiT)"
-    if "token_embedding.weight" in keys:
-        return "the umT5 text encoder (models_t5_umt5-xxl-enc-bf16.pth)"
-    if all(k in keys for k in VAE_MARKER_KEYS):
-        return f"a Wan{vae_kind(keys)} VAE (Wan{vae_kind(keys)}_VAE.pth)"
-    if "shared.weight" in keys or any(k.startswith("encoder.block.") for k in keys):
-        return "a transformers UMT5 checkpoint (Hugging Face key names, not Wan's)"
-    return None
-
-
-def vae_kind(keys: TensorTable | dict) -> str:
-    """'2.2' when the encoder has the Wan2.2 nested down-sampling stages, else '2.1' (as wan.vae tells)."""
-    return "2.2" if any(k.startswith("encoder.downsamples.0.downsamples.") for k in keys) else "2.1"
 
 
 def inspect_weights(
@@ -115,10 +94,10 @@ def check_fit(contents: CheckpointContents) -> None:
 
 def _probe(path: Path, what: str, release: str) -> TensorTable | None:
     try:
-        return probe_tensor_file(path)
+        return read_table(path)
     except UnsupportedPickle:
         return None  # left to torch.load(weights_only=True) in model_check
-    except ProbeError as err:
+    except ReadError as err:
         raise UserError(f"'{path}' (the {what}) {err}; download it again from {release}") from None
 
 
@@ -127,7 +106,7 @@ def _read_dit(folder: Path, files: TransformerFiles, release: str) -> DitContent
         tables = read_tensor_table(files, fix=f"download it again from {release}")
     except CheckpointError as err:
         raise UserError(str(err)) from None
-    tensors = {key: (TensorInfo(info.dtype, info.shape), shard) for key, (info, shard) in tables.items()}
+    tensors = {key: (info, shard) for key, (info, shard) in tables.items()}
     config: dict = {}
     if files.config is not None:
         try:
@@ -178,12 +157,11 @@ def _check_dit(dit: DitContents, contents: CheckpointContents, release: str) -> 
             found = identify(tables)
             what = f"holds {found}" if found else f"has no tensor {key!r}"
             raise UserError(f"{where} {what}, not a Wan transformer; pass the {release} folder as --ckpt-dir")
-    patch = tables["patch_embedding.weight"].shape  # [dim, in_dim, pt, ph, pw]
-    if len(patch) != 5:
-        raise UserError(
-            f"{where}: tensor 'patch_embedding.weight' has shape {list(patch)}; download it again"
-        )
-    in_dim, expected = patch[1], DIT_IN_CHANNELS[cfg.model_type]
+    try:
+        dims = dit_dims({key: info.shape for key, info in tables.items()}, where)
+    except CheckpointError as err:
+        raise UserError(str(err)) from None
+    in_dim, expected = dims.in_dim, DIT_IN_CHANNELS[cfg.model_type]
     if in_dim != expected:
         kinds = [t for t, n in DIT_IN_CHANNELS.items() if n == in_dim]
         what = (
@@ -195,19 +173,15 @@ def _check_dit(dit: DitContents, contents: CheckpointContents, release: str) -> 
             f"{where} holds {what} ({in_dim} input channels), but {cfg.name} needs the {cfg.model_type} "
             f"one ({expected}); pass the {release} folder as --ckpt-dir (or the matching --task)"
         )
-    text_dim, t5_dim = (
-        tables["text_embedding.0.weight"].shape[-1],
-        contents.t5["token_embedding.weight"].shape[-1],
-    )
+    text_dim, t5_dim = dims.text_dim, contents.t5["token_embedding.weight"].shape[-1]
     if text_dim != t5_dim:
         raise UserError(
             f"{where} takes text features of width {text_dim} but '{contents.t5_file}' gives {t5_dim}; "
             f"the files come from different models, download them again from {release}"
         )
-    out_dim = tables["head.head.weight"].shape[0] // max(1, math.prod(patch[2:]))
     z_dim = contents.vae["conv2.weight"].shape[0]
-    if out_dim != z_dim:
+    if dims.out_dim != z_dim:
         raise UserError(
-            f"{where} predicts {out_dim} latent channels but '{contents.vae_file}' has {z_dim}; "
+            f"{where} predicts {dims.out_dim} latent channels but '{contents.vae_file}' has {z_dim}; "
             f"{cfg.name} needs {cfg.vae_checkpoint} from {release}"
         )

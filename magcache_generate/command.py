@@ -15,6 +15,7 @@ from magcache_generate.loras import check_loras
 from magcache_generate.options import GenerateOptions
 from magcache_generate.plan_check import check_magcache_plan, print_plan
 from magcache_generate.request import UserError
+from magcache_generate.startup import StartupClock
 from magcache_generate.validate import build_request, plan_settings, task_config
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ def run_command(options: GenerateOptions) -> int:
     exit code."""
     from magcache_generate.progress import make_console, print_message
 
+    startup = StartupClock()  # time to first step, from the process's start
     started = time.perf_counter()
     console = make_console()
     if options.settings_from is not None:  # the stored settings, under the options given
@@ -85,15 +87,20 @@ def run_command(options: GenerateOptions) -> int:
                 markup=False,
             )
 
+    startup.mark("validated")
     from magcache_generate.run import run_requests  # torch and the models: only now
 
+    startup.mark("runtime_imported")
+
     if batch is None:  # one video: a failure raises (and is reported by the caller)
-        run_requests(requests, console=console, debug=debug, magcache=magcache)
+        run_requests(requests, console=console, debug=debug, magcache=magcache, startup=startup)
         return 0
     from magcache_generate.batch import batch_exit_code, batch_rows
     from magcache_generate.progress import print_batch
 
-    results = run_requests(requests, console=console, debug=debug, batch=True, magcache=magcache)
+    results = run_requests(
+        requests, console=console, debug=debug, batch=True, magcache=magcache, startup=startup
+    )
     rows = batch_rows(batch.entries, batch.problems, results)
     print_batch(console, rows, time.perf_counter() - started)
     return batch_exit_code(rows)

@@ -13,6 +13,8 @@ from magcache_generate.models import Models
 from magcache_generate.progress import Reporter
 from magcache_generate.render import SamplingInputs
 from magcache_generate.run_plan import RequestPlan, RunPlan
+from magcache_generate.startup import StartupClock
+from magcache_generate.text_stage import encode_timed
 from magcache_generate.video_io import read_image
 from wan.conditioning import Conditioning, i2v_mask, i2v_video
 from wan.configs import SIZES, max_area
@@ -26,6 +28,7 @@ class Conditioned:
     inputs: SamplingInputs
     size_wh: tuple[int, int]  # the output video's (width, height)
     timings: dict[str, float]  # encode_text[, encode_image]
+    text_parts: dict[str, float]  # the text stage in parts (imports, tokenizer, t5_read, encode, other)
 
 
 class Conditioner:
@@ -35,17 +38,33 @@ class Conditioner:
         self.run, self.models = run, models
 
     def condition(
-        self, plan: RequestPlan, meter: StageMeter, reporter: Reporter, *, keep_encoder: bool
+        self,
+        plan: RequestPlan,
+        meter: StageMeter,
+        reporter: Reporter,
+        *,
+        keep_encoder: bool,
+        startup: StartupClock | None = None,
     ) -> Conditioned:
         """Text, then noise and image conditioning (drawn from the request's seed), metered per stage.
-        `keep_encoder`: park the text encoder on the host for the next request instead of dropping it."""
+        `keep_encoder`: park the text encoder on the host for the next request instead of dropping it.
+        `startup`: the process's clock, given the text stage's marks and parts."""
         request = plan.request
         generator = torch.Generator(device=self.run.device).manual_seed(request.base_seed)
+        if startup is not None:
+            startup.device_init_s = self.models.device_init_s
+            startup.mark("text_start")
+        self.models.text_parts = {}
         with meter.stage("encode_text"):
             with reporter.stage("encoding text"):
                 context, context_null = self.text(request.prompt, plan.negative_prompt)
             self.models.park_text_encoder(keep=keep_encoder)
         timings = {"encode_text": meter.seconds["encode_text"]}
+        text_parts = dict(self.models.text_parts)
+        text_parts["other"] = max(0.0, timings["encode_text"] - sum(text_parts.values()))  # moves, parking
+        if startup is not None:
+            startup.mark("text_done")
+            startup.text_stage(text_parts)
         with meter.stage("encode_image"):
             noise, conditioning, size_wh = self.latents(plan, generator)
         if request.image is not None:
@@ -53,15 +72,16 @@ class Conditioner:
         else:
             meter.gpu.pop("encode_image", None)  # only noise was drawn
         inputs = SamplingInputs(noise, plan.schedule, context, context_null, conditioning)
-        return Conditioned(inputs, size_wh, timings)
+        return Conditioned(inputs, size_wh, timings, text_parts)
 
     def text(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt's and the negative prompt's umT5 context, [1, L, C] each, on the run's device."""
         encoder, tokenizer = self.models.text_encoder()
         text_len = self.run.dit_config.text_len
-        # two separate batch-1 calls, as upstream
-        context = encoder.encode([prompt], tokenizer, text_len)[0]
-        context_null = encoder.encode([negative], tokenizer, text_len)[0]
+        # two separate batch-1 calls, as upstream; each runs on its prompt's real tokens only
+        parts, known = self.models.text_parts, self.models.contexts
+        context = encode_timed(encoder, tokenizer, [prompt], text_len, parts, known)[0]
+        context_null = encode_timed(encoder, tokenizer, [negative], text_len, parts, known)[0]
         return context[None].to(self.run.device), context_null[None].to(self.run.device)
 
     def latents(

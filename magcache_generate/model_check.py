@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from magcache_generate.checkpoint_check import CheckpointContents, check_fit
-from magcache_generate.checkpoint_probe import TensorInfo, TensorTable
+from wan.checkpoint_reader import ReadError, TensorTable, read_table_with_torch
 from wan.errors import CheckpointError
 from wan.loading import check_state_shapes as check_transformer_shapes
 from wan.loading import config_from_checkpoint
@@ -54,13 +54,9 @@ def check_weights_fit_models(contents: CheckpointContents) -> None:
 
 
 def _table_via_torch(path: Path) -> TensorTable:
-    """Tensor names, dtypes and shapes of a .pth the torch-free reader could not model, the way the
-    loaders open it: weights_only, memory-mapped, so no tensor data is read."""
+    """The table of a .pth whose pickle the torch-free reader does not model, read with torch
+    (weights_only, memory-mapped: no tensor data)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises many types for damaged or foreign files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot be read ({reason}); download it again") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a plain state dict of tensors; download the official file")
-    return {key: TensorInfo(str(v.dtype).removeprefix("torch."), tuple(v.shape)) for key, v in state.items()}
+        return read_table_with_torch(path)
+    except ReadError as err:
+        raise CheckpointError(f"{path} {err}; download it again") from None

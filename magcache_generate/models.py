@@ -18,9 +18,9 @@ from magcache_generate.loras import expert_specs
 from magcache_generate.progress import Reporter
 from magcache_generate.request import Request
 from magcache_generate.run_plan import RunPlan
+from magcache_generate.text_stage import initialise_device, load_text_side
 from wan.experts import ExpertPool
 from wan.loading import locate_transformer_files
-from wan.tokenizer import load_tokenizer
 
 
 class Models:
@@ -29,6 +29,7 @@ class Models:
     def __init__(self, plan: RunPlan, first: Request, reporter: Reporter):
         self.plan = plan
         self.reporter = reporter
+        self.device_init_s = initialise_device(plan.device)  # the CUDA context, reported on its own
         self.experts = ExpertPool(
             plan.experts,
             dtype=plan.dtype,
@@ -45,6 +46,8 @@ class Models:
         self._loading_task = 0
         self._text_encoder = None
         self._tokenizer = None
+        self.text_parts: dict[str, float] = {}  # the current item's text stage, in parts
+        self.contexts: dict[tuple[str, int], torch.Tensor] = {}  # encoded prompts, reused by a batch
         self._vae = None
         self.load_seconds = 0.0
 
@@ -64,12 +67,12 @@ class Models:
             start = time.perf_counter()
             with self.reporter.stage("loading text encoder"):
                 # upstream runs the umT5 encoder in bf16, on CPU too (--t5_cpu)
-                self._text_encoder = wan.load_text_encoder(
+                self._text_encoder, self._tokenizer = load_text_side(
                     self.plan.ckpt / self.plan.task.t5_checkpoint,
-                    dtype=torch.bfloat16,
+                    self.plan.ckpt / self.plan.task.t5_tokenizer,
                     device=self.plan.t5_device,
+                    parts=self.text_parts,
                 )
-                self._tokenizer = load_tokenizer(self.plan.ckpt / self.plan.task.t5_tokenizer)
             self.load_seconds += time.perf_counter() - start
         elif self._text_encoder.device != self.plan.t5_device:  # parked by the previous request
             self._text_encoder.to(self.plan.t5_device)

@@ -3,9 +3,12 @@ type, its default and its typer declaration (spellings, help, panel) together.
 
 The typer command (`cli.py`) takes its parameters from this table, the upstream underscore spellings
 (`argv.py`) are derived from the command, and `GenerateOptions.from_params` reads the parsed values
-back by field name. Adding an option is adding a field here (then using it where it matters, e.g. in
-`validate.build_request`). Ranges are not declared here: each is checked once, by `validate` (or the
-policy it delegates to), with one message. Torch-free.
+back by field name. Adding an option is adding a field here: it then has its flag, its underscore
+spelling, its --help entry and its value in `GenerateOptions`. What the option does is then written
+where it acts: a setting of the run is validated once in `validate.build_request` (which fills the
+`Request` field the run reads); a run-wide decision from it belongs to `run_plan.RunPlan`. Ranges are
+not declared here: each is checked once, by `validate` (or the policy it delegates to), with one
+message. Torch-free.
 """
 
 import dataclasses
@@ -139,6 +142,14 @@ class GenerateOptions:
     convert_model_dtype: Annotated[
         bool, InMemory("--convert-model-dtype", help="Keep the DiT weights in bf16 (upstream's flag).")
     ] = False
+    quantize: Annotated[
+        str | None,
+        InMemory(help="fp8: keep the DiT block Linears' weights in float8 (half of bf16's memory)."),
+    ] = None
+    fp8_matmul: Annotated[
+        str,
+        InSpeed(help="fp8 Linears multiply in fp8 (auto = on GPUs of compute capability >= 8.9), on or off."),
+    ] = "auto"
     t5_cpu: Annotated[bool, InMemory("--t5-cpu", help="Run the text encoder on the CPU.")] = False
     vae_tiled: Annotated[bool, InMemory("--vae-tiled", help="Decode the VAE in tiles (less memory).")] = False
     attention: Annotated[

@@ -36,6 +36,7 @@ from magcache_generate.cfg_batching import summary_text as cfg_batch_summary
 from magcache_generate.magcache.report import format_speedup
 from magcache_generate.naming import sidecar_path
 from magcache_generate.quality import summary_line
+from magcache_generate.startup import summary_rows as startup_rows
 
 if TYPE_CHECKING:
     from magcache_generate.batch import BatchRow
@@ -179,6 +180,9 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
     if result.get("attention"):
         attention = result["attention"]
         rows.append(("attention", f"{attention['actual']} (asked: {attention['requested']})"))
+    if result.get("weights"):  # the DiT's storage precision (fp8 block Linears with --quantize fp8)
+        rows.append(("DiT weights", result["weights"]))
+    rows += startup_rows(result)
     rows += [(str(label), str(value)) for label, value in result.get("summary_rows", ())]
     return rows
 
@@ -204,10 +208,14 @@ def summary_notes(result: dict) -> list[str]:
 
 
 def memory_rows(mem: dict) -> list[tuple[str, str]]:
-    """Summary rows for the sidecar's `peak_memory`: host RSS of the item (or the process, where the
-    peak cannot be reset), then GPU peak reserved / allocated per stage."""
+    """Summary rows for the sidecar's `peak_memory`: host pressure (anonymous + pinned) with the
+    file-backed part apart, host RSS of the item (or the process, where the peak cannot be reset), then GPU peak reserved / allocated per stage."""
     scope = "this item" if str(mem.get("host_rss_scope", "")).startswith("item") else "process"
-    rows = [(f"peak host RSS, {scope} (GiB)", f"{mem['host_rss_gib']:.2f}")]
+    rows = []
+    if mem.get("host_pressure_gib") is not None:
+        rows.append(("peak host memory, anonymous + pinned (GiB)", f"{mem['host_pressure_gib']:.2f}"))
+        rows.append(("  file-backed, reclaimable (GiB)", f"{mem['host_file_backed_gib']:.2f}"))
+    rows.append((f"peak host RSS, {scope} (GiB)", f"{mem['host_rss_gib']:.2f}"))
     stages = mem.get("stages") or {}
     for stage, peaks in stages.items():
         rows.append(

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from magcache_generate import __version__
+from magcache_generate.conditioner import Conditioned
 from magcache_generate.loras import lora_records
 from magcache_generate.metering import StageMeter
 from magcache_generate.render import Rendered
@@ -19,22 +20,30 @@ from wan.schedule import Schedule
 
 
 def result_record(
-    plan: RequestPlan, rendered: Rendered, size_wh: tuple[int, int], meter: StageMeter
+    plan: RequestPlan,
+    rendered: Rendered,
+    conditioned: Conditioned,
+    meter: StageMeter,
+    time_to_first_step: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Everything the run decided and measured, but the timings and the MagCache report (added after)."""
+    """Everything the run decided and measured, but the timings and the MagCache report (added after).
+    `time_to_first_step`: the process's startup report, on the item that ran the first step."""
     request, run = plan.request, plan.run
     result: dict[str, Any] = {
         "task": run.task.name,
         "seed": request.base_seed,
         "save_file": str(request.save_file),
         "frames": list(rendered.frames_shape),
-        "size_wh": list(size_wh),
+        "size_wh": list(conditioned.size_wh),
         "fps": run.task.fps,
         "device": str(run.device),
         "dtype": str(run.dtype).replace("torch.", ""),
         "weights": run.weights.describe(),
+        "precision": {**run.weights.precision(), "text_encoder": "bf16", "vae": "fp32"},
         "steps_run": len(plan.schedule),
         "timings_s": {},
+        "text_stage_s": {part: round(seconds, 4) for part, seconds in conditioned.text_parts.items()},
+        "time_to_first_step": time_to_first_step,
         "peak_memory": meter.peak_memory(),
         "sampling": sampling_record(request, plan.schedule, rendered.dit_calls),
         "loras": lora_records(request.loras, run.task),

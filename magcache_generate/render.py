@@ -20,6 +20,7 @@ from magcache_generate.magcache.verify import synchronize
 from magcache_generate.metering import StageMeter
 from magcache_generate.progress import Reporter
 from magcache_generate.reproduce import settings_comment
+from magcache_generate.startup import FirstStepTimer, StartupClock
 from magcache_generate.video_io import to_uint8_frames, write_frames_png, write_mp4
 from wan.conditioning import Conditioning
 from wan.sampling import ModelProvider, StepInfo, sample
@@ -99,10 +100,11 @@ def render_video(
     save_frames: Path | None,
     label: str = "denoising",
     stage_prefix: str = "",
+    startup: StartupClock | None = None,
 ) -> Rendered:
     """Denoise, decode and write one video. The stage times come from `meter` (device-synchronised, with
     per-stage GPU peaks under `stage_prefix` + denoise/decode); expert loads and compiling are excluded
-    from the denoising time."""
+    from the denoising time. The process's first denoising step is put on ``startup``'s clock."""
     timings: dict[str, float] = {}
     request, run = plan.request, plan.run
     denoise = reporter.task(label, total=len(inputs.schedule))
@@ -115,12 +117,15 @@ def render_video(
         cfg_steps["cfg"] += int(len(info.branches) > 1)
         cfg_steps["batched"] += int(info.batched)
         reporter.advance(denoise, detail=f"t={info.timestep:g} {info.expert} cfg {info.guide_scale:g}")
+        first_step.step_done(experts.seconds)
 
     experts = _MeteredExperts(models.dit(), run.device)
+    first_step = FirstStepTimer(startup, run.device)
     compile_before = run.dit_runtime.compile_seconds
     denoise_stage = f"{stage_prefix}denoise"
     with meter.stage(denoise_stage), autocast_for(run):
         cpu_start = time.process_time()
+        first_step.start()
         latent = sample(
             inputs.noise,
             inputs.schedule,
@@ -135,6 +140,7 @@ def render_video(
             cfg_batch=run.cfg_batch.batched,
         )
         denoise_cpu_s = time.process_time() - cpu_start - experts.cpu_seconds
+    first_step.finish()  # the stage ended synchronised
     compile_s = run.dit_runtime.compile_seconds - compile_before
     timings["load_transformer"] = experts.seconds
     if request.compile:

@@ -62,6 +62,8 @@ class Request:
     image: Path | None = None
     offload_model: bool = True
     convert_model_dtype: bool = False
+    quantize: str | None = None  # "fp8": the DiT block Linears' weights stored in float8 (`wan.fp8`)
+    fp8_matmul: str = "auto"  # whether those multiply in fp8 (`torch._scaled_mm`): auto | on | off
     t5_cpu: bool = False
     device: str = "auto"  # "auto" -> cuda if available else cpu
     save_frames: Path | None = None

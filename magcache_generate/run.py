@@ -27,6 +27,7 @@ from magcache_generate.render import Rendered, SamplingInputs, autocast_for, ren
 from magcache_generate.reproduce import sidecar_extras
 from magcache_generate.request import OutOfMemory, Request
 from magcache_generate.run_plan import RequestPlan, RunPlan, magcache_plans, plan_request
+from magcache_generate.startup import StartupClock
 from magcache_generate.video_io import write_sidecar
 
 if TYPE_CHECKING:
@@ -43,17 +44,22 @@ def generate_one(
     *,
     batch: bool,
     calibration: CalibrationCollector | None = None,
+    startup: StartupClock | None = None,
 ) -> dict[str, Any]:
-    """One video: returns the result record (also written as the JSON sidecar)."""
+    """One video: returns the result record (also written as the JSON sidecar). ``startup``: the
+    process's clock; the item that runs the process's first denoising step reports its time to it."""
     request = plan.request
     started, started_at = time.perf_counter(), datetime.now().astimezone().isoformat(timespec="seconds")
     meter = StageMeter(plan.run.device)  # synchronised stage times, GPU peaks per stage, host peak
-    conditioned = Conditioner(plan.run, models).condition(plan, meter, reporter, keep_encoder=batch)
+    first_item = startup is not None and "first_step_done" not in startup.marks
+    conditioned = Conditioner(plan.run, models).condition(
+        plan, meter, reporter, keep_encoder=batch, startup=startup
+    )
     timings = dict(conditioned.timings)
     cache = build_cache(request, plan.magcache, reporter)
     dense = None
     if request.dense_save_file is not None:  # --magcache-verify: warm-up, then the dense reference
-        dense = render_dense_reference(models, plan, reporter, conditioned.inputs, meter, timings)
+        dense = render_dense_reference(models, plan, reporter, conditioned.inputs, meter, timings, startup)
     rendered = render_video(
         models,
         plan,
@@ -63,9 +69,11 @@ def generate_one(
         meter=meter,
         save_file=request.save_file,
         save_frames=request.save_frames,
+        startup=startup,
     )
     timings.update(rendered.timings)
-    result = result_record(plan, rendered, conditioned.size_wh, meter)
+    first_step = startup.report() if first_item and startup is not None else None
+    result = result_record(plan, rendered, conditioned, meter, first_step)
     magcache_report = finish_cache(cache, request, timings["denoise"])
     if magcache_report is not None:
         if dense is not None:
@@ -88,6 +96,7 @@ def render_dense_reference(
     inputs: SamplingInputs,
     meter: StageMeter,
     timings: dict[str, float],
+    startup: StartupClock | None,
 ) -> Rendered:
     """--magcache-verify: one warm-up forward, then the dense video the MagCache one is measured against."""
     request, run = plan.request, plan.run
@@ -115,6 +124,7 @@ def render_dense_reference(
         save_file=request.dense_save_file,
         save_frames=None,
         label="denoising (dense reference)",
+        startup=startup,
     )
     timings["verify_dense"] = sum(dense.timings.values())
     return dense
@@ -208,6 +218,7 @@ def run_requests(
     debug: bool = False,
     batch: bool | None = None,
     magcache: list[Plan | None] | None = None,
+    startup: StartupClock | None = None,
 ) -> list[dict[str, Any]]:
     """Generate every request with models loaded once; in a batch (default: more than one request) a
     failing item is reported and skipped, and a GPU error that outlives its item stops the batch (the
@@ -245,7 +256,9 @@ def run_requests(
             try:
                 try:
                     planned = plan_request(request, run, plan)
-                    result = generate_one(models, planned, reporter, batch=batch, calibration=calibration)
+                    result = generate_one(
+                        models, planned, reporter, batch=batch, calibration=calibration, startup=startup
+                    )
                 except torch.cuda.OutOfMemoryError as err:  # also torch.OutOfMemoryError
                     raise out_of_memory(request, err) from None
             except KeyboardInterrupt:

@@ -20,6 +20,7 @@ from magcache_generate.budget import RunMemory, plan_run
 from magcache_generate.cfg_batching import CfgBatch, decide_cfg_batch
 from magcache_generate.dit_runtime import DitRuntime
 from magcache_generate.plan_check import check_magcache_plan
+from magcache_generate.quantization import resolve_fp8_matmul
 from magcache_generate.request import Request
 from wan.configs import TASKS, TaskConfig
 from wan.loading import read_transformer_config
@@ -85,7 +86,10 @@ class RunPlan:
             ckpt=ckpt,
             device=device,
             dtype=dtype,
-            weights=WeightStorage.for_run(dtype, device),
+            # --quantize fp8: block Linears stored fp8; --fp8-matmul: multiplied in fp8 where the GPU can
+            weights=WeightStorage.for_run(
+                dtype, device, first.quantize, resolve_fp8_matmul(first.fp8_matmul, first.quantize, device)
+            ),
             offload=first.offload_model,
             keep_inactive=keep_inactive,
             experts=paths,

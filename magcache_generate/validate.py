@@ -28,6 +28,7 @@ from magcache_generate.magcache.policy import MagCacheConfig, MagCacheConfigErro
 from magcache_generate.naming import default_save_file
 from magcache_generate.options import MAX_CRF, MAX_FRAME_NUM, MAX_SAMPLE_STEPS, GenerateOptions
 from magcache_generate.preflight import check_checkpoint_dir, check_image, check_outputs
+from magcache_generate.quantization import check_fp8_matmul, check_quantize
 from magcache_generate.request import MagCacheOptions, Request, UserError
 from wan.attention_backends import backend_installed, backend_problem
 from wan.configs import SIZES, TASKS, TaskConfig
@@ -161,6 +162,8 @@ def build_request(
         if options.offload_model is None
         else options.offload_model,  # one device: upstream's True
         convert_model_dtype=options.convert_model_dtype,
+        quantize=check_quantize(options.quantize),
+        fp8_matmul=check_fp8_matmul(options.fp8_matmul, options.quantize),
         t5_cpu=options.t5_cpu,
         device=options.device,
         save_frames=save_frames,

@@ -148,15 +148,15 @@ def test_inspection_reads_no_tensor_data(tmp_path, make_checkpoint, monkeypatch)
 
     monkeypatch.setattr(torch, "load", forbidden)
     monkeypatch.setattr("safetensors.safe_open", forbidden)
-    monkeypatch.setattr("wan.loading._read_into", forbidden)  # the loader's only tensor-data read
+    monkeypatch.setattr("wan.checkpoint_reader.MappedSafetensors.tensor", forbidden)  # the only data read
     check_weights_fit_models(inspect_checkpoint(root, T2V))
 
 
 def test_a_pickle_the_reader_does_not_model_is_left_to_torch(tmp_path, make_checkpoint, monkeypatch):
-    from magcache_generate import checkpoint_probe
+    from wan import checkpoint_reader
 
     # as if torch.save had written a global the torch-free reader does not know
-    monkeypatch.delitem(checkpoint_probe.PICKLE_GLOBALS, ("torch._utils", "_rebuild_tensor_v2"))
+    monkeypatch.delitem(checkpoint_reader.PICKLE_GLOBALS, ("torch._utils", "_rebuild_tensor_v2"))
     root = make_checkpoint(tmp_path / "t2v", "t2v-A14B")
     contents = inspect_checkpoint(root, T2V)  # not refused: torch.load(weights_only=True) may read it
     assert contents.t5 is None and contents.vae is None

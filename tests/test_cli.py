@@ -40,7 +40,7 @@ def captured(monkeypatch) -> list[Request]:
     seen: list[Request] = []
     fake = types.ModuleType("magcache_generate.run")
 
-    def run_requests(requests, *, console, debug=False, batch=None, magcache=None):
+    def run_requests(requests, *, console, debug=False, batch=None, startup=None, magcache=None):
         seen.extend(requests)
         return [{"task": r.task} for r in requests]
 
@@ -55,11 +55,12 @@ def forbidden_run(monkeypatch):
     import torch
 
     import wan
+    import wan.checkpoint_reader
     import wan.loading
 
     fake = types.ModuleType("magcache_generate.run")
 
-    def run_requests(requests, *, console, debug=False, batch=None, magcache=None):
+    def run_requests(requests, *, console, debug=False, batch=None, startup=None, magcache=None):
         raise AssertionError("bad input reached run_requests")
 
     def no_loading(*args, **kwargs):
@@ -67,7 +68,8 @@ def forbidden_run(monkeypatch):
 
     fake.run_requests = run_requests
     monkeypatch.setitem(sys.modules, "magcache_generate.run", fake)
-    for target, name in [(torch, "load"), (wan.loading, "_read_into"), (wan.loading, "load_transformer")]:
+    tensor_reads = [(torch, "load"), (wan.checkpoint_reader.MappedSafetensors, "tensor")]
+    for target, name in [*tensor_reads, (wan.loading, "load_transformer")]:
         monkeypatch.setattr(target, name, no_loading)
     for name in ("load_transformer", "load_text_encoder", "load_vae"):
         monkeypatch.setattr(wan, name, no_loading)
@@ -432,7 +434,7 @@ def test_ti2v_image_is_optional(workdir, captured, capsys):
 def test_unexpected_errors_exit_1_with_a_hint(workdir, monkeypatch, capsys):
     fake = types.ModuleType("magcache_generate.run")
 
-    def boom(requests, *, console, debug=False, batch=None, magcache=None):
+    def boom(requests, *, console, debug=False, batch=None, startup=None, magcache=None):
         raise RuntimeError("CUDA out of memory\nmore detail")
 
     fake.run_requests = boom
@@ -447,7 +449,7 @@ def test_unexpected_errors_exit_1_with_a_hint(workdir, monkeypatch, capsys):
 def test_keyboard_interrupt_exits_130(workdir, monkeypatch, capsys):
     fake = types.ModuleType("magcache_generate.run")
 
-    def interrupted(requests, *, console, debug=False, batch=None, magcache=None):
+    def interrupted(requests, *, console, debug=False, batch=None, startup=None, magcache=None):
         raise KeyboardInterrupt
 
     fake.run_requests = interrupted
@@ -520,7 +522,7 @@ def test_batch_exit_codes(workdir, monkeypatch, capsys):
     fake = types.ModuleType("magcache_generate.run")
     outcome = {"fail": False}
 
-    def run_requests(requests, *, console, debug=False, batch=None, magcache=None):
+    def run_requests(requests, *, console, debug=False, batch=None, startup=None, magcache=None):
         assert batch is True
         results = [{"task": r.task, "total_s": 1.0} for r in requests]
         if outcome["fail"]:

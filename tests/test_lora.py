@@ -11,11 +11,11 @@ import torch
 from lora_files import MODULES, STYLES, lowrank_factors, write_lora
 from safetensors.torch import load_file, save_file
 
+from wan.checkpoint_reader import ReadError, read_safetensors_header, read_scalar
 from wan.experts import ExpertPool
 from wan.loading import load_transformer, locate_transformer_files, read_shapes
 from wan.lora import LoraError, LoraMerge, LoraSpec, build_merge, check_loras, checkpoint_shapes
 from wan.modules.transformer import WanTransformer
-from wan.safetensors_header import HeaderError, read_header, read_scalar
 from wan.testing.dit import random_transformer_state_dict, tiny_transformer_config, write_transformer_folder
 
 CFG = tiny_transformer_config("t2v")  # dim 32, ffn 64, 2 blocks
@@ -257,17 +257,17 @@ def test_header_reader_matches_safetensors(ckpt, tmp_path):
     values = {"f32": (torch.float32, 1.25), "f16": (torch.float16, -3.5), "bf16": (torch.bfloat16, 8.0)}
     path = tmp_path / "scalars.safetensors"
     save_file({k: torch.tensor(v, dtype=d) for k, (d, v) in values.items()}, str(path))
-    header = read_header(path)
+    header = read_safetensors_header(path)
     for key, (_, value) in values.items():
         assert read_scalar(path, header[key]) == value
     assert load_file(str(path))["f32"].item() == 1.25
     data = path.read_bytes()
     path.write_bytes(data[:-2])
-    with pytest.raises(HeaderError, match="is truncated: tensor"):
-        read_header(path)
-    with pytest.raises(HeaderError, match="one value"):
-        read_scalar(ckpt / "x", read_header(files.shards[0])["blocks.0.self_attn.q.weight"])
-    assert math.prod(read_header(files.shards[0])["blocks.0.self_attn.q.weight"].shape) == 32 * 32
+    with pytest.raises(ReadError, match="is truncated: tensor"):
+        read_safetensors_header(path)
+    with pytest.raises(ReadError, match="one value"):
+        read_scalar(ckpt / "x", read_safetensors_header(files.shards[0])["blocks.0.self_attn.q.weight"])
+    assert math.prod(read_safetensors_header(files.shards[0])["blocks.0.self_attn.q.weight"].shape) == 32 * 32
 
 
 @pytest.mark.cuda

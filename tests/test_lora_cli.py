@@ -98,7 +98,7 @@ def test_lora_changes_the_frames_and_scale_zero_does_not(ckpt, lora, tmp_path, c
 def forbidden_run(monkeypatch):
     fake = types.ModuleType("magcache_generate.run")
 
-    def run_requests(requests, *, console, debug=False, magcache=None):
+    def run_requests(requests, *, console, debug=False, startup=None, magcache=None):
         raise AssertionError("bad input reached run_requests")
 
     fake.run_requests = run_requests
@@ -213,7 +213,9 @@ def test_notes_before_loading(ckpt, lora, tmp_path, monkeypatch, capsys):
     """--lora-dir implies the recipe and says so; MagCache at 4 steps says it skips nothing, before any load."""
     seen = []
     fake = types.ModuleType("magcache_generate.run")
-    fake.run_requests = lambda requests, *, console, debug=False, magcache=None: seen.extend(requests) or [{}]
+    fake.run_requests = lambda requests, *, console, debug=False, startup=None, magcache=None: (
+        seen.extend(requests) or [{}]
+    )
     monkeypatch.setitem(sys.modules, "magcache_generate.run", fake)
     lora_dir = tmp_path / "lightning"
     lora_dir.mkdir()

@@ -57,6 +57,19 @@ def test_golden_encoder(name):
 
 
 @pytest.mark.parametrize("name", golden_params("t5_encoder"))
+def test_golden_real_tokens_only(name):
+    """Each prompt run on its real tokens alone gives upstream's padded run's real rows."""
+    golden, t = entry(name), tensors(name)
+    encoder = load_text_encoder(weights_path(golden["weights"]), dtype=torch.float32)
+    lengths = t["input.mask"].sum(1).tolist()
+    assert min(lengths) < t["input.ids"].shape[1]  # the golden pads at least one prompt
+    for ids, want, n in zip(t["input.ids"], t["output.hidden"], lengths, strict=True):
+        real = ids[None, :n]
+        got = encoder(real, torch.ones_like(real))[0]
+        torch.testing.assert_close(got, want[:n], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", golden_params("t5_encoder"))
 def test_golden_weights_from_bf16_pth(name, tmp_path):
     """The official file is a torch.save'd bf16 state dict; loading it matches the golden copy."""
     golden, t = entry(name), tensors(name)
@@ -129,24 +142,51 @@ def test_pth_and_safetensors_load_alike_with_dtype_conversion(tiny_state, tmp_pa
     assert in_bf16(ids, mask).dtype == torch.bfloat16
 
 
-def test_encode_trims_to_real_lengths(tiny_state, tokenizer):
-    encoder = text_encoder_from_state_dict(tiny_state, dtype=torch.float32)
-    prompts = ["a cat walks on the grass, realistic", "a fox", "Summer beach vacation style, a white cat"]
-    text_len = 32
-    contexts = encoder.encode(prompts, tokenizer, text_len)
+PROMPTS = [
+    "a cat walks on the grass, realistic",
+    "a dog",
+    "Summer beach vacation style, a white cat",
+    "a tea",
+    "",
+]
 
-    ids, mask = tokenizer(prompts, text_len)
-    hidden = encoder(ids, mask)
+
+def test_encode_runs_real_tokens_only(tiny_state, tokenizer):
+    """encode() equals the padded run's real rows, running each length group unpadded."""
+    encoder = text_encoder_from_state_dict(tiny_state, dtype=torch.float32)
+    text_len = 32
+    seen = []
+    hook = encoder.model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    contexts = encoder.encode(PROMPTS, tokenizer, text_len)
+    hook.remove()
+
+    ids, mask = tokenizer(PROMPTS, text_len)
+    padded = encoder(ids, mask)
     lengths = mask.sum(1).tolist()
-    assert len(set(lengths)) == 3
-    for context, row, n in zip(contexts, hidden, lengths, strict=True):
-        assert context.shape == (n, 32)
-        assert torch.equal(context, row[:n])
-    # batch-agnostic: padding to text_len plus the key mask make each row independent of the others
-    for prompt, context in zip(prompts, contexts, strict=True):
+    assert len(set(lengths)) == 4 and lengths[1] == lengths[3] and lengths[4] == 1  # "" is EOS alone
+    # one unpadded batch per distinct length; the two equal-length prompts share one
+    assert sorted(seen) == sorted({(lengths.count(n), n) for n in lengths})
+    for context, row, n in zip(contexts, padded, lengths, strict=True):
+        assert context.shape == (n, 32) and context.dtype == torch.float32
+        torch.testing.assert_close(context, row[:n], atol=2e-6, rtol=1e-6)
+    # batch-agnostic: a prompt encoded alone gives the same rows as in any batch
+    for prompt, context in zip(PROMPTS, contexts, strict=True):
         torch.testing.assert_close(
-            encoder.encode([prompt], tokenizer, text_len)[0], context, atol=1e-6, rtol=1e-6
+            encoder.encode([prompt], tokenizer, text_len)[0], context, atol=2e-6, rtol=1e-6
         )
+
+
+def test_encode_truncated_prompt_keeps_text_len(tiny_state, tokenizer):
+    """A prompt longer than text_len runs at text_len (its EOS kept), as the padded run."""
+    encoder = text_encoder_from_state_dict(tiny_state, dtype=torch.float32)
+    long_prompt = " ".join(["a white cat on the beach"] * 20)
+    text_len = 16
+    (context,) = encoder.encode([long_prompt], tokenizer, text_len)
+    ids, mask = tokenizer([long_prompt], text_len)
+    assert mask.all() and context.shape == (text_len, 32)
+    assert torch.equal(context, encoder(ids, mask)[0])
 
 
 # --- one-line errors -----------------------------------------------------------------------------

@@ -280,7 +280,7 @@ def test_cli_run_with_bf16_linears_equals_float32_under_autocast(tmp_path_factor
     out = tmp_path_factory.mktemp("out")
 
     def generate(name: str, storage: WeightStorage) -> dict:
-        monkeypatch.setattr(WeightStorage, "for_run", classmethod(lambda cls, dtype, device: storage))
+        monkeypatch.setattr(WeightStorage, "for_run", classmethod(lambda cls, *args, **kwargs: storage))
         argv = ["--ckpt-dir", str(ckpt), "--save-file", str(out / f"{name}.mp4"), "--device", "cpu"]
         argv += ["--save-frames", str(out / name), "--size", "832*480", "--frame-num", "5"]
         with pytest.raises(SystemExit) as exit_info:

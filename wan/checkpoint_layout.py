@@ -6,11 +6,13 @@ Torch-free, so the CLI can validate a checkpoint folder before importing torch.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from wan.checkpoint_reader import ReadError, TensorInfo, read_safetensors_header
 from wan.errors import CheckpointError
-from wan.safetensors_header import HeaderError, TensorInfo, read_header
 
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"
@@ -73,8 +75,8 @@ def read_tensor_table(
     tensors: dict[str, tuple[TensorInfo, Path]] = {}
     for shard in files.shards:
         try:
-            header = read_header(shard)
-        except HeaderError as err:
+            header = read_safetensors_header(shard)
+        except ReadError as err:
             raise CheckpointError(f"'{shard}' (a transformer shard) {err}; {fix}") from None
         for key, info in header.items():
             if key in tensors:
@@ -95,3 +97,47 @@ def read_tensor_table(
                     f"there; the shard does not match the index, {fix}"
                 )
     return tensors
+
+
+@dataclass(frozen=True)
+class DitDims:
+    """A transformer's dimensions as its tensor shapes give them: the one reading of a DiT's shapes."""
+
+    dim: int
+    in_dim: int
+    patch_size: tuple[int, int, int]
+    out_dim: int
+    text_dim: int
+    ffn_dim: int
+    freq_dim: int
+    num_layers: int
+
+
+def dit_dims(shapes: Mapping[str, tuple[int, ...]], where: str | Path) -> DitDims:
+    """Read a DiT's dimensions off its tensor shapes (key -> shape); CheckpointError names a missing
+    or mis-shaped tensor."""
+
+    def shape(key: str, rank: int) -> tuple[int, ...]:
+        if key not in shapes:
+            raise CheckpointError(
+                f"{where}: tensor {key!r} is missing; is this a Wan transformer checkpoint?"
+            )
+        if len(shapes[key]) != rank:
+            raise CheckpointError(
+                f"{where}: tensor {key!r} has shape {list(shapes[key])}; the file is corrupt, re-download it"
+            )
+        return tuple(shapes[key])
+
+    dim, in_dim, *patch = shape("patch_embedding.weight", 5)
+    num_layers = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")), default=-1)
+    out_features = shape("head.head.weight", 2)[0]
+    return DitDims(
+        dim=dim,
+        in_dim=in_dim,
+        patch_size=(patch[0], patch[1], patch[2]),
+        out_dim=out_features // max(1, math.prod(patch)),
+        text_dim=shape("text_embedding.0.weight", 2)[1],
+        ffn_dim=shape("blocks.0.ffn.0.weight", 2)[0] if num_layers else 4 * dim,
+        freq_dim=shape("time_embedding.0.weight", 2)[1],
+        num_layers=num_layers,
+    )

@@ -22,14 +22,22 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wan.checkpoint_layout import locate_transformer_files, read_tensor_table
+from wan.checkpoint_reader import (
+    FLOAT_DTYPES,
+    MappedSafetensors,
+    ReadError,
+    TensorInfo,
+    read_safetensors_header,
+    read_scalar,
+)
 from wan.errors import CheckpointError
-from wan.safetensors_header import FLOAT_DTYPES, HeaderError, TensorInfo, read_header, read_scalar
 
 if TYPE_CHECKING:
     import torch
@@ -193,8 +201,8 @@ def check_lora(spec: LoraSpec, shapes: Mapping[str, tuple[int, ...]], where: str
     if not math.isfinite(spec.scale):
         raise LoraError(path, f"has scale {spec.scale}; use a finite number")
     try:
-        header = read_header(path)
-    except HeaderError as err:
+        header = read_safetensors_header(path)
+    except ReadError as err:
         raise LoraError(path, f"is not a safetensors LoRA file ({err})") from None
     keys = list(header)
     unsupported = [k for k in keys if any(m in k for m in UNSUPPORTED)]
@@ -286,7 +294,7 @@ def _fits(down: TensorInfo, up: TensorInfo, weight: tuple[int, ...]) -> bool:
 def _alpha(path: Path, header: Mapping[str, TensorInfo], key: str) -> float:
     try:
         value = read_scalar(path, header[key])
-    except HeaderError as err:
+    except ReadError as err:
         raise LoraError(path, f"has an unreadable alpha {key} ({err})") from None
     if not math.isfinite(value):
         raise LoraError(path, f"has a non-finite alpha {key} = {value}")
@@ -337,7 +345,8 @@ class LoraMerge:
             for p in f.patches:
                 self.patches.setdefault(p.param, []).append((f.path, p))
         self.device = device or "cpu"
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, MappedSafetensors] = {}
+        self._lock = threading.Lock()
         self._merged: set[str] = set()
 
     def __call__(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -352,25 +361,41 @@ class LoraMerge:
         self._merged.add(key)
         return merged
 
+    def merge_quantized(
+        self, key: str, weight: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same merge into a weight held quantised (fp8 + float32 scale, `wan.fp8`): dequantised,
+        merged in float32, requantised at its scale's granularity. Untouched weights pass through."""
+        patches = self.patches.get(key)
+        if not patches:
+            return weight, scale
+        from wan.fp8 import merge_delta
+
+        weight, scale = weight.to(self.device), scale.to(self.device)
+        delta = self.delta(*patches[0], weight.shape)
+        for path, patch in patches[1:]:
+            delta = delta + self.delta(path, patch, weight.shape)
+        self._merged.add(key)
+        return merge_delta(weight, scale, delta)
+
     def delta(self, path: Path, patch: LoraPatch, shape: torch.Size) -> torch.Tensor:
         """The float32 update of one patch, shaped like its parameter."""
         import torch
 
         def read(key: str) -> torch.Tensor:
-            return self._open(path).get_tensor(key).to(device=self.device, dtype=torch.float32)
+            return self._open(path).tensor(key).to(device=self.device, dtype=torch.float32)
 
         if patch.kind == "diff":
             return patch.factor * read(patch.keys[0]).reshape(shape)
         down, up = (read(k) for k in patch.keys)
         return (patch.factor * torch.matmul(up.flatten(1), down.flatten(1))).reshape(shape)
 
-    def _open(self, path: Path):
-        handle = self._handles.get(path)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return handle
+    def _open(self, path: Path) -> MappedSafetensors:
+        with self._lock:  # the loader calls the transform from several threads
+            handle = self._handles.get(path)
+            if handle is None:
+                handle = self._handles[path] = MappedSafetensors(path)
+            return handle
 
     def finish(self) -> None:
         """Release the LoRA files; raise if a patched parameter never reached the transform."""

@@ -51,6 +51,14 @@ def block_linear_params(dim: int, ffn_dim: int) -> int:
     return 2 * 4 * (dim * dim + dim) + (dim * ffn_dim + ffn_dim) + (ffn_dim * dim + dim)
 
 
+def block_linear_weight_params(dim: int, ffn_dim: int) -> int:
+    """The weights (no biases) of the block Linears: what `--quantize fp8` stores in one byte each."""
+    return 8 * dim * dim + 2 * dim * ffn_dim
+
+
+BLOCK_LINEARS = 10  # q, k, v, o of both attentions and the two FFN Linears: one float32 scale each (fp8)
+
+
 def nonblock_linear_params(cfg: TransformerShape) -> int:
     """The part of `nonblock_params` read only through bf16 autocast: patch and text embeddings."""
     d, patch = cfg.dim, math.prod(cfg.patch_size)
@@ -91,6 +99,7 @@ class MemoryRequest:
     # bytes per parameter of the Linears read only through bf16 autocast (`wan.weight_storage`): 2 when
     # they are stored bf16 (the float32 regime on CUDA), None: weight_bytes like every other parameter
     autocast_linear_bytes: int | None = None
+    fp8_linears: bool = False  # --quantize fp8: block Linear weights 1 byte each (+ a float32 scale)
 
     @property
     def linear_bytes(self) -> int:
@@ -176,7 +185,9 @@ class ActivationModel:
             total += batch * dim * self.token_modulation
         if req.residual_cache:
             total += tokens * dim * 4 * self.residual_slots
-        if req.linear_bytes == 4:  # bf16 autocast copies of the two largest weights in flight
+        if req.fp8_linears:  # the dequantised copies of the two largest weights in flight
+            total += 2 * dim * ffn * (2 if req.autocast_linear_bytes else req.weight_bytes)
+        elif req.linear_bytes == 4:  # bf16 autocast copies of the two largest weights in flight
             total += 2 * 2 * dim * ffn  # (none when the Linears are stored in bf16)
         return int(total)
 
@@ -280,6 +291,10 @@ def block_bytes(req: MemoryRequest) -> int:
     """One block's weights as stored: Linears at `linear_bytes`, norms and modulation at `weight_bytes`."""
     linears = block_linear_params(req.dit.dim, req.dit.ffn_dim)
     rest = block_params(req.dit.dim, req.dit.ffn_dim) - linears
+    if req.fp8_linears:  # fp8 weights with float32 scales; their biases as stored before
+        weights = block_linear_weight_params(req.dit.dim, req.dit.ffn_dim)
+        fp8 = weights + 4 * BLOCK_LINEARS
+        return fp8 + (linears - weights) * req.linear_bytes + rest * req.weight_bytes
     return linears * req.linear_bytes + rest * req.weight_bytes
 
 
@@ -295,6 +310,8 @@ def weights_label(req: MemoryRequest) -> str:
     label = name.get(req.weight_bytes, f"{req.weight_bytes}-byte")
     if req.linear_bytes != req.weight_bytes:
         label += f" (Linears stored {name.get(req.linear_bytes, f'{req.linear_bytes}-byte')} for autocast)"
+    if req.fp8_linears:
+        label += "; block Linear weights fp8"
     return label
 
 

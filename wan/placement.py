@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wan.weight_storage import WeightStorage
+from wan.fp8 import quantize
+from wan.modules.fp8_linear import quantize_block, quantize_options
+from wan.weight_storage import SCALE_SUFFIX, WeightStorage
 
 Warn = Callable[[str], None]
 ALIGN_BYTES = 256  # every parameter view in a flat buffer starts on this boundary (vectorised kernels)
@@ -365,6 +367,14 @@ class WeightSink:
                 self._host_views[index] = self.layout.views(block.flats)
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
+        if self.storage.quantizes(key):  # --quantize fp8: the fp8 weight and its float32 scale
+            weight, scale = quantize(tensor, self.storage.granularity)
+            self._put(key, weight)
+            self._put(key.removesuffix(".weight") + SCALE_SUFFIX, scale)
+        else:
+            self._put(key, tensor)
+
+    def _put(self, key: str, tensor: torch.Tensor) -> None:
         index, name = _block_key(key)
         if index is not None and index in self.host:
             view = self._host_views[index][name]
@@ -381,6 +391,8 @@ class WeightSink:
         if self.host:
             with torch.device("meta"):  # the structure the device buffers are bound to
                 template = type(model.blocks[0])(model.config)
+            if self.storage.quantize is not None:
+                quantize_block(template, **quantize_options(self.storage))
             source = StreamedBlocks(
                 self.host, self.layout, template, self.placement.device, len(model.blocks)
             )

@@ -9,11 +9,8 @@ host memory stays near one copy of the model in the target dtype (the real file 
 
 from __future__ import annotations
 
-import contextlib
-import pickle
 import re
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -21,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
+from wan.checkpoint_reader import T5_NAME, ReadError, identify, map_threaded, open_tensors
 from wan.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -111,8 +109,8 @@ class TextEncoderConfig:
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], where: str | Path) -> TextEncoderConfig:
     """Read the dimensions off the tensor shapes; raise CheckpointError if this is not a umT5 encoder."""
-    foreign = _foreign_kind(shapes)
-    if foreign:
+    foreign = identify(shapes)
+    if foreign and foreign != T5_NAME:
         raise CheckpointError(f"{where}: this is {foreign}, not the umT5 text encoder ({OFFICIAL_FILE})")
     for key in (
         "token_embedding.weight",
@@ -189,15 +187,26 @@ class TextEncoder(nn.Module):
         return out.last_hidden_state
 
     def encode(self, prompts: list[str], tokenizer: Tokenize, text_len: int) -> list[torch.Tensor]:
-        """Contexts [L_i, dim], one per prompt, trimmed to the real token count (EOS included).
+        """Contexts [L_i, dim], one per prompt, of its real tokens (EOS included, at most ``text_len``).
 
-        The whole batch runs padded to ``text_len`` with the key mask, as upstream; the pipeline calls
-        this once per prompt (prompt, then negative prompt), as upstream does in two batch-1 calls.
+        Upstream runs every prompt padded to ``text_len`` with the key mask and then keeps the real
+        rows. The padded keys are masked out of every real token's attention and the relative-position
+        bias depends only on offsets, so the real rows do not depend on the padding: each prompt runs on
+        its real tokens only (prompts of equal length in one batch), which at 512 tokens against a short
+        prompt is most of the encoder's work saved. The DiT pads contexts to its ``text_len`` itself.
         """
         input_ids, attention_mask = tokenizer(prompts, text_len)
-        hidden = self(input_ids, attention_mask)
-        lengths = attention_mask.gt(0).sum(dim=1).tolist()
-        return [row[:n] for row, n in zip(hidden, lengths, strict=True)]
+        lengths = attention_mask.gt(0).sum(dim=1).tolist()  # host tensors: the tokenizer's output
+        by_length: dict[int, list[int]] = {}
+        for index, length in enumerate(lengths):
+            by_length.setdefault(length, []).append(index)
+        contexts: list[torch.Tensor | None] = [None] * len(prompts)
+        for length, indices in by_length.items():
+            ids = input_ids[indices, :length]
+            hidden = self(ids, torch.ones_like(ids))
+            for index, row in zip(indices, hidden, strict=True):
+                contexts[index] = row
+        return contexts  # type: ignore[return-value]
 
 
 def text_encoder_from_state_dict(
@@ -225,8 +234,12 @@ def load_text_encoder(
         path = path / OFFICIAL_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: text-encoder checkpoint not found (expected {OFFICIAL_FILE})")
-    with _open_checkpoint(path) as (shapes, get):
-        return _build(shapes, get, dtype, torch.device(device), str(path))
+    try:
+        with open_tensors(path) as (table, get):
+            shapes = {key: info.shape for key, info in table.items()}
+            return _build(shapes, get, dtype, torch.device(device), str(path))
+    except ReadError as err:
+        raise CheckpointError(f"{path} {err}; expected {OFFICIAL_FILE}, re-download it") from None
 
 
 def _build(
@@ -242,7 +255,9 @@ def _build(
     check_state_shapes(shapes, config, where)
     with torch.device("meta"):
         model = UMT5EncoderModel(config.to_hf())
-    state = {hf_key(key): get(key).to(device=device, dtype=dtype) for key in shapes}
+    # cast (from the file's map) on a few threads: the casts release the GIL
+    tensors = map_threaded(lambda key: get(key).to(device=device, dtype=dtype), list(shapes))
+    state = {hf_key(key): tensor for key, tensor in zip(shapes, tensors, strict=True)}
     # one embedding table feeds both names; upstream's T5 has a single token_embedding
     state["encoder.embed_tokens.weight"] = state["shared.weight"]
     # assign=True adopts our tensors (no second copy); every parameter comes from the file, even
@@ -250,63 +265,3 @@ def _build(
     model.load_state_dict(state, strict=True, assign=True)
     model.encoder.embed_tokens.weight = model.shared.weight  # assign made two Parameters: re-tie them
     return TextEncoder(model, config)
-
-
-@contextlib.contextmanager
-def _open_checkpoint(
-    path: Path,
-) -> Iterator[tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]]:
-    """Tensor shapes and a tensor getter for a .safetensors or torch.save'd file; reads no data up front."""
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(
-                f"{path}: not a readable safetensors file ({_first_line(err)}); re-download it"
-            ) from None
-        with handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-            yield shapes, handle.get_tensor
-        return
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{path}: not a readable torch.save checkpoint (no zip archive: truncated, corrupt or "
-            "saved in the legacy format); re-download it"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path}: holds objects other than tensors; expected a plain state dict ({OFFICIAL_FILE})"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise CheckpointError(
-            f"{path}: not a readable torch.save checkpoint ({_first_line(err)}); re-download it"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a plain state dict of tensors ({OFFICIAL_FILE})")
-    yield {key: tuple(value.shape) for key, value in state.items()}, state.__getitem__
-
-
-def _looks_like_safetensors(path: Path) -> bool:
-    """safetensors files start with an 8-byte header length and then the JSON header."""
-    with path.open("rb") as f:
-        return f.read(9)[8:] == b"{"
-
-
-def _foreign_kind(keys: dict[str, object]) -> str | None:
-    """Name the model a state dict belongs to, when it is clearly not the Wan umT5 encoder."""
-    if "patch_embedding.weight" in keys:
-        return "a Wan transformer (DiT) checkpoint"
-    if any(k.startswith(("encoder.conv1.", "decoder.conv1.")) for k in keys):
-        return "a Wan VAE checkpoint"
-    if "shared.weight" in keys or any(k.startswith("encoder.block.") for k in keys):
-        return "a transformers UMT5 checkpoint (HF key names)"
-    return None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wan.checkpoint_reader import VAE_MARKER_KEYS, ReadError, identify, map_threaded, open_tensors, vae_kind
 from wan.errors import CheckpointError, CheckpointNotFoundError
 from wan.modules import vae_2_1, vae_2_2
 
@@ -44,12 +45,6 @@ class VaeConfig:
 # Reading and checking a state dict
 # ----------------------------------------------------------------------------------------------------
 
-_VAE_MARKER_KEYS = ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")
-_OTHER_CHECKPOINTS = (  # (a key that gives it away, what the file is)
-    ("patch_embedding.weight", "a Wan diffusion transformer (DiT)"),
-    ("token_embedding.weight", "the umT5 text encoder (models_t5_umt5-xxl-enc-bf16.pth)"),
-    ("blocks.0.attn.q.weight", "the umT5 text encoder (models_t5_umt5-xxl-enc-bf16.pth)"),
-)
 _FIX = "pass the official Wan2.1_VAE.pth or Wan2.2_VAE.pth"
 
 
@@ -62,32 +57,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         )
     if not path.is_file():
         raise CheckpointNotFoundError(f"VAE checkpoint {path} does not exist; {_FIX} (check the path)")
+    # Only a damaged file is worth downloading again: the reader finds truncation and corruption from
+    # the header or pickle; anything else (out of memory, a permission problem) propagates as itself.
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch/safetensors raise many types for damaged files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"VAE checkpoint {path} cannot be read ({reason}); the file is truncated or corrupt, "
-            "download it again"
-        ) from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"VAE checkpoint {path} does not hold a plain state dict of tensors; {_FIX}")
+        with open_tensors(path) as (table, get):
+            state = {key: get(key) for key in table}
+    except ReadError as err:
+        raise CheckpointError(f"VAE checkpoint {path} {err}; download it again ({_FIX})") from None
     return state
 
 
 def vae_config_from_state_dict(state: dict[str, torch.Tensor], source: str = "state dict") -> VaeConfig:
     """Tell the VAE kind and widths from the keys and shapes; raises CheckpointError if not a VAE."""
-    for marker in _VAE_MARKER_KEYS:
+    for marker in VAE_MARKER_KEYS:
         if marker not in state:
-            found = next((what for key, what in _OTHER_CHECKPOINTS if key in state), None)
+            found = identify(state)
             what = f"it looks like {found}" if found else f"key '{marker}' is missing"
             raise CheckpointError(f"{source} is not a Wan VAE checkpoint ({what}); {_FIX}")
-    kind = "2.2" if any(k.startswith("encoder.downsamples.0.downsamples.") for k in state) else "2.1"
+    kind = vae_kind(state)
     dim = state["encoder.conv1.weight"].shape[0]
     head = state.get("decoder.head.2.weight")
     dec_dim = head.shape[1] if head is not None and head.dim() == 5 else dim
@@ -145,7 +132,12 @@ def vae_from_state_dict(
     with torch.device("meta"):
         model = config.build()
     check_state_dict(model, state, config, source)
-    model.load_state_dict(state, strict=True, assign=True)
+    # cast (from the file's map) on a few threads, as model.to would do on one
+    casts = map_threaded(
+        lambda t: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device),
+        list(state.values()),
+    )
+    model.load_state_dict(dict(zip(state, casts, strict=True)), strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return WanVAE(model)
 

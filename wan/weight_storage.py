@@ -15,6 +15,10 @@ the head Linear (`linear_fp32`: autocast disabled), the head modulation.
 
 Without autocast (CPU runs: plain float32, the goldens' regime) or with `--convert-model-dtype`
 (every parameter bf16, upstream's regime b) every parameter takes the run dtype, as before.
+
+With `quantize="fp8"` the weights of the block Linears are stored float8_e4m3fn with a float32
+`scale_weight` each (`wan.fp8`, `wan.modules.fp8_linear`); their biases and everything else keep the
+dtypes above.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ AUTOCAST_CONSUMED = re.compile(
     r"(?:blocks\.\d+\.(?:self_attn|cross_attn)\.[qkvo]|blocks\.\d+\.ffn\.[02]|text_embedding\.[02]"
     r"|patch_embedding)\.(?:weight|bias)"
 )
+
+
+# The weights that `quantize="fp8"` stores in fp8 (`wan.modules.fp8_linear.BLOCK_LINEARS`).
+QUANTIZED_WEIGHTS = re.compile(r"blocks\.\d+\.(?:(?:self_attn|cross_attn)\.[qkvo]|ffn\.[02])\.weight")
+SCALE_SUFFIX = ".scale_weight"
+QUANTIZATIONS = ("fp8",)
 
 
 def autocast_consumed(key: str) -> bool:
@@ -48,13 +58,27 @@ class WeightStorage:
 
     dtype: torch.dtype = torch.float32
     autocast: torch.dtype | None = None
+    quantize: str | None = None  # "fp8": the block Linears' weights in float8_e4m3fn + float32 scales
+    granularity: str = "tensor"  # fp8 scales: one per tensor or one per output row ("row")
+    fp8_matmul: bool = False  # quantised Linears multiply in fp8 (`torch._scaled_mm`), not dequantised
 
     @classmethod
-    def for_run(cls, dtype: torch.dtype, device: torch.device) -> WeightStorage:
+    def for_run(
+        cls, dtype: torch.dtype, device: torch.device, quantize: str | None = None, fp8_matmul: bool = False
+    ) -> WeightStorage:
         """Upstream's regimes: float32 parameters on CUDA run under bf16 autocast; anything else (bf16
         parameters, or a CPU run) runs in the parameter dtype without autocast."""
         autocast = torch.bfloat16 if device.type == "cuda" and dtype == torch.float32 else None
-        return cls(dtype, autocast)
+        return cls(dtype, autocast, quantize, fp8_matmul=fp8_matmul and quantize is not None)
+
+    def quantizes(self, key: str) -> bool:
+        """Whether parameter `key` (official name) is stored quantised (then with `key`'s scale)."""
+        return self.quantize is not None and QUANTIZED_WEIGHTS.fullmatch(key) is not None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the quantised Linears compute in: the autocast dtype, else the run dtype."""
+        return self.autocast or self.dtype
 
     @property
     def mixed(self) -> bool:
@@ -63,6 +87,10 @@ class WeightStorage:
 
     def dtype_of(self, key: str) -> torch.dtype:
         """The storage dtype of parameter `key` (official name, e.g. `blocks.3.ffn.0.weight`)."""
+        if self.quantizes(key):
+            return torch.float8_e4m3fn
+        if key.endswith(SCALE_SUFFIX):
+            return torch.float32
         if self.autocast is not None and autocast_consumed(key):
             return self.autocast
         return self.dtype
@@ -76,9 +104,25 @@ class WeightStorage:
     def describe(self) -> str:
         """For the sidecar, as the plan says it: 'fp32', 'bf16' or 'fp32 (Linears stored bf16 for autocast)'."""
         name = _name(self.dtype)
-        if not self.mixed:
-            return name
-        return f"{name} (Linears stored {_name(self.autocast)} for autocast)"
+        if self.mixed:
+            name += f" (Linears stored {_name(self.autocast)} for autocast)"
+        if self.quantize is not None:
+            name += f"; block Linears {self.precision()['dit_block_linears']}"
+        return name
+
+    def precision(self) -> dict[str, str]:
+        """What precision each part of the DiT ran in (the sidecar's `precision`)."""
+        compute = _name(self.compute_dtype)
+        if self.quantize is None:
+            linears = f"{_name(self.dtype_of('blocks.0.ffn.0.weight'))} weights, {compute} compute"
+        else:
+            how = "fp8 matmul (_scaled_mm)" if self.fp8_matmul else f"dequantised to {compute}"
+            linears = f"fp8 e4m3 weights, per-{self.granularity} float32 scales, {how}"
+        return {
+            "dit_block_linears": linears,
+            "dit_linear_biases": _name(self.dtype_of("blocks.0.ffn.0.bias")),
+            "dit_other": f"{_name(self.dtype)} (embeddings, head, norms, modulation)",
+        }
 
 
 SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

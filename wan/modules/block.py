@@ -90,10 +90,11 @@ def autocast_on(device: torch.device) -> bool:
 
 
 def compute_dtype(layer: nn.Linear, device: torch.device) -> torch.dtype:
-    """The dtype a Linear computes in: the autocast dtype inside an autocast region, else its weights'."""
+    """The dtype a Linear computes in: the autocast dtype inside an autocast region, else its weights'
+    (or the `compute_dtype` a layer with quantised weights declares, `wan.modules.fp8_linear`)."""
     if autocast_on(device):
         return torch.get_autocast_dtype(device.type)
-    return layer.weight.dtype
+    return getattr(layer, "compute_dtype", layer.weight.dtype)
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
