@@ -138,6 +138,7 @@ def plan_for_card(options: GenerateOptions, budget_gib: float) -> CardPlan:
         image=image,
         vae_during_denoise=image,
         autocast_linear_bytes=2,
+        fp8_linears=options.quantize == "fp8",
     )
     # Only the fields the CFG policy reads: the mode and the guide scales.
     probe = Request(

@@ -81,3 +81,11 @@ def test_run_without_gpu_refuses_a_budget_before_printing(monkeypatch, tmp_path,
     assert captured.out == ""
     assert captured.err.count("\n") == 1 and "--magcache-plan" in captured.err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_for_a_card_follows_the_weight_options(capsys):
+    def block_gib(*extra: str) -> float:
+        assert run_cli(["--magcache-plan", "--json", "--gpu-memory", "12", "--size", "1280*720", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["memory_plan"]["block_gib"]
+
+    assert block_gib("--quantize", "fp8") < 0.6 * block_gib()
