@@ -130,14 +130,15 @@ class Reporter:
 PIPE_WIDTH = 100  # outside a terminal a message line is wrapped at spaces to this many columns
 
 
-def print_message(console: Console, message: str) -> None:
+def print_message(console: Console, message: str, *, markup: bool = True) -> None:
     """A (rich markup) message: as is in a terminal (which wraps it); in a pipe or a log, plain lines of
     at most PIPE_WIDTH columns, wrapped at spaces (a continuation indented two more), so no word (or
     path) is cut."""
     if console.is_terminal:
-        console.print(message)
+        console.print(message, markup=markup)
         return
-    for line in Text.from_markup(message).plain.splitlines() or [""]:
+    plain = Text.from_markup(message).plain if markup else message
+    for line in plain.splitlines() or [""]:
         indent = " " * (len(line) - len(line.lstrip()) + 2)
         wrapped = textwrap.wrap(
             line, PIPE_WIDTH, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
@@ -262,7 +263,7 @@ def print_result(console: Console, result: dict) -> None:
     """One finished video: its summary, MagCache counts, where it went and how long it took in all."""
     print_table(console, summary_table(result, console))
     for note in summary_notes(result):
-        console.print(note, markup=False)
+        print_message(console, note, markup=False)
     report = result.get("magcache")
     if report and report.get("calls"):
         print_table(console, magcache_table(report, console))
