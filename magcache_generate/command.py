@@ -10,19 +10,13 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from magcache_generate.distilled import apply_distilled
 from magcache_generate.fast_path import fast_path_notes
 from magcache_generate.loras import check_loras
+from magcache_generate.options import GenerateOptions
 from magcache_generate.plan_check import check_magcache_plan, print_plan
 from magcache_generate.request import UserError
 from magcache_generate.startup import StartupClock
-from magcache_generate.validate import (
-    GenerateOptions,
-    build_request,
-    part_options,
-    plan_settings,
-    task_config,
-)
+from magcache_generate.validate import build_request, part_options, plan_settings, task_config
 from magcache_generate.weight_paths import WeightPaths, resolve_weight_paths
 
 if TYPE_CHECKING:
@@ -31,43 +25,47 @@ if TYPE_CHECKING:
 EXIT_FAILURE = 1  # a run (or a batch item) failed after loading
 
 
-def run_command(
-    options: GenerateOptions,
-    *,
-    prompt_file: Path | None = None,
-    demo: bool = False,
-    plan: bool = False,
-    as_json: bool = False,
-    debug: bool = False,
-) -> int:
-    """Validate everything, then plan (``plan``) or generate; returns the exit code."""
-    from magcache_generate.progress import make_console
+def run_command(options: GenerateOptions) -> int:
+    """Validate everything, then print the MagCache plan (--magcache-plan) or generate; returns the
+    exit code."""
+    from magcache_generate.progress import make_console, print_message
 
     startup = StartupClock()  # time to first step, from the process's start
     started = time.perf_counter()
     console = make_console()
-    if as_json and not plan:
+    if options.settings_from is not None:  # the stored settings, under the options given
+        from magcache_generate.reproduce import apply_settings, read_settings
+
+        options = apply_settings(options, read_settings(options.settings_from))
+    demo, prompt_file, debug = options.demo, options.prompt_file, options.debug
+    if options.as_json and not options.magcache_plan:
         raise UserError("--json only applies to --magcache-plan; drop it or add --magcache-plan")
-    if plan:
-        print_plan(plan_settings(options), as_json=as_json)
+    if options.magcache_plan:
+        from magcache_generate.gpu_plan import print_card_plan
+
+        settings = plan_settings(options)
+        memory = print_card_plan(options, as_json=options.as_json)  # with --gpu-memory GB: that card's
+        if options.as_json or options.gpu_memory is None or options.use_magcache:
+            print_plan(settings, as_json=options.as_json, memory=memory)
         return 0
+    check_budget_has_gpu(options)  # before anything is printed
     if demo and (options.ckpt_dir is not None or part_options(options).any):
         raise UserError(
             "--demo builds its own tiny checkpoint; drop --ckpt-dir and the weight files (or --demo)"
         )
-    options = apply_distilled(options)  # before the demo's defaults: the recipe's step count wins
-    if demo:
-        options = with_demo_defaults(options)
+    defaults = demo_defaults(options.task) if demo else None  # under the distilled recipe's
     batch = None
     if prompt_file is not None:
-        batch = batch_requests(options, prompt_file)
+        batch = batch_requests(options, prompt_file, defaults)
         requests = [e.request for e in batch.entries]
         random_seeds = [e.random_seed for e in batch.entries]
+        magcache = [e.magcache for e in batch.entries]
     else:
-        requests = [build_request(options, check_checkpoint=False)]
+        requests = [build_request(options, check_checkpoint=False, defaults=defaults)]
         random_seeds = [options.base_seed == -1]
-    for note in fast_path_notes(options, requests[0], check_magcache_plan(requests[0])):
-        console.print(note, soft_wrap=True)  # before anything loads
+        magcache = [check_magcache_plan(requests[0])]
+    for note in fast_path_notes(options, requests[0], magcache[0]):
+        print_message(console, note)  # before anything loads
 
     cfg = task_config(options.task)
     if demo:
@@ -83,11 +81,12 @@ def run_command(
     weights = check_before_loading(weights, cfg, options.device)
     check_loras(requests[0].loras, weights, cfg)  # headers only, before any weight loads
     requests = [dataclasses.replace(r, ckpt_dir=weights.root or Path(), weights=weights) for r in requests]
-    for request, was_random in zip(requests, random_seeds, strict=True):
+    numbers = [e.number for e in batch.entries] if batch is not None else [1]
+    for request, was_random, index in zip(requests, random_seeds, numbers, strict=True):
         if was_random:
             console.print(
-                f"seed {request.base_seed} (random; --base-seed {request.base_seed} repeats it) "
-                f"for {request.save_file}",
+                f"seed {request.base_seed} (random; --base-seed {request.base_seed} repeats it)"
+                + (f" for item {index:03d}" if batch is not None else ""),
                 markup=False,
             )
 
@@ -96,46 +95,63 @@ def run_command(
 
     startup.mark("runtime_imported")
 
-    if batch is None:
-        results = run_requests(requests, console=console, debug=debug, startup=startup)
-        failed = [r for r in results if isinstance(r, dict) and r.get("error")]
-        return EXIT_FAILURE if failed else 0
+    if batch is None:  # one video: a failure raises (and is reported by the caller)
+        run_requests(requests, console=console, debug=debug, magcache=magcache, startup=startup)
+        return 0
     from magcache_generate.batch import batch_exit_code, batch_rows
     from magcache_generate.progress import print_batch
 
-    results = run_requests(requests, console=console, debug=debug, batch=True, startup=startup)
+    results = run_requests(
+        requests, console=console, debug=debug, batch=True, magcache=magcache, startup=startup
+    )
     rows = batch_rows(batch.entries, batch.problems, results)
     print_batch(console, rows, time.perf_counter() - started)
     return batch_exit_code(rows)
 
 
-def with_demo_defaults(options: GenerateOptions) -> GenerateOptions:
-    """The demo's small size, frame count and step count, where the user gave none."""
+def check_budget_has_gpu(options: GenerateOptions) -> None:
+    """A `--gpu-memory` budget on a machine without a CUDA device is refused before anything prints; the
+    plan for a card of that size is one flag away."""
+    from magcache_generate.budget import parse_gpu_memory
+
+    given = parse_gpu_memory(options.gpu_memory)
+    if given is None or options.device == "cpu":  # a --device cpu run is refused by its validation
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"--gpu-memory {given:g} applies to GPU runs, and this machine has no CUDA device; drop it, "
+            "or add --magcache-plan to see the memory plan for such a card"
+        )
+
+
+def demo_defaults(task: str) -> dict[str, object]:
+    """The demo's small size, frame count and step count, for the options the user (and the distilled
+    recipe) left unset."""
     from magcache_generate.demo import DEMO_OVERRIDES, DEMO_SIZES
 
-    defaults = {k: v for k, v in DEMO_OVERRIDES.items() if getattr(options, k) is None}
-    if options.size is None and options.task in DEMO_SIZES:
-        defaults["size"] = DEMO_SIZES[options.task]
-    return dataclasses.replace(options, **defaults)
+    return {**DEMO_OVERRIDES, **({"size": DEMO_SIZES[task]} if task in DEMO_SIZES else {})}
 
 
-def batch_requests(options: GenerateOptions, prompt_file: Path) -> Batch:
-    """The prompt file's runnable items; bad ones are reported on stderr (and kept as problems)."""
+def batch_requests(options: GenerateOptions, prompt_file: Path, defaults: dict[str, object] | None) -> Batch:
+    """The prompt file's runnable items, each with its MagCache plan; bad ones are reported on stderr
+    (and kept as problems)."""
     from magcache_generate.batch import Batch, BatchProblem, build_batch
 
     if options.prompt is not None:
         raise UserError("--prompt and --prompt-file exclude each other; put the prompt into the file")
     if options.save_file is not None:
         raise UserError("--save-file names one video; with --prompt-file set save_file per line (JSON Lines)")
-    batch = build_batch(options, prompt_file)
+    batch = build_batch(options, prompt_file, defaults=defaults)
     entries, problems = [], list(batch.problems)
     for entry in batch.entries:
         try:
-            check_magcache_plan(entry.request)
+            plan = check_magcache_plan(entry.request)
         except UserError as err:
             problems.append(BatchProblem(entry.line, str(err), entry.number))
             continue
-        entries.append(entry)
+        entries.append(dataclasses.replace(entry, magcache=plan))
     problems.sort(key=lambda p: p.line)
     for problem in problems:
         typer.echo(f"skipped: {prompt_file} {problem}", err=True)

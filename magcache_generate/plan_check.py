@@ -63,7 +63,8 @@ def build_plan(settings: PlanSettings) -> Plan:
         raise UserError(str(err)) from None
 
 
-def print_plan(settings: PlanSettings, *, as_json: bool) -> None:
+def print_plan(settings: PlanSettings, *, as_json: bool, memory: dict | None = None) -> None:
+    """The MagCache plan (printed, or one JSON object that carries `memory`, the card's memory plan)."""
     from magcache_generate.magcache.report import plan_json, render_plan, round_speedup
 
     p = build_plan(settings)
@@ -79,5 +80,6 @@ def print_plan(settings: PlanSettings, *, as_json: bool) -> None:
         "cfg_free_experts": p.cfg_free_experts,
         "ideal_speedup": round_speedup(p.ideal_speedup),
         "warnings": list(p.warnings),
+        **({"memory_plan": memory} if memory is not None else {}),
     }
     typer.echo(json.dumps(data))

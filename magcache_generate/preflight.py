@@ -55,6 +55,25 @@ def check_before_loading(weights: WeightPaths, cfg: TaskConfig, device: str) -> 
     return contents.weights
 
 
+GENERIC_LAYOUT_HINT = "; is this the right folder (e.g. high_noise_model/)?"  # wan.checkpoint_layout's
+
+
+def layout_hint(ckpt_dir: Path, cfg: TaskConfig) -> str:
+    """When the folder holds the other model family's layout, say so and name the task that fits it."""
+    two_expert_layout = (ckpt_dir / "high_noise_model").is_dir() or (ckpt_dir / "low_noise_model").is_dir()
+    if not cfg.two_experts and two_expert_layout:
+        return (
+            f"; this is an A14B folder (high_noise_model/, low_noise_model/): {cfg.name} needs the "
+            "Wan2.2-TI2V-5B folder (config.json and the weights at its top), or use --task t2v-A14B / i2v-A14B"
+        )
+    if cfg.two_experts and not two_expert_layout and (ckpt_dir / "config.json").is_file():
+        return (
+            f"; this folder has one transformer at its top (the ti2v-5B layout): {cfg.name} needs "
+            "high_noise_model/ and low_noise_model/ (e.g. ./Wan2.2-T2V-A14B), or use --task ti2v-5B"
+        )
+    return ""
+
+
 def check_checkpoint_dir(
     ckpt_dir: Path | None, cfg: TaskConfig, parts: PartOptions | None = None
 ) -> WeightPaths:
@@ -80,8 +99,10 @@ def inspect_checkpoint(weights: WeightPaths | Path | None, cfg: TaskConfig) -> C
         try:
             dit_files[folder] = locate_transformer_files(weights.dits[folder])
         except CheckpointError as err:
-            if flag == CKPT_DIR:
-                raise UserError(f"{incomplete}: {err}") from None
+            if flag == CKPT_DIR:  # the folder may hold the other model family's layout: say so
+                hint = layout_hint(root, cfg) if root is not None else ""
+                message = str(err).replace(GENERIC_LAYOUT_HINT, "") if hint else str(err)
+                raise UserError(f"{incomplete}: {message.rstrip('; ')}{hint}") from None
             raise UserError(f"{flag}: {err}") from None
     for part, path, name, what in (
         ("t5", weights.t5, cfg.t5_checkpoint, "umT5 text encoder"),

@@ -13,6 +13,7 @@ The output reads well in a terminal, a pipe and a log file alike:
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any
@@ -23,9 +24,10 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -50,6 +52,22 @@ def make_console(file: IO[str] | None = None) -> Console:
     return console
 
 
+class StepEtaColumn(ProgressColumn):
+    """Time left from the average step so far: shown once one step has finished (rich's own column
+    needs two updates within 30 s, which minute-long CPU steps never give)."""
+
+    def render(self, task: Task) -> Text:
+        if not task.total or not task.completed or task.elapsed is None or task.finished:
+            return Text("-:--:--", style="progress.remaining")
+        left = task.elapsed / task.completed * (task.total - task.completed)
+        return Text(eta_text(left), style="progress.remaining")
+
+
+def eta_text(seconds: float) -> str:
+    whole = max(0, round(seconds))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
 class Reporter:
     """One rich Progress shared by the stages of a run (loading, text, denoising, decode, writing)."""
 
@@ -61,7 +79,7 @@ class Reporter:
             MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"),
             TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            StepEtaColumn(),
             console=console,
             transient=True,  # cleared when the run ends: the summary says what happened
             disable=not console.is_terminal,
@@ -106,7 +124,27 @@ class Reporter:
         self.finish(task_id)
 
     def log(self, message: str) -> None:
-        self.console.print(message)
+        print_message(self.console, message)
+
+
+PIPE_WIDTH = 100  # outside a terminal a message line is wrapped at spaces to this many columns
+
+
+def print_message(console: Console, message: str, *, markup: bool = True) -> None:
+    """A (rich markup) message: as is in a terminal (which wraps it); in a pipe or a log, plain lines of
+    at most PIPE_WIDTH columns, wrapped at spaces (a continuation indented two more), so no word (or
+    path) is cut."""
+    if console.is_terminal:
+        console.print(message, markup=markup)
+        return
+    plain = Text.from_markup(message).plain if markup else message
+    for line in plain.splitlines() or [""]:
+        indent = " " * (len(line) - len(line.lstrip()) + 2)
+        wrapped = textwrap.wrap(
+            line, PIPE_WIDTH, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+        )
+        for part in wrapped or [line]:
+            console.print(part, markup=False)
 
 
 def _table(console: Console, title: str | None = None) -> Table:
@@ -150,13 +188,24 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
     return rows
 
 
+# A summary value longer than this is a sentence, not a figure: it goes below the table as its own line
+# (in the table it would pad every row of the right-aligned column to its width).
+TABLE_VALUE_WIDTH = 16
+
+
 def summary_table(result: dict, console: Console | None = None) -> Table:
     table = _table(console or make_console(), f"{result['task']}  seed {result['seed']}")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     for label, value in summary_rows(result):
-        table.add_row(label, value)
+        if len(value) <= TABLE_VALUE_WIDTH:
+            table.add_row(label, value)
     return table
+
+
+def summary_notes(result: dict) -> list[str]:
+    """The summary rows whose value is a sentence, as `label: value` lines."""
+    return [f"{label}: {value}" for label, value in summary_rows(result) if len(value) > TABLE_VALUE_WIDTH]
 
 
 def memory_rows(mem: dict) -> list[tuple[str, str]]:
@@ -213,6 +262,8 @@ def magcache_caption(report: dict) -> str:
 def print_result(console: Console, result: dict) -> None:
     """One finished video: its summary, MagCache counts, where it went and how long it took in all."""
     print_table(console, summary_table(result, console))
+    for note in summary_notes(result):
+        print_message(console, note, markup=False)
     report = result.get("magcache")
     if report and report.get("calls"):
         print_table(console, magcache_table(report, console))
@@ -230,7 +281,7 @@ def batch_table(rows: Sequence[BatchRow], console: Console | None = None) -> Tab
     table = _table(console or make_console(), "batch")
     for column in ("#", "line", "status", "seed", "seconds", "output / reason"):
         table.add_column(column, justify="right" if column in ("line", "seconds") else "left")
-    style = {"ok": "green", "skipped": "yellow", "failed": "red"}
+    style = {"ok": "green", "skipped": "yellow", "failed": "red", "not run": "red"}
     for row in rows:
         table.add_row(
             f"{row.number:03d}",
@@ -245,9 +296,11 @@ def batch_table(rows: Sequence[BatchRow], console: Console | None = None) -> Tab
 
 def print_batch(console: Console, rows: Sequence[BatchRow], seconds: float) -> None:
     print_table(console, batch_table(rows, console))
-    counts = {status: sum(r.status == status for r in rows) for status in ("ok", "skipped", "failed")}
+    statuses = ("ok", "skipped", "failed", "not run")
+    counts = {status: sum(r.status == status for r in rows) for status in statuses}
+    not_run = f", {counts['not run']} not run" if counts["not run"] else ""
     console.print(
         f"batch: {len(rows)} item(s), {counts['ok']} ok, {counts['skipped']} skipped, "
-        f"{counts['failed']} failed; total {seconds:.1f} s",
+        f"{counts['failed']} failed{not_run}; total {seconds:.1f} s",
         markup=False,
     )

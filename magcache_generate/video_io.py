@@ -88,14 +88,16 @@ def write_mp4(
     crf: int = DEFAULT_CRF,
     *,
     overwrite: bool = False,
+    comment: str | None = None,
 ) -> Path:
     """Encode uint8 frames [T, H, W, 3] as H.264 (libx264, yuv420p, ``-crf``) with imageio-ffmpeg's ffmpeg.
 
-    The command is the one imageio-ffmpeg builds for upstream's ``imageio.get_writer(codec='libx264',
-    quality=8)``, except that frames are never rescaled: imageio's default ``macro_block_size=16`` would
-    silently resize sizes that are not multiples of 16, so this writer keeps the size as is and instead
-    requires an even width and height (yuv420p halves the chroma planes) and raises ``FrameSizeError``
-    otherwise. Unlike imageio-ffmpeg it checks ffmpeg's exit status. Returns the written path.
+        The command is the one imageio-ffmpeg builds for upstream's ``imageio.get_writer(codec='libx264',
+        quality=8)``, except that frames are never rescaled: imageio's default ``macro_block_size=16`` would
+        silently resize sizes that are not multiples of 16, so this writer keeps the size as is and instead
+        requires an even width and height (yuv420p halves the chroma planes) and raises ``FrameSizeError``
+        otherwise. Unlike imageio-ffmpeg it checks ffmpeg's exit status. ``comment`` goes into the file's
+    ``comment`` metadata tag (the generation settings, `reproduce.settings_comment`). Returns the written path.
     """
     frames = _checked_frames(frames)
     if not fps > 0:
@@ -111,12 +113,12 @@ def write_mp4(
     path = check_video_path(path, overwrite)
 
     def encode(temp: Path) -> None:
-        _run_ffmpeg(frames, temp, fps, crf)
+        _run_ffmpeg(frames, temp, fps, crf, comment)
 
     return atomic_write_file(path, encode, overwrite=overwrite)
 
 
-def _run_ffmpeg(frames: np.ndarray, path: Path, fps: float, crf: int) -> None:
+def _run_ffmpeg(frames: np.ndarray, path: Path, fps: float, crf: int, comment: str | None = None) -> None:
     import imageio_ffmpeg  # only needed when a video is written
 
     _, height, width, _ = frames.shape
@@ -135,6 +137,7 @@ def _run_ffmpeg(frames: np.ndarray, path: Path, fps: float, crf: int) -> None:
         "-pix_fmt", "yuv420p",
         "-crf", str(crf),
         "-v", "error",
+        *(("-metadata", f"comment={comment}") if comment is not None else ()),
         str(path),
     ]  # fmt: skip
     # stderr goes to a file, not a pipe: a full pipe would block ffmpeg while we block on its stdin.

@@ -148,7 +148,7 @@ def test_plan_json_keys_unchanged():
 
 
 def test_warnings_are_in_the_plan_once():
-    p = plan_for("t2v-A14B", 8)
+    p = plan_for("t2v-A14B", 8, mode="official")  # aligned mode plans 8 steps without a warning
     text = render_plan(p)
     assert p.warnings
     for warning in p.warnings:

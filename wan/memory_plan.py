@@ -75,7 +75,7 @@ class MemoryPlan:
         }
 
     def render(self, source: str = "") -> str:
-        """The plan in one short block (three lines); `source` says where the budget came from."""
+        """The plan in one short block (six lines); `source` says where the budget came from."""
         head = f"memory plan for {self.budget / GIB:.1f} GiB{f' ({source})' if source else ''}:"
         if self.streamed_blocks:
             dit = (
@@ -84,14 +84,16 @@ class MemoryPlan:
             )
         else:
             dit = f"DiT all {self.num_layers} blocks resident"
-        if self.weights:
-            dit += f"; weights {self.weights}"
+        weights = f"weights {self.weights}; " if self.weights else ""
         chunk = f"FFN in {self.activation_chunk}-token chunks" if self.activation_chunk else "FFN unchunked"
-        chunk += f"; {self.cfg_batch_text()}"
         t5 = "text encoder on CPU" if self.t5_on_cpu else "text encoder on GPU"
         vae = f"VAE decode tiled ({self.vae_tile_px} px tiles)" if self.vae_tiled else "VAE decode untiled"
         est = ", ".join(f"{k} {v / GIB:.1f}" for k, v in self.estimates.items())
-        return f"{head}\n  {dit}; {chunk}\n  {t5}; {vae}; estimated peak GiB: {est}"
+        # short lines (under 100 columns), so that a log or a pipe shows them whole
+        return (
+            f"{head}\n  {dit}\n  {weights}{chunk}\n  {self.cfg_batch_text()}\n  {t5}; {vae}\n"
+            f"  estimated peak GiB: {est}"
+        )
 
     def cfg_batch_text(self) -> str:
         """What the plan does with CFG steps, for the plan block."""

@@ -204,7 +204,7 @@ def _curve_warnings(
         out.append(f"curve {curve.key} was calibrated {want} an input image; this run differs")
     if shift is not None and curve.shift is not None and shift != curve.shift:
         out.append(f"curve {curve.key} was calibrated at shift {curve.shift}, this run uses {shift}")
-    if curve.steps != steps:
+    if curve.steps != steps and mode == "official":  # aligned mode interpolates each expert's part: expected
         out.append(
             f"curve {curve.key} was calibrated for {curve.steps} steps, this run has {steps}: resampling it"
         )
@@ -278,7 +278,10 @@ def _layout(
                 for b in per_expert[expert]:
                     gamma = gammas[2 * s + BRANCH_INDEX[b]]
                     slots.append(_Slot(s, b, expert, gamma, s - start < kept, s == start))
-    if boundary is not None and 0 < high < steps and find_dip(curve.padded) is not None:
+    # Only official mode places its windows by the curve's whole-run shape; aligned mode starts each expert's
+    # phase fresh at the loop's own switch, so a moved dip changes nothing there.
+    official = config.mode == "official"
+    if official and boundary is not None and 0 < high < steps and find_dip(curve.padded) is not None:
         dip = find_dip(gammas)
         if dip != high:
             where = f"at step {dip}" if dip is not None else "nowhere (lost in resampling)"
