@@ -48,6 +48,7 @@ VALUE_OPTIONS = frozenset(
         "--lora-low",
         "--lora-dir",
         "--distilled",
+        "--ulysses-size",
     }
 )
 FLAG_OPTIONS = frozenset(
@@ -64,6 +65,9 @@ FLAG_OPTIONS = frozenset(
         "--magcache-plan",
         "--magcache-verify",
         "--json",
+        "--cfg-parallel",
+        "--dit-fsdp",
+        "--t5-fsdp",
         "--help",
         "--version",
     }
@@ -74,9 +78,7 @@ KNOWN_OPTIONS = VALUE_OPTIONS | FLAG_OPTIONS
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
 FALSE_WORDS = frozenset({"false", "f", "no", "n", "0"})
 
-# Upstream-only options that have a meaning we can map, or none on a single device.
-ULYSSES = "--ulysses-size"
-DISTRIBUTED_FLAGS = frozenset({"--t5-fsdp", "--dit-fsdp"})
+# Upstream-only options that have no meaning here.
 PROMPT_EXTEND_FLAG = "--use-prompt-extend"
 # Only read by upstream when --use_prompt_extend is given, so dropping them changes nothing.
 PROMPT_EXTEND_VALUE_OPTIONS = frozenset(
@@ -95,7 +97,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
     * ``--frame_num 81`` / ``--frame_num=81`` -> ``--frame-num 81`` (our known options only);
     * ``--offload_model True|False`` (any str2bool word) -> ``--offload-model`` / ``--no-offload-model``;
     * ``--sample_guide_scale 3.0 4.0`` -> ``--sample-guide-scale 3.0,4.0`` (low-noise, high-noise);
-    * ``--ulysses_size 1`` and the prompt-extension settings are dropped (no effect on one device);
+    * the prompt-extension settings are dropped (no effect without --use_prompt_extend);
     * ``--magcache_calibration`` -> ``--magcache-calibrate mag_ratios.json``;
     * ``--lora_dir2 DIR`` (the Lightning fork) -> ``--lora-dir DIR``.
 
@@ -138,18 +140,6 @@ def normalize_argv(argv: list[str]) -> list[str]:
             out.append(
                 f"{name}={value}"
             )  # the '=' form keeps values such as '-1' or '--x' from being read as options
-        elif name == ULYSSES:
-            if value is None:
-                value, i = _take_value(argv, i, name)
-            if value.strip() != "1":
-                raise UserError(
-                    f"--ulysses_size {value}: sequence parallelism over several GPUs is not supported; "
-                    "this runs on one device, so drop the option"
-                )
-        elif name in DISTRIBUTED_FLAGS:
-            raise UserError(
-                f"{token}: FSDP over several GPUs is not supported; this runs on one device, so drop the option"
-            )
         elif name == PROMPT_EXTEND_FLAG:
             raise UserError(
                 f"{token}: prompt extension (Qwen/DashScope) is not supported; write the full prompt in --prompt"
@@ -169,8 +159,8 @@ def normalize_argv(argv: list[str]) -> list[str]:
 def _canonical_name(name: str) -> str:
     """``--frame_num`` -> ``--frame-num`` when that is an option we know (or map); otherwise unchanged."""
     kebab = "--" + name[2:].replace("_", "-")
-    mapped = KNOWN_OPTIONS | DISTRIBUTED_FLAGS | PROMPT_EXTEND_VALUE_OPTIONS
-    mapped |= {ULYSSES, PROMPT_EXTEND_FLAG, UPSTREAM_CALIBRATION_FLAG, LORA_DIR2}
+    mapped = KNOWN_OPTIONS | PROMPT_EXTEND_VALUE_OPTIONS
+    mapped |= {PROMPT_EXTEND_FLAG, UPSTREAM_CALIBRATION_FLAG, LORA_DIR2}
     return kebab if kebab in mapped else name
 
 

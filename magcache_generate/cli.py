@@ -6,8 +6,10 @@ models load only inside the command, after every input has been validated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import sys
 import traceback
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from magcache_generate.allocator import prefer_expandable_segments
 from magcache_generate.argv import check_option_names, command_options, normalize_argv
 from magcache_generate.atomic import OutputPathError
 from magcache_generate.command import EXIT_FAILURE, run_command
+from magcache_generate.parallel import ParallelOptions, RankFailed, silent_error
 from magcache_generate.request import OutOfMemory, UserError
 from magcache_generate.validate import (
     MAX_FRAME_NUM,
@@ -56,6 +59,7 @@ InMagCache = functools.partial(typer.Option, rich_help_panel="MagCache")
 InBatch = functools.partial(typer.Option, rich_help_panel="Batch")
 InLora = functools.partial(typer.Option, rich_help_panel="LoRAs and distilled models")
 InSpeed = functools.partial(typer.Option, rich_help_panel="Speed")
+InParallel = functools.partial(typer.Option, rich_help_panel="Several GPUs (under torchrun)")
 
 
 class Task(str, Enum):
@@ -282,6 +286,28 @@ def generate(
             help="Step-distilled recipe: lightning = 4 steps, shift 5, guide 1, euler (unset options only)."
         ),
     ] = None,
+    ulysses_size: Annotated[
+        int,
+        InParallel(
+            help="Ulysses sequence parallel: split each video's tokens over this many ranks (must divide "
+            "the attention heads: 40 for A14B, 24 for ti2v-5B)."
+        ),
+    ] = 1,
+    cfg_parallel: Annotated[
+        bool,
+        InParallel(
+            "--cfg-parallel", help="Run the cond and uncond forwards of a step on two rank groups at once."
+        ),
+    ] = False,
+    dit_fsdp: Annotated[
+        bool, InParallel("--dit-fsdp", help="Shard the DiT weights over the ranks of a group (FSDP2).")
+    ] = False,
+    t5_fsdp: Annotated[
+        bool,
+        InParallel(
+            "--t5-fsdp", help="Encode the text on one rank per group and share it (saves its memory)."
+        ),
+    ] = False,
     prompt_file: Annotated[
         Path | None, InBatch(help="One prompt (or JSON object) per line; models load once.")
     ] = None,
@@ -297,7 +323,13 @@ def generate(
     options = GenerateOptions(**{f.name: _plain(given[f.name]) for f in dataclasses.fields(GenerateOptions)})
     with _reported_errors(debug):
         code = run_command(
-            options, prompt_file=prompt_file, demo=demo, plan=magcache_plan, as_json=as_json, debug=debug
+            options,
+            prompt_file=prompt_file,
+            demo=demo,
+            plan=magcache_plan,
+            as_json=as_json,
+            debug=debug,
+            parallel=ParallelOptions(ulysses_size, cfg_parallel, dit_fsdp, t5_fsdp),
         )
     if code:
         raise typer.Exit(code)
@@ -321,7 +353,22 @@ def error_line(err: BaseException) -> str:
 
 
 def exit_code_for(err: BaseException, debug: bool, prog: str = PROG) -> int:
-    """Print ``err`` as one ``error:`` line on stderr (plus the traceback with --debug); its exit code."""
+    """Print ``err`` as one ``error:`` line on stderr (plus the traceback with --debug); its exit code.
+
+    Under torchrun a bad input stops every rank and only rank 0 says so; a rank that fails while
+    running says which rank it is."""
+    if isinstance(err, RankFailed):
+        if debug:
+            traceback.print_exception(err.original)
+        typer.echo(f"error: {error_line(err)}", err=True)
+        return EXIT_USAGE if isinstance(err.original, USER_ERRORS) else EXIT_FAILURE
+    if silent_error(err, (*USER_ERRORS, ClickException)):
+        with contextlib.redirect_stderr(io.StringIO()):
+            return _reported_code(err, debug, prog)
+    return _reported_code(err, debug, prog)
+
+
+def _reported_code(err: BaseException, debug: bool, prog: str) -> int:
     if isinstance(err, (KeyboardInterrupt, typer.Abort)):
         typer.echo("error: interrupted", err=True)
         return EXIT_INTERRUPTED

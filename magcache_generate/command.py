@@ -13,6 +13,7 @@ import typer
 from magcache_generate.distilled import apply_distilled
 from magcache_generate.fast_path import fast_path_notes
 from magcache_generate.loras import check_loras
+from magcache_generate.parallel import ParallelOptions, check_parallel, is_main_rank, quiet_console
 from magcache_generate.plan_check import check_magcache_plan, print_plan
 from magcache_generate.request import UserError
 from magcache_generate.validate import GenerateOptions, build_request, plan_settings, task_config
@@ -31,12 +32,13 @@ def run_command(
     plan: bool = False,
     as_json: bool = False,
     debug: bool = False,
+    parallel: ParallelOptions | None = None,
 ) -> int:
     """Validate everything, then plan (``plan``) or generate; returns the exit code."""
     from magcache_generate.progress import make_console
 
     started = time.perf_counter()
-    console = make_console()
+    console = quiet_console(make_console())  # under torchrun only rank 0 prints
     if as_json and not plan:
         raise UserError("--json only applies to --magcache-plan; drop it or add --magcache-plan")
     if plan:
@@ -55,6 +57,9 @@ def run_command(
     else:
         requests = [build_request(options, check_checkpoint=False)]
         random_seeds = [options.base_seed == -1]
+    parallel = parallel or ParallelOptions()
+    uses_cfg = any(g != 1 for r in requests for g in r.guide_scale)
+    layout = check_parallel(parallel, uses_cfg=uses_cfg, prompt_file=batch is not None)
     for note in fast_path_notes(options, requests[0], check_magcache_plan(requests[0])):
         console.print(note, soft_wrap=True)  # before anything loads
 
@@ -72,13 +77,16 @@ def run_command(
     ckpt_dir = check_before_loading(ckpt_dir, cfg, options.device)
     check_loras(requests[0].loras, ckpt_dir, cfg)  # headers only, before any weight loads
     requests = [dataclasses.replace(r, ckpt_dir=ckpt_dir) for r in requests]
-    for request, was_random in zip(requests, random_seeds, strict=True):
-        if was_random:
-            console.print(
-                f"seed {request.base_seed} (random; --base-seed {request.base_seed} repeats it) "
-                f"for {request.save_file}",
-                markup=False,
-            )
+    if layout.distributed:  # the heads are known now (the checkpoint's config), still before loading
+        from magcache_generate.parallel_run import dit_heads, run_parallel
+
+        check_parallel(
+            parallel, uses_cfg=uses_cfg, prompt_file=batch is not None, num_heads=dit_heads(ckpt_dir, cfg)
+        )
+        return run_parallel(
+            layout, parallel, requests, random_seeds, batch, console=console, debug=debug, started=started
+        )
+    print_random_seeds(console, requests, random_seeds)
 
     from magcache_generate.run import run_requests  # torch and the models: only now
 
@@ -93,6 +101,17 @@ def run_command(
     rows = batch_rows(batch.entries, batch.problems, results)
     print_batch(console, rows, time.perf_counter() - started)
     return batch_exit_code(rows)
+
+
+def print_random_seeds(console, requests: list, random_seeds: list[bool]) -> None:
+    """Say each seed that was drawn at random, so the video can be repeated."""
+    for request, was_random in zip(requests, random_seeds, strict=True):
+        if was_random:
+            console.print(
+                f"seed {request.base_seed} (random; --base-seed {request.base_seed} repeats it) "
+                f"for {request.save_file}",
+                markup=False,
+            )
 
 
 def with_demo_defaults(options: GenerateOptions) -> GenerateOptions:
@@ -123,7 +142,7 @@ def batch_requests(options: GenerateOptions, prompt_file: Path) -> Batch:
             continue
         entries.append(entry)
     problems.sort(key=lambda p: p.line)
-    for problem in problems:
+    for problem in problems if is_main_rank() else ():
         typer.echo(f"skipped: {prompt_file} {problem}", err=True)
     if not entries:
         raise UserError(f"--prompt-file '{prompt_file}' has no valid item; fix the lines reported above")

@@ -115,7 +115,11 @@ def render_video(
         cfg_steps["batched"] += int(info.batched)
         reporter.advance(denoise, detail=f"t={info.timestep:g} {info.expert} cfg {info.guide_scale:g}")
 
-    experts = _MeteredExperts(components.dit_runtime.models(components.experts), device)
+    parallel = components.parallel
+    provider = components.dit_runtime.models(components.experts)
+    if parallel is not None:  # the models shard their tokens over this rank's Ulysses group
+        provider = parallel.models(provider)
+    experts = _MeteredExperts(provider, device)
     compile_before = components.dit_runtime.compile_seconds
     denoise_stage = f"{stage_prefix}denoise"
     with meter.stage(denoise_stage), autocast_for(components):
@@ -132,6 +136,7 @@ def render_video(
             cache=cache,
             on_step=on_step,
             cfg_batch=components.cfg_batch.batched,
+            cfg_parallel=parallel.cfg_exchange if parallel is not None else None,
         )
         denoise_cpu_s = time.process_time() - cpu_start - experts.cpu_seconds
     compile_s = components.dit_runtime.compile_seconds - compile_before
@@ -143,6 +148,8 @@ def render_video(
     release_cache(cache)  # MagCache's residuals are not needed by the decode: free them first
     if components.offload:
         components.experts.offload_all()
+    if parallel is not None and not parallel.is_writer:  # one writer per replica: it decodes and writes
+        return Rendered((), timings, denoise_cpu_s, dit_calls, compile_s, cfg_steps)
     tile_px = components.memory.decode_tile(request) if components.memory is not None else None
     decode_stage = f"{stage_prefix}decode"
     with meter.stage(decode_stage), reporter.stage("decoding video"):

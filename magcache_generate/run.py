@@ -9,7 +9,7 @@ import dataclasses
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -38,6 +38,9 @@ from wan.schedule import make_schedule
 from wan.tokenizer import load_tokenizer
 from wan.weight_storage import WeightStorage
 
+if TYPE_CHECKING:
+    from magcache_generate.parallel import RankRuntime
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -52,8 +55,15 @@ class Components:
     """Models shared by every request of a batch (same task and checkpoint), loaded lazily."""
 
     def __init__(
-        self, first: Request, reporter: Reporter, *, batch: bool, requests: list[Request] | None = None
+        self,
+        first: Request,
+        reporter: Reporter,
+        *,
+        batch: bool,
+        requests: list[Request] | None = None,
+        parallel: RankRuntime | None = None,
     ):
+        self.parallel = parallel  # this rank's part of a torchrun run (None: one process)
         self.task: TaskConfig = TASKS[first.task]
         self.ckpt = Path(first.ckpt_dir)
         self.device = resolve_device(first.device)
@@ -149,6 +159,22 @@ def encode_prompts(components: Components, prompt: str, negative: str) -> tuple[
     return context[None].to(components.device), context_null[None].to(components.device)
 
 
+def encode_prompts_for_rank(
+    components: Components, prompt: str, negative: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode_prompts`, or with --t5-fsdp under torchrun: encoded by the replica's writer only (the
+    other ranks never load the text encoder) and broadcast to the replica."""
+    parallel = components.parallel
+    if parallel is None or not parallel.options.t5_fsdp:
+        return encode_prompts(components, prompt, negative)
+
+    def encode() -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(c.cpu() for c in encode_prompts(components, prompt, negative))
+
+    context, context_null = parallel.share_in_replica(encode)
+    return context.to(components.device), context_null.to(components.device)
+
+
 def prepare_latents(
     components: Components, request: Request, generator: torch.Generator
 ) -> tuple[torch.Tensor, Conditioning, tuple[int, int]]:
@@ -206,13 +232,15 @@ def generate_one(
     timings: dict[str, float] = {}
     task = components.task
     device = components.device
+    parallel = components.parallel
+    writer = parallel is None or parallel.is_writer  # decodes and writes the video, sidecar and frames
     meter = StageMeter(device)  # synchronised stage times, GPU peaks per stage, host peak of this item
     negative = request.negative_prompt if request.negative_prompt is not None else task.negative_prompt
 
     generator = torch.Generator(device=device).manual_seed(request.base_seed)
     with meter.stage("encode_text"):
         with reporter.stage("encoding text"):
-            context, context_null = encode_prompts(components, request.prompt, negative)
+            context, context_null = encode_prompts_for_rank(components, request.prompt, negative)
         components.park_text_encoder(keep=batch)
     timings["encode_text"] = meter.seconds["encode_text"]
 
@@ -294,7 +322,7 @@ def generate_one(
         result["memory_plan"] = components.memory.to_json(request)
     magcache_report = finish_cache(cache, request, timings["denoise"])
     if magcache_report is not None:
-        if dense is not None:
+        if dense is not None and writer:  # the files it compares exist on the writer only
             with reporter.stage("verify: PSNR/SSIM vs dense"):
                 verified = verify_report(
                     dense_file=request.dense_save_file,
@@ -326,7 +354,9 @@ def generate_one(
             "has_image": request.image is not None,
             "boundary": task.boundary,
         }
-    if request.sidecar:
+    if parallel is not None:  # every rank of the replica takes part (its peak memory is gathered)
+        result["parallel"] = parallel.sidecar_record(result["peak_memory"])
+    if request.sidecar and writer:
         write_sidecar(request.save_file, result, overwrite=request.overwrite)
     return result
 
@@ -375,10 +405,18 @@ def out_of_memory(request: Request, err: BaseException) -> OutOfMemory:
 
 
 def run_requests(
-    requests: list[Request], *, console: Console, debug: bool = False, batch: bool | None = None
+    requests: list[Request],
+    *,
+    console: Console,
+    debug: bool = False,
+    batch: bool | None = None,
+    parallel: RankRuntime | None = None,
 ) -> list[dict[str, Any]]:
     """Generate every request with models loaded once; in a batch (default: more than one request) a
-    failing item is reported and skipped. The caller prints the closing batch table."""
+    failing item is reported and skipped. The caller prints the closing batch table.
+
+    Under torchrun (`parallel`) a failing item ends the run when its ranks work on it together (a
+    Ulysses or CFG group): the other ranks of the group could not go on without it."""
     if not requests:
         return []
     batch = len(requests) > 1 if batch is None else batch
@@ -386,7 +424,9 @@ def run_requests(
     with Reporter(console) as reporter:
         # --magcache-verify returns to the first expert for its second run: keep parked experts, as a batch
         verify = any(r.magcache.verify for r in requests)
-        components = Components(requests[0], reporter, batch=batch or verify, requests=requests)
+        components = Components(
+            requests[0], reporter, batch=batch or verify, requests=requests, parallel=parallel
+        )
         calibrate_file = requests[0].magcache.calibrate_file
         calibration = CalibrationCollector(calibrate_file) if calibrate_file is not None else None
         for request in requests:
@@ -402,7 +442,7 @@ def run_requests(
             except KeyboardInterrupt:
                 raise
             except Exception as err:
-                if debug or not batch:
+                if debug or not batch or (parallel is not None and parallel.layout.group_size > 1):
                     raise
                 message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 reporter.log(f"[red]item failed[/]: {escape(message)}")
@@ -411,7 +451,7 @@ def run_requests(
             results.append(result)
             if result.get("error") is None:
                 print_result(console, result)
-        if calibration is not None and calibration.recordings:
+        if calibration is not None and calibration.recordings and (parallel is None or parallel.is_main):
             calibration.save()
             reporter.log(
                 f"MagCache calibration over {len(calibration.recordings)} prompt(s) written to {calibration.path}; "
