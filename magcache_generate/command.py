@@ -59,7 +59,8 @@ def run_command(
         random_seeds = [options.base_seed == -1]
     parallel = parallel or ParallelOptions()
     uses_cfg = any(g != 1 for r in requests for g in r.guide_scale)
-    layout = check_parallel(parallel, uses_cfg=uses_cfg, prompt_file=batch is not None)
+    calibrate = requests[0].magcache.calibrate_file is not None
+    layout = check_parallel(parallel, uses_cfg=uses_cfg, prompt_file=batch is not None, calibrate=calibrate)
     for note in fast_path_notes(options, requests[0], check_magcache_plan(requests[0])):
         console.print(note, soft_wrap=True)  # before anything loads
 

@@ -52,6 +52,7 @@ def check_parallel(
     *,
     uses_cfg: bool,
     prompt_file: bool,
+    calibrate: bool = False,
     num_heads: int | None = None,
     environ: dict[str, str] | None = None,
 ) -> ParallelLayout:
@@ -65,6 +66,11 @@ def check_parallel(
                 f"{' and '.join(flags)} shard(s) over several processes; launch with "
                 "torchrun --nproc-per-node N -m magcache_generate ..., or drop the flag on one GPU"
             )
+    if problem is None and calibrate and layout.cfg_parallel:
+        problem = (
+            "--magcache-calibrate records both branches on one rank; drop --cfg-parallel for the "
+            "calibration run (--ulysses-size works)"
+        )
     if problem is not None:
         raise UserError(problem)
     return layout
@@ -208,6 +214,15 @@ class RankRuntime:
             "t5_fsdp": "encode on one rank per replica, context broadcast" if self.options.t5_fsdp else False,
             "peak_memory_by_rank": {str(rank): peak for rank, peak in peaks},
         }
+
+    def merge_calibration(self, collector: Any) -> None:
+        """The calibration recordings of every replica into `collector` (their writers' copies)."""
+        mine = (collector.recordings, collector.prompts) if self.is_writer else ([], [])
+        recordings, prompts = [], []
+        for part_recordings, part_prompts in self.context.gather_objects(mine):
+            recordings += part_recordings
+            prompts += part_prompts
+        collector.recordings, collector.prompts = recordings, prompts
 
     def agree_exit_code(self, code: int) -> int:
         """The highest exit code of any rank, on every rank."""

@@ -253,7 +253,9 @@ def generate_one(
 
     schedule = make_schedule(request.sample_solver, request.sample_steps, request.sample_shift)
     inputs = SamplingInputs(noise, schedule, context, context_null, conditioning)
-    cache = build_cache(request, schedule, components.dit_config, reporter)
+    sequence = parallel.sequence if parallel is not None else None
+    statistics = sequence.token_statistics if sequence is not None else None
+    cache = build_cache(request, schedule, components.dit_config, reporter, statistics)
     dense: Rendered | None = None
     if request.dense_save_file is not None:  # --magcache-verify: warm-up, then the dense reference
         with reporter.stage("verify: warm-up forward"):
@@ -451,6 +453,8 @@ def run_requests(
             results.append(result)
             if result.get("error") is None:
                 print_result(console, result)
+        if calibration is not None and parallel is not None:  # every replica's recordings, on rank 0
+            parallel.merge_calibration(calibration)
         if calibration is not None and calibration.recordings and (parallel is None or parallel.is_main):
             calibration.save()
             reporter.log(

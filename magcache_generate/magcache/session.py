@@ -111,10 +111,11 @@ class CalibrationCollector:
         return data
 
 
-def build_cache(request, schedule, dit_config, reporter) -> TimedCache | None:
+def build_cache(request, schedule, dit_config, reporter, token_statistics=None) -> TimedCache | None:
+    """`token_statistics`: the calibration's reduction over a sharded sequence (None: one process)."""
     options = request.magcache
     if options.calibrate_file is not None:
-        return TimedCache(CalibrationRecorder())
+        return TimedCache(CalibrationRecorder(token_statistics))
     if not options.enabled:
         return None
     timesteps = [int(t) for t in schedule.timesteps[: len(schedule)]]

@@ -126,7 +126,7 @@ def layout_problem(
         ]
         if flags:
             return (
-                f"{' and '.join(flags)} need(s) several processes; launch with "
+                f"{' and '.join(flags)} {'need' if len(flags) > 1 else 'needs'} several processes; launch with "
                 f"torchrun --nproc-per-node N -m magcache_generate ..."
             )
         return None

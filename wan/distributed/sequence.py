@@ -71,6 +71,7 @@ class SequenceParallel:
     group: Any
     size: int
     rank: int  # index inside the group
+    tokens: int | None = None  # the unsharded token count of the latest forward (set by `shard`)
 
     @classmethod
     def for_group(cls, group: Any) -> SequenceParallel:
@@ -84,7 +85,7 @@ class SequenceParallel:
     ) -> tuple[torch.Tensor, Modulation, RopeTable, UlyssesAttention]:
         """This rank's part of the block inputs: tokens, their timestep rows, their RoPE rows, and the
         attention that exchanges them."""
-        tokens = h.shape[1]
+        tokens = self.tokens = h.shape[1]
         s = self.shard_length(tokens)
         pad = s * self.size - tokens
         lo, hi = self.rank * s, (self.rank + 1) * s
@@ -110,6 +111,24 @@ class SequenceParallel:
         x = x.clone()
         dist.all_reduce(x, group=self.group)
         return x
+
+    def token_statistics(self, ratio: torch.Tensor, cos_dis: torch.Tensor) -> torch.Tensor:
+        """[mean, std (unbiased), mean] of two per-token values [B, S] over the real tokens of the
+        whole group (padding rows left out): what one process computes over the whole sequence.
+
+        Sums in float64 with one all-reduce, on the device (no host synchronisation)."""
+        if self.tokens is None:
+            raise RuntimeError("token_statistics() before a sharded forward")
+        real = self.token_mask(self.tokens, ratio.device)[None]  # [1, S]
+        r = torch.where(real, ratio.double(), 0.0)
+        c = torch.where(real, cos_dis.double(), 0.0)
+        count = real.double().sum() * ratio.shape[0]
+        sums = torch.stack([r.sum(), (r * r).sum(), c.sum(), count])
+        dist.all_reduce(sums, group=self.group)
+        total, squares, cos_total, n = sums.unbind()
+        mean = total / n
+        variance = ((squares - total * mean) / (n - 1)).clamp_min(0.0)
+        return torch.stack([mean, variance.sqrt(), cos_total / n]).float()
 
     def token_mask(self, tokens: int, device: torch.device) -> torch.Tensor:
         """[S] bool: which of this rank's rows are real tokens (not padding)."""
