@@ -18,6 +18,7 @@ Torch-free at import (the checks run before anything loads); `RankRuntime.start`
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -63,9 +64,14 @@ def check_parallel(
         flags = [f for f, on in (("--dit-fsdp", options.dit_fsdp), ("--t5-fsdp", options.t5_fsdp)) if on]
         if flags:
             problem = (
-                f"{' and '.join(flags)} shard(s) over several processes; launch with "
-                "torchrun --nproc-per-node N -m magcache_generate ..., or drop the flag on one GPU"
+                f"{' and '.join(flags)} {'need' if len(flags) > 1 else 'needs'} several processes; launch "
+                "with torchrun --nproc-per-node N -m magcache_generate ..., or drop it on one GPU"
             )
+    if problem is None and options.dit_fsdp and layout.distributed and layout.ulysses < 2:
+        problem = (
+            "--dit-fsdp shards the DiT over a Ulysses group, and this one has 1 rank; add "
+            f"--ulysses-size N (a divisor of the world size {layout.world}), or drop --dit-fsdp"
+        )
     if problem is None and calibrate and layout.cfg_parallel:
         problem = (
             "--magcache-calibrate records both branches on one rank; drop --cfg-parallel for the "
@@ -121,6 +127,7 @@ class RankRuntime:
         self.layout = context.layout
         self._sequence: SequenceParallel | None = None
         self.cfg_exchange: CfgParallel | None = None
+        self._sharded: weakref.WeakSet = weakref.WeakSet()  # the models --dit-fsdp has sharded
         if self.layout.ulysses > 1:
             from wan.distributed.sequence import SequenceParallel
 
@@ -167,6 +174,11 @@ class RankRuntime:
 
         def configure(model: Any) -> None:
             model.sequence_parallel = self._sequence
+            if self.options.dit_fsdp and model not in self._sharded:  # once per loaded expert
+                from wan.distributed.fsdp import shard_weights
+
+                shard_weights(model, self.context.ulysses_group, self.device.type)
+                self._sharded.add(model)
 
         return ConfiguredModels(provider, configure)
 
@@ -210,10 +222,22 @@ class RankRuntime:
             **self.layout.to_json(),
             "backend": "nccl" if self.device.type == "cuda" else "gloo",
             "replica": self.context.role.replica,
-            "dit_fsdp": self.options.dit_fsdp,
+            "dit_fsdp": "blocks sharded over the Ulysses group (FSDP2)" if self.options.dit_fsdp else False,
             "t5_fsdp": "encode on one rank per replica, context broadcast" if self.options.t5_fsdp else False,
             "peak_memory_by_rank": {str(rank): peak for rank, peak in peaks},
         }
+
+    def merge_magcache_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The MagCache call counts of the whole CFG-parallel group (each half caches only its own
+        branch: the cond half's cond calls and the uncond half's uncond calls), in the single-process
+        order (expert, then branch). A collective over the CFG group; unchanged without one."""
+        if self.cfg_exchange is None:
+            return calls
+        cond_half, uncond_half = self.context.gather_objects(calls, group=self.context.cfg_group)
+        merged = [c for c in cond_half if c["branch"] == "cond"]
+        merged += [c for c in uncond_half if c["branch"] == "uncond"]
+        experts = list(dict.fromkeys(c["expert"] for c in cond_half + uncond_half))
+        return sorted(merged, key=lambda c: (experts.index(c["expert"]), c["branch"] != "cond"))
 
     def merge_calibration(self, collector: Any) -> None:
         """The calibration recordings of every replica into `collector` (their writers' copies)."""

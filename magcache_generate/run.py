@@ -323,6 +323,8 @@ def generate_one(
     if components.memory is not None:
         result["memory_plan"] = components.memory.to_json(request)
     magcache_report = finish_cache(cache, request, timings["denoise"])
+    if magcache_report is not None and parallel is not None:  # the other CFG half's branch too
+        magcache_report["calls"] = parallel.merge_magcache_calls(magcache_report["calls"])
     if magcache_report is not None:
         if dense is not None and writer:  # the files it compares exist on the writer only
             with reporter.stage("verify: PSNR/SSIM vs dense"):

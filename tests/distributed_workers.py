@@ -37,7 +37,12 @@ def inputs(model_type: str = "t2v") -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def run_sampling(
-    model_type: str = "t2v", *, ulysses: bool = False, cfg_parallel: bool = False, cache_factory=None
+    model_type: str = "t2v",
+    *,
+    ulysses: bool = False,
+    cfg_parallel: bool = False,
+    fsdp: bool = False,
+    cache_factory=None,
 ) -> tuple[torch.Tensor, object]:
     """A 4-step sampling run of the tiny model on this process (its rank's part when distributed)."""
     model = tiny_model(model_type)
@@ -57,6 +62,10 @@ def run_sampling(
             exchange = CfgParallel.for_group(dist.group.WORLD)
         elif ulysses:
             model.sequence_parallel = SequenceParallel.for_group(dist.group.WORLD)
+        if fsdp:
+            from wan.distributed.fsdp import shard_weights
+
+            shard_weights(model, model.sequence_parallel.group, "cpu")
     noise, context, context_null, cond = inputs(model_type)
     cache = cache_factory(model) if cache_factory is not None else None
     latent = sample(
@@ -74,5 +83,7 @@ def run_sampling(
     return latent, cache
 
 
-def sampling_rank(rank: int, world: int, model_type: str, ulysses: bool, cfg_parallel: bool) -> torch.Tensor:
-    return run_sampling(model_type, ulysses=ulysses, cfg_parallel=cfg_parallel)[0]
+def sampling_rank(
+    rank: int, world: int, model_type: str, ulysses: bool, cfg_parallel: bool, fsdp: bool
+) -> torch.Tensor:
+    return run_sampling(model_type, ulysses=ulysses, cfg_parallel=cfg_parallel, fsdp=fsdp)[0]

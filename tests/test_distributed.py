@@ -17,16 +17,17 @@ def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize(
-    ("world", "model_type", "ulysses", "cfg_parallel"),
+    ("world", "model_type", "ulysses", "cfg_parallel", "fsdp"),
     [
-        (2, "t2v", True, False),  # 45 tokens over 2 ranks: padded shards
-        (3, "ti2v", True, False),  # per-token timesteps follow the shards
-        (2, "t2v", False, True),
-        (4, "t2v", True, True),  # Ulysses 2 x CFG 2
+        (2, "t2v", True, False, False),  # 45 tokens over 2 ranks: padded shards
+        (3, "ti2v", True, False, True),  # per-token timesteps follow the shards; weights sharded too
+        (2, "t2v", False, True, False),
+        (4, "t2v", True, True, False),  # Ulysses 2 x CFG 2
     ],
 )
-def test_parallel_sampling_equals_single_process(world, model_type, ulysses, cfg_parallel):
+def test_parallel_sampling_equals_single_process(world, model_type, ulysses, cfg_parallel, fsdp):
     want, _ = run_sampling(model_type)
-    for rank, got in enumerate(spawn_ranks(sampling_rank, world, model_type, ulysses, cfg_parallel)):
+    args = (model_type, ulysses, cfg_parallel, fsdp)
+    for rank, got in enumerate(spawn_ranks(sampling_rank, world, *args)):
         assert got.shape == want.shape, rank
         assert_close(got, want)

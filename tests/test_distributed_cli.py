@@ -57,7 +57,10 @@ def test_ulysses_and_magcache_equal_one_process(tmp_path, env):
     assert parallel["magcache"]["calls"] == single["magcache"]["calls"]  # same computed/skipped steps
     assert any(c["skipped"] for c in single["magcache"]["calls"])
     record = parallel["parallel"]
-    assert (record["world_size"], record["ulysses_size"], record["backend"]) == (2, 2, "gloo")
+    assert (record["world_size"], record["backend"]) == (2, "gloo")
+    assert (record["ulysses_size"], record["cfg_parallel"]) == (
+        (2, False) if "--ulysses_size" in layout else (1, True)
+    )
     assert sorted(record["peak_memory_by_rank"]) == ["0", "1"]
     assert done.stdout.count("total:") == 1  # rank 0 prints, rank 1 is quiet
 
