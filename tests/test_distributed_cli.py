@@ -42,15 +42,13 @@ def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error:")]
 
 
-def test_ulysses_and_magcache_equal_one_process(tmp_path, env):
+@pytest.mark.parametrize("layout", [["--ulysses_size", "2"], ["--cfg-parallel"]])
+def test_parallel_magcache_run_equals_one_process(tmp_path, env, layout):
     magcache = ["--base-seed", "3", "--use-magcache", "--magcache-thresh", "0.5"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert run_cli([*BASE, *magcache, "--save-file", f"{one}.mp4", "--save-frames", str(one)]) == 0
-    done = torchrun(
-        2,
-        [*BASE, *magcache, "--ulysses_size", "2", "--save-file", f"{two}.mp4", "--save-frames", str(two)],
-        env,
-    )
+    argv = [*BASE, *magcache, *layout, "--save-file", f"{two}.mp4", "--save-frames", str(two)]
+    done = torchrun(2, argv, env)
     assert done.returncode == 0, done.stderr
     assert (frames(one).astype(int) - frames(two).astype(int)).max() <= 1
     single, parallel = (json.loads(Path(f"{p}.json").read_text()) for p in (one, two))
