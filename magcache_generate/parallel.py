@@ -248,10 +248,6 @@ class RankRuntime:
             prompts += part_prompts
         collector.recordings, collector.prompts = recordings, prompts
 
-    def agree_exit_code(self, code: int) -> int:
-        """The highest exit code of any rank, on every rank."""
-        return max(self.context.gather_objects(code))
-
     def close(self) -> None:
         self.context.close()
 

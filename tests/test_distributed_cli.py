@@ -42,7 +42,9 @@ def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error:")]
 
 
-@pytest.mark.parametrize("layout", [["--ulysses_size", "2"], ["--cfg-parallel"]])
+@pytest.mark.parametrize(
+    "layout", [["--ulysses_size", "2", "--dit_fsdp", "--t5_fsdp"], ["--cfg-parallel"]], ids=["ulysses", "cfg"]
+)
 def test_parallel_magcache_run_equals_one_process(tmp_path, env, layout):
     magcache = ["--base-seed", "3", "--use-magcache", "--magcache-thresh", "0.5"]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -60,6 +62,7 @@ def test_parallel_magcache_run_equals_one_process(tmp_path, env, layout):
         (2, False) if "--ulysses_size" in layout else (1, True)
     )
     assert sorted(record["peak_memory_by_rank"]) == ["0", "1"]
+    assert bool(record["dit_fsdp"]) == bool(record["t5_fsdp"]) == ("--dit_fsdp" in layout)
     assert done.stdout.count("total:") == 1  # rank 0 prints, rank 1 is quiet
 
 
