@@ -2,77 +2,20 @@
 
 Upstream Wan's ``generate.py`` and the MagCache script are argparse programs with underscore options
 (``--frame_num 81 --offload_model True --sample_guide_scale 3.0``). ``normalize_argv`` rewrites such
-command lines into this CLI's kebab-case form, so existing scripts keep working unchanged. Options it
-does not know are left alone for typer to reject with its usual "No such option" message.
+command lines into this CLI's kebab-case form, so existing scripts keep working unchanged. The options
+and whether each takes a value are read off the typer command itself (``command_options``), so every
+option has its underscore spelling without a list to keep. Options it does not know are left alone
+for ``check_option_names`` to reject with a suggestion.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 from magcache_generate.request import UserError
-
-# Options that take one value. Their value is copied verbatim, even when it looks like an option.
-VALUE_OPTIONS = frozenset(
-    {
-        "--task",
-        "--size",
-        "--frame-num",
-        "--ckpt-dir",
-        "--save-file",
-        "--prompt",
-        "--negative-prompt",
-        "--base-seed",
-        "--image",
-        "--sample-solver",
-        "--sample-steps",
-        "--sample-shift",
-        "--sample-guide-scale",
-        "--save-frames",
-        "--crf",
-        "--device",
-        "--gpu-memory",
-        "--prompt-file",
-        "--magcache-thresh",
-        "--magcache-K",
-        "--magcache-k",
-        "--retention-ratio",
-        "--magcache-mode",
-        "--magcache-ratios",
-        "--magcache-calibrate",
-        "--magcache-speedup",
-        "--lora",
-        "--lora-high",
-        "--lora-low",
-        "--lora-dir",
-        "--distilled",
-        "--ulysses-size",
-    }
-)
-FLAG_OPTIONS = frozenset(
-    {
-        "--offload-model",
-        "--no-offload-model",
-        "--convert-model-dtype",
-        "--t5-cpu",
-        "--overwrite",
-        "--vae-tiled",
-        "--debug",
-        "--demo",
-        "--use-magcache",
-        "--magcache-plan",
-        "--magcache-verify",
-        "--json",
-        "--cfg-parallel",
-        "--dit-fsdp",
-        "--t5-fsdp",
-        "--help",
-        "--version",
-    }
-)
-KNOWN_OPTIONS = VALUE_OPTIONS | FLAG_OPTIONS
 
 # Upstream parses --offload_model with str2bool; these are the words it accepts.
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
@@ -91,10 +34,12 @@ UPSTREAM_CALIBRATION_FILE = "mag_ratios.json"
 LORA_DIR2 = "--lora-dir2"
 
 
-def normalize_argv(argv: list[str]) -> list[str]:
+def normalize_argv(argv: list[str], options: Mapping[str, bool] | None = None) -> list[str]:
     """Rewrite upstream spellings into this CLI's options; raise ``UserError`` for unusable ones.
+    ``options``: every option of the command -> whether it takes a value (default: the generate
+    command's, ``command_options``).
 
-    * ``--frame_num 81`` / ``--frame_num=81`` -> ``--frame-num 81`` (our known options only);
+    * ``--frame_num 81`` / ``--frame_num=81`` -> ``--frame-num 81`` (any option of the command);
     * ``--offload_model True|False`` (any str2bool word) -> ``--offload-model`` / ``--no-offload-model``;
     * ``--sample_guide_scale 3.0 4.0`` -> ``--sample-guide-scale 3.0,4.0`` (low-noise, high-noise);
     * the prompt-extension settings are dropped (no effect without --use_prompt_extend);
@@ -103,6 +48,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
     Everything after a bare ``--`` is left untouched.
     """
+    options = generate_options() if options is None else options
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -115,7 +61,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
             out.append(token)
             continue
         name, has_inline, inline_value = token.partition("=")
-        name = _canonical_name(name)
+        name = _canonical_name(name, options)
         value = inline_value if has_inline else None
 
         if name in ("--offload-model", "--no-offload-model"):
@@ -132,14 +78,16 @@ def normalize_argv(argv: list[str]) -> list[str]:
             while i < len(argv) and _is_number(argv[i]) and _is_number(value.split(",")[-1]):
                 value, i = f"{value},{argv[i]}", i + 1
             out.append(f"{name}={value}")
-        elif name in VALUE_OPTIONS or name == LORA_DIR2:
+        elif options.get(name) or name == LORA_DIR2:
             if name == LORA_DIR2:
                 name = "--lora-dir"
             if value is None:
                 value, i = _take_value(argv, i, name)
             out.append(
                 f"{name}={value}"
-            )  # the '=' form keeps values such as '-1' or '--x' from being read as options
+            )  # the '=' form keeps values such as '-1' or '--x' from being options
+        elif name in options:
+            out.append(name if value is None else f"{name}={value}")  # typer rejects a value on a flag
         elif name == PROMPT_EXTEND_FLAG:
             raise UserError(
                 f"{token}: prompt extension (Qwen/DashScope) is not supported; write the full prompt in --prompt"
@@ -149,19 +97,30 @@ def normalize_argv(argv: list[str]) -> list[str]:
                 _, i = _take_value(argv, i, name)
         elif name == UPSTREAM_CALIBRATION_FLAG and value is None:
             out.append(f"--magcache-calibrate={UPSTREAM_CALIBRATION_FILE}")
-        elif name in FLAG_OPTIONS:
-            out.append(name if value is None else f"{name}={value}")  # typer rejects a value on a flag
         else:
             out.append(token)  # unknown: typer reports it
     return out
 
 
-def _canonical_name(name: str) -> str:
-    """``--frame_num`` -> ``--frame-num`` when that is an option we know (or map); otherwise unchanged."""
+# Upstream-only spellings this module maps (or refuses with a reason) when the command lacks them.
+UPSTREAM_ONLY = PROMPT_EXTEND_VALUE_OPTIONS | {PROMPT_EXTEND_FLAG, UPSTREAM_CALIBRATION_FLAG, LORA_DIR2}
+
+
+def _canonical_name(name: str, options: Mapping[str, bool]) -> str:
+    """``--frame_num`` -> ``--frame-num`` when that is an option of the command (or one we map);
+    otherwise unchanged."""
     kebab = "--" + name[2:].replace("_", "-")
-    mapped = KNOWN_OPTIONS | PROMPT_EXTEND_VALUE_OPTIONS
-    mapped |= {PROMPT_EXTEND_FLAG, UPSTREAM_CALIBRATION_FLAG, LORA_DIR2}
-    return kebab if kebab in mapped else name
+    return kebab if kebab in options or kebab in UPSTREAM_ONLY else name
+
+
+@functools.cache
+def generate_options() -> dict[str, bool]:
+    """The generate command's options (``command_options`` of the typer app)."""
+    import typer
+
+    from magcache_generate.cli import app  # the command this module serves (imported when first needed)
+
+    return command_options(typer.main.get_command(app))
 
 
 def _take_value(argv: list[str], i: int, name: str) -> tuple[str, int]:

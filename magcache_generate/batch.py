@@ -23,13 +23,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from magcache_generate.request import Request, UserError
 from magcache_generate.validate import GenerateOptions, build_request
+
+if TYPE_CHECKING:
+    from magcache_generate.magcache.plan import Plan
 
 # JSON key -> GenerateOptions field, and the JSON types each accepts.
 OVERRIDE_FIELDS: dict[str, str] = {
@@ -77,6 +81,7 @@ class BatchEntry:
     request: Request
     random_seed: bool  # the seed was drawn at random (printed so the item can be repeated)
     number: int = 0  # item number, as BatchItem.number
+    magcache: Plan | None = None  # the item's MagCache plan, once checked (the command does, before loading)
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ class BatchRow:
 
     number: int
     line: int
-    status: str  # "ok" | "skipped" | "failed"
+    status: str  # "ok" | "skipped" | "failed" | "not run"
     seed: int | None = None
     seconds: float | None = None
     output: str | None = None
@@ -180,6 +185,7 @@ def build_batch(
     *,
     now: datetime | None = None,
     rng: random.Random | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> Batch:
     """One ``Request`` per valid line of the prompt file, ``base`` supplying everything an item omits.
 
@@ -195,7 +201,9 @@ def build_batch(
     for item in items:
         options = dataclasses.replace(base, **item.overrides)
         try:
-            request = build_request(options, now=now, item_index=item.number, check_checkpoint=False, rng=rng)
+            request = build_request(
+                options, now=now, item_index=item.number, check_checkpoint=False, rng=rng, defaults=defaults
+            )
             _claim_outputs(request, f"line {item.line}", owners)
         except UserError as err:
             problems.append(BatchProblem(item.line, str(err), item.number))
@@ -263,7 +271,8 @@ def batch_rows(
     entries: list[BatchEntry], problems: list[BatchProblem], results: list[dict]
 ) -> list[BatchRow]:
     """Every item in file order: skipped ones from ``problems``, the others from their run ``results``
-    (one per entry, in order; a result with ``error`` is a failed item)."""
+    (one per entry, in order; a result with ``error`` is a failed item, one with ``not_run`` was not
+    started: an earlier item left the device unusable)."""
     rows = [BatchRow(p.number, p.line, "skipped", reason=p.message) for p in problems]
     for entry, result in zip(entries, results, strict=True):
         error = result.get("error")
@@ -271,7 +280,7 @@ def batch_rows(
             BatchRow(
                 entry.number,
                 entry.line,
-                "failed" if error else "ok",
+                "not run" if result.get("not_run") else "failed" if error else "ok",
                 seed=entry.request.base_seed,
                 seconds=result.get("total_s"),
                 output=str(entry.request.save_file),

@@ -96,8 +96,8 @@ class RunMemory:
         req = dataclasses.replace(req, cfg_batch=self.plan.cfg_batch)  # as planned for the run
         return plan_memory(req, budget_source=self.source).vae_tile_px
 
-    def to_json(self, request: Request) -> dict[str, Any]:
-        tile = self.decode_tile(request)
+    def record(self, tile: int | None) -> dict[str, Any]:
+        """The sidecar's `memory_plan` of a request whose decode tile is `tile` (`decode_tile`)."""
         return {
             **self.plan.to_json(),
             "vae_tiled": tile is not None,
@@ -105,6 +105,9 @@ class RunMemory:
             "budget_source": self.source,
             "device": str(self.device),
         }
+
+    def to_json(self, request: Request) -> dict[str, Any]:
+        return self.record(self.decode_tile(request))
 
     def render(self) -> str:
         return self.plan.render(self.source)
@@ -181,40 +184,54 @@ def plan_run(
     """Plan every request within the budget, before any weight loads; the DiT placement of the run is
     the leanest of them (fewest resident blocks, smallest chunk). None for a CPU run."""
     from magcache_generate.cfg_batching import planner_policy
-    from wan.memory_plan import PlanInfeasibleError, plan_cfg_batch, plan_memory
 
     budget = resolve_budget(requests[0], device)
     if budget is None:
         return None
     budget_bytes, source = budget
+    memory_requests = [
+        memory_request(request, dit_config, budget_bytes, batch=batch, device=device) for request in requests
+    ]
     cfg_batch = planner_policy(requests, device.type)  # --cfg-batch: room for a batch-2 CFG forward?
+    try:
+        combined = combine_plans(memory_requests, cfg_batch, source)
+    except ItemInfeasibleError as err:
+        request = requests[err.index]
+        where = (
+            f"prompt-file item {err.index + 1} ({request.size}, {request.frame_num} frames): "
+            if batch
+            else ""
+        )
+        raise UserError(f"{where}{err}") from None
+    return RunMemory(combined, source, device, dit_config, batch)
+
+
+class ItemInfeasibleError(ValueError):
+    """The item at `index` has no plan within the budget; the message says why."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+def combine_plans(memory_requests: list[MemoryRequest], cfg_batch: str, source: str) -> MemoryPlan:
+    """One plan for a run from its items' memory requests (each built once, for the run's device): the
+    DiT placement is the leanest of them (fewest resident blocks, smallest chunk), CFG batching only
+    when every item has room for it."""
+    from wan.memory_plan import PlanInfeasibleError, plan_cfg_batch
+
     plans = []
-    for index, request in enumerate(requests):
+    for index, req in enumerate(memory_requests):
         try:
-            plans.append(
-                plan_cfg_batch(
-                    memory_request(request, dit_config, budget_bytes, batch=batch, device=device),
-                    cfg_batch,
-                    budget_source=source,
-                )
-            )
+            plans.append(plan_cfg_batch(req, cfg_batch, budget_source=source))
         except PlanInfeasibleError as err:
-            where = (
-                f"prompt-file item {index + 1} ({request.size}, {request.frame_num} frames): "
-                if batch
-                else ""
-            )
-            raise UserError(f"{where}{err}") from None
+            raise ItemInfeasibleError(index, str(err)) from None
     if len({p.cfg_batch for p in plans}) > 1:  # auto batches a run only when every item has room
-        plans = [
-            plan_memory(memory_request(r, dit_config, budget_bytes, batch=batch), budget_source=source)
-            for r in requests
-        ]
+        plans = [plan_cfg_batch(req, "off", budget_source=source) for req in memory_requests]
     leanest = min(plans, key=lambda p: (p.resident_blocks, p.activation_chunk or math.inf))
     chunks = [p.activation_chunk for p in plans if p.activation_chunk is not None]
-    combined = dataclasses.replace(
+    return dataclasses.replace(
         leanest,
         activation_chunk=min(chunks) if chunks else None,
         t5_on_cpu=any(p.t5_on_cpu for p in plans),
     )
-    return RunMemory(combined, source, device, dit_config, batch)

@@ -7,16 +7,13 @@ models load only inside the command, after every input has been validated.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
+import inspect
 import io
 import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import Enum
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -25,18 +22,10 @@ from magcache_generate.allocator import prefer_expandable_segments
 from magcache_generate.argv import check_option_names, command_options, normalize_argv
 from magcache_generate.atomic import OutputPathError
 from magcache_generate.command import EXIT_FAILURE, run_command
-from magcache_generate.parallel import ParallelOptions, RankFailed, silent_error
+from magcache_generate.options import GenerateOptions, option_parameters
+from magcache_generate.parallel import RankFailed, silent_error
 from magcache_generate.request import OutOfMemory, UserError
-from magcache_generate.validate import (
-    MAX_FRAME_NUM,
-    MAX_SAMPLE_STEPS,
-    GenerateOptions,
-)
-from wan.attention_backends import BACKENDS as ATTENTION_BACKENDS
 from wan.errors import CheckpointError
-
-if TYPE_CHECKING:
-    pass
 
 try:  # typer >= 0.16 ships its own copy of click
     from typer._click.exceptions import ClickException
@@ -49,49 +38,6 @@ EXIT_INTERRUPTED = 130
 # Errors that are the user's to fix, also when raised while running: one line, exit 2, no traceback
 # (unless --debug). FileExistsError: an output appeared while we generated.
 USER_ERRORS = (UserError, CheckpointError, FileExistsError, OutputPathError)
-
-# Options grouped into rich help panels.
-InTask = functools.partial(typer.Option, rich_help_panel="Task")
-InSampling = functools.partial(typer.Option, rich_help_panel="Sampling")
-InMemory = functools.partial(typer.Option, rich_help_panel="Memory")
-InOutput = functools.partial(typer.Option, rich_help_panel="Output")
-InMagCache = functools.partial(typer.Option, rich_help_panel="MagCache")
-InBatch = functools.partial(typer.Option, rich_help_panel="Batch")
-InLora = functools.partial(typer.Option, rich_help_panel="LoRAs and distilled models")
-InSpeed = functools.partial(typer.Option, rich_help_panel="Speed")
-InParallel = functools.partial(typer.Option, rich_help_panel="Several GPUs (under torchrun)")
-
-
-class Task(str, Enum):
-    t2v_a14b = "t2v-A14B"
-    i2v_a14b = "i2v-A14B"
-    ti2v_5b = "ti2v-5B"
-
-
-class Solver(str, Enum):
-    unipc = "unipc"
-    dpmpp = "dpm++"
-    euler = "euler"
-
-
-class Distilled(str, Enum):
-    lightning = "lightning"
-    none = "none"
-
-
-AttentionBackend = Enum("AttentionBackend", {name: name for name in ATTENTION_BACKENDS}, type=str)
-
-
-class CfgBatchMode(str, Enum):
-    auto = "auto"
-    on = "on"
-    off = "off"
-
-
-class MagCacheMode(str, Enum):
-    aligned = "aligned"
-    official = "official"
-
 
 app = typer.Typer(
     name=PROG,
@@ -110,233 +56,33 @@ def _show_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.command()
-def generate(
-    task: Annotated[Task, InTask(help="What to generate.")] = Task.t2v_a14b,
-    ckpt_dir: Annotated[Path | None, InTask(help="Folder with the task's official weights.")] = None,
-    prompt: Annotated[
-        str | None, InTask(help="Text prompt", show_default="upstream's example prompt")
-    ] = None,
-    negative_prompt: Annotated[
-        str | None, InTask(help="Negative prompt", show_default="the official one")
-    ] = None,
-    image: Annotated[
-        Path | None, InTask(help="First frame: required by i2v-A14B, optional for ti2v-5B.")
-    ] = None,
-    size: Annotated[
-        str | None, InTask(help="W*H (or WxH)", show_default="1280*720; ti2v-5B 1280*704")
-    ] = None,
-    frame_num: Annotated[
-        int | None, InTask(help=f"Frames, 4n+1, at most {MAX_FRAME_NUM}", show_default="81; ti2v-5B 121")
-    ] = None,
-    demo: Annotated[
-        bool, InTask("--demo", help="Use tiny random weights (no download; the video is noise).")
-    ] = False,
-    sample_solver: Annotated[
-        Solver | None, InSampling(help="Sampler.", show_default="unipc; euler with --distilled lightning")
-    ] = None,
-    sample_steps: Annotated[
-        int | None, InSampling(help=f"Steps, at most {MAX_SAMPLE_STEPS}", show_default="40; ti2v-5B 50")
-    ] = None,
-    sample_shift: Annotated[
-        float | None, InSampling(help="Sigma shift", show_default="12 t2v; 5 i2v, ti2v")
-    ] = None,
-    sample_guide_scale: Annotated[
-        str | None,
-        InSampling(
-            help="CFG scale: one value, or two 'LOW HIGH' for the low- and high-noise experts",
-            show_default="3.0 4.0 t2v; 3.5 i2v; 5.0 ti2v",
-        ),
-    ] = None,
-    base_seed: Annotated[int, InSampling(help="Seed; -1 draws a random one (printed).")] = -1,
-    device: Annotated[str, InMemory(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    offload_model: Annotated[
-        bool | None,
-        InMemory(
-            "--offload-model/--no-offload-model",
-            help="Move models off the GPU when idle",
-            show_default="on, as upstream on one GPU",
-        ),
-    ] = None,
-    convert_model_dtype: Annotated[
-        bool, InMemory("--convert-model-dtype", help="Keep the DiT weights in bf16 (upstream's flag).")
-    ] = False,
-    t5_cpu: Annotated[bool, InMemory("--t5-cpu", help="Run the text encoder on the CPU.")] = False,
-    vae_tiled: Annotated[
-        bool, InMemory("--vae-tiled", help="Decode the VAE in tiles (less memory).")
-    ] = False,
-    attention: Annotated[
-        AttentionBackend,
-        InSpeed(
-            help="Attention kernel: auto picks the fastest exact one (FlashAttention-3 if installed, on "
-            "Hopper; else PyTorch SDPA's choice); or force cudnn, flash, efficient, math (SDPA) or fa3, fa2."
-        ),
-    ] = AttentionBackend.auto,
-    compile: Annotated[
-        bool,
-        InSpeed(
-            "--compile",
-            help="torch.compile the transformer block (once per video size; its time is reported apart).",
-        ),
-    ] = False,
-    cfg_batch: Annotated[
-        CfgBatchMode,
-        InSpeed(
-            help="CFG steps as one batch-2 forward (cond and uncond stacked; same math): auto = on for CUDA "
-            "runs whose memory plan has room for the doubled activations, off on the CPU; on forces it."
-        ),
-    ] = CfgBatchMode.auto,
-    gpu_memory: Annotated[
-        str | None,
-        InMemory(
-            help="GPU memory budget in GB (GiB), or auto: plans resident/streamed DiT blocks, text encoder "
-            "placement, VAE tiling and FFN chunking to fit it",
-            show_default="auto: free memory minus a margin",
-        ),
-    ] = None,
-    save_file: Annotated[
-        Path | None, InOutput(help="Output video", show_default="upstream's name pattern, shell-safe")
-    ] = None,
-    save_frames: Annotated[
-        Path | None, InOutput(help="Also write every frame as PNG into this folder.")
-    ] = None,
-    overwrite: Annotated[bool, InOutput("--overwrite", help="Replace existing outputs.")] = False,
-    crf: Annotated[int, InOutput(help="H.264 quality, 0 (lossless) to 51.")] = 10,
-    use_magcache: Annotated[
-        bool, InMagCache("--use-magcache", help="Skip DiT block stacks whose output MagCache predicts.")
-    ] = False,
-    magcache_thresh: Annotated[
-        float | None, InMagCache(help="Error budget", show_default="0.06 preset")
-    ] = None,
-    magcache_k: Annotated[
-        int | None,
-        InMagCache("--magcache-K", "--magcache-k", help="Most consecutive skips", show_default="2"),
-    ] = None,
-    retention_ratio: Annotated[
-        float | None, InMagCache(help="Share of steps that always compute first", show_default="per task")
-    ] = None,
-    magcache_mode: Annotated[
-        MagCacheMode | None,
-        InMagCache(
-            help="aligned (defects fixed) or official (upstream call for call)", show_default="aligned"
-        ),
-    ] = None,
-    magcache_ratios: Annotated[
-        Path | None, InMagCache(help="Calibrated ratios JSON", show_default="the official curve")
-    ] = None,
-    magcache_calibrate: Annotated[
-        Path | None, InMagCache(help="Dense run that records the ratios into this JSON file.")
-    ] = None,
-    magcache_speedup: Annotated[
-        float | None, InMagCache(help="Pick the smallest threshold reaching this ideal speedup.")
-    ] = None,
-    magcache_verify: Annotated[
-        bool,
-        InMagCache(
-            "--magcache-verify",
-            help="Also run dense (same seed) and report the measured speedup and PSNR/SSIM vs the dense "
-            "video (written as <name>.dense.mp4).",
-        ),
-    ] = False,
-    magcache_plan: Annotated[
-        bool,
-        InMagCache(
-            "--magcache-plan", help="Print which steps MagCache would skip, then exit (loads nothing)."
-        ),
-    ] = False,
-    as_json: Annotated[
-        bool, InMagCache("--json", help="With --magcache-plan: print one JSON object.")
-    ] = False,
-    lora: Annotated[
-        list[str] | None,
-        InLora(
-            help="LoRA merged into every expert at load: FILE or FILE:SCALE (repeatable).",
-            show_default=False,
-            metavar="FILE[:SCALE]",
-        ),
-    ] = None,
-    lora_high: Annotated[
-        list[str] | None,
-        InLora(
-            help="LoRA for the A14B high-noise expert only (repeatable).",
-            show_default=False,
-            metavar="FILE[:SCALE]",
-        ),
-    ] = None,
-    lora_low: Annotated[
-        list[str] | None,
-        InLora(
-            help="LoRA for the A14B low-noise expert only (repeatable).",
-            show_default=False,
-            metavar="FILE[:SCALE]",
-        ),
-    ] = None,
-    lora_dir: Annotated[
-        list[Path] | None,
-        InLora(
-            help="Lightning fork layout: DIR/high_noise_model.safetensors + low_noise_model.safetensors "
-            "(ti2v-5B: diffusion_pytorch_model.safetensors); implies --distilled lightning.",
-            show_default=False,
-            metavar="DIR",
-        ),
-    ] = None,
-    distilled: Annotated[
-        Distilled | None,
-        InLora(
-            help="Step-distilled recipe: lightning = 4 steps, shift 5, guide 1, euler (unset options only)."
-        ),
-    ] = None,
-    ulysses_size: Annotated[
-        int,
-        InParallel(
-            help="Ulysses sequence parallel: split each video's tokens over this many ranks (must divide "
-            "the attention heads: 40 for A14B, 24 for ti2v-5B)."
-        ),
-    ] = 1,
-    cfg_parallel: Annotated[
-        bool,
-        InParallel(
-            "--cfg-parallel", help="Run the cond and uncond forwards of a step on two rank groups at once."
-        ),
-    ] = False,
-    dit_fsdp: Annotated[
-        bool, InParallel("--dit-fsdp", help="Shard the DiT weights over the ranks of a group (FSDP2).")
-    ] = False,
-    t5_fsdp: Annotated[
-        bool,
-        InParallel(
-            "--t5-fsdp", help="Encode the text on one rank per group and share it (saves its memory)."
-        ),
-    ] = False,
-    prompt_file: Annotated[
-        Path | None, InBatch(help="One prompt (or JSON object) per line; models load once.")
-    ] = None,
-    debug: Annotated[bool, InBatch("--debug", help="Show tracebacks.")] = False,
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version and exit."),
-    ] = False,
-) -> None:
+def generate(**params: object) -> None:
     """Generate a video with Wan 2.2, optionally with MagCache step skipping."""
-    # The parameters carry GenerateOptions' field names; enums become their plain string values.
-    given = locals()
-    options = GenerateOptions(**{f.name: _plain(given[f.name]) for f in dataclasses.fields(GenerateOptions)})
-    with _reported_errors(debug):
-        code = run_command(
-            options,
-            prompt_file=prompt_file,
-            demo=demo,
-            plan=magcache_plan,
-            as_json=as_json,
-            debug=debug,
-            parallel=ParallelOptions(ulysses_size, cfg_parallel, dit_fsdp, t5_fsdp),
-        )
+    options = GenerateOptions.from_params(params)
+    with _reported_errors(options.debug):
+        code = run_command(options)
     if code:
         raise typer.Exit(code)
 
 
-def _plain(value: object) -> object:
-    return value.value if isinstance(value, Enum) else value
+# The parameters are GenerateOptions' fields (options.py), plus --version.
+generate.__signature__ = inspect.Signature(
+    [
+        *option_parameters(),
+        inspect.Parameter(
+            "version",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool,
+                typer.Option(
+                    "--version", callback=_show_version, is_eager=True, help="Show the version and exit."
+                ),
+            ],
+        ),
+    ]
+)
+app.command()(generate)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -414,8 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             prefer_expandable_segments()  # before anything touches CUDA (the budget probe does)
             command = typer.main.get_command(app)
-            args = normalize_argv(argv)
-            check_option_names(args, command_options(command))
+            options = command_options(command)  # every spelling, from the command itself
+            args = normalize_argv(argv, options)
+            check_option_names(args, options)
             code = command.main(args=args, prog_name=PROG, standalone_mode=False)
     except (Exception, KeyboardInterrupt) as err:
         code = exit_code_for(err, debug, prog)

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from magcache_generate.distilled import apply_distilled
 from magcache_generate.fast_path import fast_path_notes
 from magcache_generate.loras import check_loras
+from magcache_generate.options import GenerateOptions
 from magcache_generate.parallel import ParallelOptions, check_parallel, is_main_rank, quiet_console
 from magcache_generate.plan_check import check_magcache_plan, print_plan
 from magcache_generate.request import UserError
-from magcache_generate.validate import GenerateOptions, build_request, plan_settings, task_config
+from magcache_generate.validate import build_request, plan_settings, task_config
 
 if TYPE_CHECKING:
     from magcache_generate.batch import Batch
@@ -24,44 +24,37 @@ if TYPE_CHECKING:
 EXIT_FAILURE = 1  # a run (or a batch item) failed after loading
 
 
-def run_command(
-    options: GenerateOptions,
-    *,
-    prompt_file: Path | None = None,
-    demo: bool = False,
-    plan: bool = False,
-    as_json: bool = False,
-    debug: bool = False,
-    parallel: ParallelOptions | None = None,
-) -> int:
-    """Validate everything, then plan (``plan``) or generate; returns the exit code."""
+def run_command(options: GenerateOptions) -> int:
+    """Validate everything, then print the MagCache plan (--magcache-plan) or generate; returns the
+    exit code."""
     from magcache_generate.progress import make_console
 
     started = time.perf_counter()
     console = quiet_console(make_console())  # under torchrun only rank 0 prints
-    if as_json and not plan:
+    demo, prompt_file, debug = options.demo, options.prompt_file, options.debug
+    if options.as_json and not options.magcache_plan:
         raise UserError("--json only applies to --magcache-plan; drop it or add --magcache-plan")
-    if plan:
-        print_plan(plan_settings(options), as_json=as_json)
+    if options.magcache_plan:
+        print_plan(plan_settings(options), as_json=options.as_json)
         return 0
     if demo and options.ckpt_dir is not None:
         raise UserError("--demo builds its own tiny checkpoint; drop --ckpt-dir (or --demo)")
-    options = apply_distilled(options)  # before the demo's defaults: the recipe's step count wins
-    if demo:
-        options = with_demo_defaults(options)
+    defaults = demo_defaults(options.task) if demo else None  # under the distilled recipe's
     batch = None
     if prompt_file is not None:
-        batch = batch_requests(options, prompt_file)
+        batch = batch_requests(options, prompt_file, defaults)
         requests = [e.request for e in batch.entries]
         random_seeds = [e.random_seed for e in batch.entries]
+        magcache = [e.magcache for e in batch.entries]
     else:
-        requests = [build_request(options, check_checkpoint=False)]
+        requests = [build_request(options, check_checkpoint=False, defaults=defaults)]
         random_seeds = [options.base_seed == -1]
-    parallel = parallel or ParallelOptions()
+        magcache = [check_magcache_plan(requests[0])]
+    parallel = ParallelOptions(options.ulysses_size, options.cfg_parallel, options.dit_fsdp, options.t5_fsdp)
     uses_cfg = any(g != 1 for r in requests for g in r.guide_scale)
     calibrate = requests[0].magcache.calibrate_file is not None
     layout = check_parallel(parallel, uses_cfg=uses_cfg, prompt_file=batch is not None, calibrate=calibrate)
-    for note in fast_path_notes(options, requests[0], check_magcache_plan(requests[0])):
+    for note in fast_path_notes(options, requests[0], magcache[0]):
         console.print(note, soft_wrap=True)  # before anything loads
 
     cfg = task_config(options.task)
@@ -81,24 +74,32 @@ def run_command(
     if layout.distributed:  # the heads are known now (the checkpoint's config), still before loading
         from magcache_generate.parallel_run import dit_heads, run_parallel
 
+        heads = dit_heads(ckpt_dir, cfg)
         check_parallel(
-            parallel, uses_cfg=uses_cfg, prompt_file=batch is not None, num_heads=dit_heads(ckpt_dir, cfg)
+            parallel, uses_cfg=uses_cfg, prompt_file=batch is not None, calibrate=calibrate, num_heads=heads
         )
         return run_parallel(
-            layout, parallel, requests, random_seeds, batch, console=console, debug=debug, started=started
+            layout,
+            parallel,
+            requests,
+            random_seeds,
+            magcache,
+            batch,
+            console=console,
+            debug=debug,
+            started=started,
         )
     print_random_seeds(console, requests, random_seeds)
 
     from magcache_generate.run import run_requests  # torch and the models: only now
 
-    if batch is None:
-        results = run_requests(requests, console=console, debug=debug)
-        failed = [r for r in results if isinstance(r, dict) and r.get("error")]
-        return EXIT_FAILURE if failed else 0
+    if batch is None:  # one video: a failure raises (and is reported by the caller)
+        run_requests(requests, console=console, debug=debug, magcache=magcache)
+        return 0
     from magcache_generate.batch import batch_exit_code, batch_rows
     from magcache_generate.progress import print_batch
 
-    results = run_requests(requests, console=console, debug=debug, batch=True)
+    results = run_requests(requests, console=console, debug=debug, batch=True, magcache=magcache)
     rows = batch_rows(batch.entries, batch.problems, results)
     print_batch(console, rows, time.perf_counter() - started)
     return batch_exit_code(rows)
@@ -115,33 +116,32 @@ def print_random_seeds(console, requests: list, random_seeds: list[bool]) -> Non
             )
 
 
-def with_demo_defaults(options: GenerateOptions) -> GenerateOptions:
-    """The demo's small size, frame count and step count, where the user gave none."""
+def demo_defaults(task: str) -> dict[str, object]:
+    """The demo's small size, frame count and step count, for the options the user (and the distilled
+    recipe) left unset."""
     from magcache_generate.demo import DEMO_OVERRIDES, DEMO_SIZES
 
-    defaults = {k: v for k, v in DEMO_OVERRIDES.items() if getattr(options, k) is None}
-    if options.size is None and options.task in DEMO_SIZES:
-        defaults["size"] = DEMO_SIZES[options.task]
-    return dataclasses.replace(options, **defaults)
+    return {**DEMO_OVERRIDES, **({"size": DEMO_SIZES[task]} if task in DEMO_SIZES else {})}
 
 
-def batch_requests(options: GenerateOptions, prompt_file: Path) -> Batch:
-    """The prompt file's runnable items; bad ones are reported on stderr (and kept as problems)."""
+def batch_requests(options: GenerateOptions, prompt_file: Path, defaults: dict[str, object] | None) -> Batch:
+    """The prompt file's runnable items, each with its MagCache plan; bad ones are reported on stderr
+    (and kept as problems)."""
     from magcache_generate.batch import Batch, BatchProblem, build_batch
 
     if options.prompt is not None:
         raise UserError("--prompt and --prompt-file exclude each other; put the prompt into the file")
     if options.save_file is not None:
         raise UserError("--save-file names one video; with --prompt-file set save_file per line (JSON Lines)")
-    batch = build_batch(options, prompt_file)
+    batch = build_batch(options, prompt_file, defaults=defaults)
     entries, problems = [], list(batch.problems)
     for entry in batch.entries:
         try:
-            check_magcache_plan(entry.request)
+            plan = check_magcache_plan(entry.request)
         except UserError as err:
             problems.append(BatchProblem(entry.line, str(err), entry.number))
             continue
-        entries.append(entry)
+        entries.append(dataclasses.replace(entry, magcache=plan))
     problems.sort(key=lambda p: p.line)
     for problem in problems if is_main_rank() else ():
         typer.echo(f"skipped: {prompt_file} {problem}", err=True)

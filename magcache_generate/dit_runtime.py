@@ -35,8 +35,11 @@ class ConfiguredModels:
 class DitRuntime:
     """One attention policy and (with --compile) one block compiler, shared by every expert and item."""
 
-    def __init__(self, attention: str, compile: bool, device: torch.device):
-        check_attention(attention, device.type)  # --device auto is known only now: before any weight loads
+    def __init__(self, attention: str, compile: bool, device: torch.device, *, type_checked: bool = False):
+        """`type_checked`: the request validation already checked `attention` against an explicit
+        --device; with --device auto the device type is known only now (still before any weight loads)."""
+        if not type_checked:
+            check_attention(attention, device.type)
         self.attention = AttentionPolicy(attention)
         try:
             self.attention.check_device(device)
@@ -46,7 +49,7 @@ class DitRuntime:
 
     @classmethod
     def for_request(cls, request: Request, device: torch.device) -> DitRuntime:
-        return cls(request.attention, request.compile, device)
+        return cls(request.attention, request.compile, device, type_checked=request.device != "auto")
 
     def configure(self, model: nn.Module) -> None:
         model.attention = self.attention

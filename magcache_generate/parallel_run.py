@@ -34,13 +34,15 @@ def run_parallel(
     options: ParallelOptions,
     requests: list[Request],
     random_seeds: list[bool],
+    magcache: list[Any],
     batch: Batch | None,
     *,
     console: Console,
     debug: bool,
     started: float,
 ) -> int:
-    """This rank's part of the run; returns the run's exit code (the same on every rank)."""
+    """This rank's part of the run; returns the run's exit code (the same on every rank). `magcache`:
+    each request's MagCache plan, checked before loading."""
     from magcache_generate.run import run_requests
 
     runtime = RankRuntime.start(layout, options, requests[0].device)
@@ -55,6 +57,7 @@ def run_parallel(
                 console=console,
                 debug=debug,
                 batch=batch is not None,
+                magcache=[magcache[i] for i in indices],
                 parallel=runtime,
             )
         except KeyboardInterrupt:

@@ -222,7 +222,7 @@ def batch_table(rows: Sequence[BatchRow], console: Console | None = None) -> Tab
     table = _table(console or make_console(), "batch")
     for column in ("#", "line", "status", "seed", "seconds", "output / reason"):
         table.add_column(column, justify="right" if column in ("line", "seconds") else "left")
-    style = {"ok": "green", "skipped": "yellow", "failed": "red"}
+    style = {"ok": "green", "skipped": "yellow", "failed": "red", "not run": "red"}
     for row in rows:
         table.add_row(
             f"{row.number:03d}",
@@ -237,9 +237,11 @@ def batch_table(rows: Sequence[BatchRow], console: Console | None = None) -> Tab
 
 def print_batch(console: Console, rows: Sequence[BatchRow], seconds: float) -> None:
     print_table(console, batch_table(rows, console))
-    counts = {status: sum(r.status == status for r in rows) for status in ("ok", "skipped", "failed")}
+    statuses = ("ok", "skipped", "failed", "not run")
+    counts = {status: sum(r.status == status for r in rows) for status in statuses}
+    not_run = f", {counts['not run']} not run" if counts["not run"] else ""
     console.print(
         f"batch: {len(rows)} item(s), {counts['ok']} ok, {counts['skipped']} skipped, "
-        f"{counts['failed']} failed; total {seconds:.1f} s",
+        f"{counts['failed']} failed{not_run}; total {seconds:.1f} s",
         markup=False,
     )

@@ -19,14 +19,14 @@ from magcache_generate.magcache.session import TimedCache
 from magcache_generate.magcache.verify import synchronize
 from magcache_generate.metering import StageMeter
 from magcache_generate.progress import Reporter
-from magcache_generate.request import Request
 from magcache_generate.video_io import to_uint8_frames, write_frames_png, write_mp4
 from wan.conditioning import Conditioning
 from wan.sampling import ModelProvider, StepInfo, sample
 from wan.schedule import Schedule
 
 if TYPE_CHECKING:
-    from magcache_generate.run import Components
+    from magcache_generate.models import Models
+    from magcache_generate.run_plan import RequestPlan, RunPlan
 
 
 @dataclass(frozen=True)
@@ -80,15 +80,15 @@ def release_cache(cache: Any) -> None:
         release()
 
 
-def autocast_for(components: Components) -> AbstractContextManager:
+def autocast_for(run: RunPlan) -> AbstractContextManager:
     """bf16 autocast for float32 parameters on CUDA (upstream's default regime); nothing otherwise.
     The weight storage decides it: its bf16-stored Linears are exact only under that autocast."""
-    return components.weights.autocast_context(components.device)
+    return run.weights.autocast_context(run.device)
 
 
 def render_video(
-    components: Components,
-    request: Request,
+    models: Models,
+    plan: RequestPlan,
     reporter: Reporter,
     inputs: SamplingInputs,
     cache: TimedCache | None,
@@ -103,7 +103,7 @@ def render_video(
     per-stage GPU peaks under `stage_prefix` + denoise/decode); expert loads and compiling are excluded
     from the denoising time."""
     timings: dict[str, float] = {}
-    task, device = components.task, components.device
+    request, run = plan.request, plan.run
     denoise = reporter.task(label, total=len(inputs.schedule))
     dit_calls = {"cond": 0, "uncond": 0}
     cfg_steps = {"cfg": 0, "batched": 0}
@@ -115,14 +115,10 @@ def render_video(
         cfg_steps["batched"] += int(info.batched)
         reporter.advance(denoise, detail=f"t={info.timestep:g} {info.expert} cfg {info.guide_scale:g}")
 
-    parallel = components.parallel
-    provider = components.dit_runtime.models(components.experts)
-    if parallel is not None:  # the models shard their tokens over this rank's Ulysses group
-        provider = parallel.models(provider)
-    experts = _MeteredExperts(provider, device)
-    compile_before = components.dit_runtime.compile_seconds
+    experts = _MeteredExperts(models.dit(), run.device)
+    compile_before = run.dit_runtime.compile_seconds
     denoise_stage = f"{stage_prefix}denoise"
-    with meter.stage(denoise_stage), autocast_for(components):
+    with meter.stage(denoise_stage), autocast_for(run):
         cpu_start = time.process_time()
         latent = sample(
             inputs.noise,
@@ -131,35 +127,33 @@ def render_video(
             inputs.context,
             inputs.context_null,
             guide_scale=request.guide_scale,
-            boundary=task.boundary,
+            boundary=run.task.boundary,
             conditioning=inputs.conditioning,
             cache=cache,
             on_step=on_step,
-            cfg_batch=components.cfg_batch.batched,
-            cfg_parallel=parallel.cfg_exchange if parallel is not None else None,
+            cfg_batch=run.cfg_batch.batched,
+            cfg_parallel=run.parallel.cfg_exchange if run.parallel is not None else None,
         )
         denoise_cpu_s = time.process_time() - cpu_start - experts.cpu_seconds
-    compile_s = components.dit_runtime.compile_seconds - compile_before
+    compile_s = run.dit_runtime.compile_seconds - compile_before
     timings["load_transformer"] = experts.seconds
     if request.compile:
         timings["compile"] = compile_s
     timings["denoise"] = meter.seconds[denoise_stage] - experts.seconds - compile_s
 
     release_cache(cache)  # MagCache's residuals are not needed by the decode: free them first
-    if components.offload:
-        components.experts.offload_all()
-    if parallel is not None and not parallel.is_writer:  # one writer per replica: it decodes and writes
+    models.after_denoise()
+    if not run.writer:  # under torchrun one rank per replica decodes and writes
         return Rendered((), timings, denoise_cpu_s, dit_calls, compile_s, cfg_steps)
-    tile_px = components.memory.decode_tile(request) if components.memory is not None else None
     decode_stage = f"{stage_prefix}decode"
     with meter.stage(decode_stage), reporter.stage("decoding video"):
-        video = decode_latent(components.vae(), latent, request.vae_tiled, tile_px)
+        video = decode_latent(models.vae(), latent, request.vae_tiled, plan.decode_tile)
     timings["decode"] = meter.seconds[decode_stage]
 
     start = time.perf_counter()
     frames = to_uint8_frames(video.cpu())
     with reporter.stage("writing video"):
-        write_mp4(frames, save_file, fps=task.fps, crf=request.crf, overwrite=request.overwrite)
+        write_mp4(frames, save_file, fps=run.task.fps, crf=request.crf, overwrite=request.overwrite)
         if save_frames is not None:
             write_frames_png(frames, save_frames, overwrite=request.overwrite)
     timings["write"] = time.perf_counter() - start

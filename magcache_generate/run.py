@@ -1,392 +1,168 @@
-"""Orchestration only: load components once, then per request encode -> sample -> decode -> write.
+"""Orchestration only: plan the run, hold its models, then per request condition -> denoise -> decode ->
+write. The decisions are made by `run_plan` (once per run, once per request), the models are held by
+`models.Models`, the sample is conditioned by `conditioner.Conditioner`.
 
 Heavy imports (torch, transformers, wan.modules) happen here, never at CLI import time.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import platform
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
 from rich.markup import escape
 
-import wan
-from magcache_generate import __version__
-from magcache_generate.budget import plan_run
-from magcache_generate.cfg_batching import decide_cfg_batch
-from magcache_generate.dit_runtime import DitRuntime
-from magcache_generate.loras import expert_specs, lora_records
+from magcache_generate.conditioner import Conditioner
 from magcache_generate.magcache.calibration import CalibrationRecorder
-from magcache_generate.magcache.session import CalibrationCollector, build_cache, finish_cache
+from magcache_generate.magcache.session import CalibrationCollector, TimedCache, build_cache, finish_cache
 from magcache_generate.magcache.verify import verify_report, warm_up
 from magcache_generate.metering import StageMeter
+from magcache_generate.models import Models
 from magcache_generate.progress import Reporter, print_result
+from magcache_generate.record import result_record
 from magcache_generate.render import Rendered, SamplingInputs, autocast_for, render_video
 from magcache_generate.request import OutOfMemory, Request
-from magcache_generate.video_io import read_image, write_sidecar
-from wan.conditioning import Conditioning, i2v_mask, i2v_video
-from wan.configs import SIZES, TASKS, TaskConfig, max_area
-from wan.experts import ExpertPool
-from wan.image_prep import i2v_first_frame, ti2v_first_frame
-from wan.loading import locate_transformer_files, read_transformer_config
-from wan.schedule import make_schedule
-from wan.tokenizer import load_tokenizer
-from wan.weight_storage import WeightStorage
+from magcache_generate.run_plan import RequestPlan, RunPlan, magcache_plans, plan_request
+from magcache_generate.video_io import write_sidecar
 
 if TYPE_CHECKING:
+    from magcache_generate.magcache.plan import Plan
     from magcache_generate.parallel import RankRuntime
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-class Components:
-    """Models shared by every request of a batch (same task and checkpoint), loaded lazily."""
-
-    def __init__(
-        self,
-        first: Request,
-        reporter: Reporter,
-        *,
-        batch: bool,
-        requests: list[Request] | None = None,
-        parallel: RankRuntime | None = None,
-    ):
-        self.parallel = parallel  # this rank's part of a torchrun run (None: one process)
-        self.task: TaskConfig = TASKS[first.task]
-        self.ckpt = Path(first.ckpt_dir)
-        self.device = resolve_device(first.device)
-        # --convert-model-dtype: bf16 parameters (upstream regime b). Otherwise float32 parameters, run
-        # under bf16 autocast on CUDA (upstream regime a) and in plain float32 on CPU (the goldens' regime).
-        self.dtype = torch.bfloat16 if first.convert_model_dtype else torch.float32
-        # per-parameter storage: under autocast the Linears it casts to bf16 are stored in bf16 (exact)
-        self.weights = WeightStorage.for_run(self.dtype, self.device)
-        self.offload = first.offload_model
-        self.reporter = reporter
-        self.dit_runtime = DitRuntime.for_request(first, self.device)  # --attention, --compile
-        paths = (
-            {"single": self.ckpt}
-            if not self.task.two_experts
-            else {
-                "high": self.ckpt / self.task.high_noise_checkpoint,
-                "low": self.ckpt / self.task.low_noise_checkpoint,
-            }
-        )
-        self.dit_config = read_transformer_config(next(iter(paths.values())))
-        # The memory plan, from headers and shapes only: an infeasible budget stops here, before loading.
-        self.memory = plan_run(requests or [first], self.dit_config, self.device, batch=batch)
-        if self.memory is not None:
-            reporter.log(self.memory.render())
-        self.cfg_batch = decide_cfg_batch(requests or [first], self.device.type, self.memory)  # --cfg-batch
-        t5_cpu = first.t5_cpu or (self.memory is not None and self.memory.plan.t5_on_cpu)
-        self.t5_device = torch.device("cpu") if t5_cpu else self.device
-        self.experts = ExpertPool(
-            paths,
-            dtype=self.dtype,
-            storage=self.weights,
-            device=self.device,
-            offload=self.offload,
-            keep_inactive=batch,
-            on_load=self._start_loading,
-            on_shard=lambda shard: reporter.advance(self._loading_task, detail=shard.name),
-            loras=expert_specs(first.loras, list(paths)),  # merged as each expert loads
-            placement=self.memory.placement() if self.memory is not None else None,
-            on_warning=lambda message: reporter.log(f"[yellow]warning[/]: {message}"),
-        )
-        self._loading_task = 0
-        self._text_encoder = None
-        self._tokenizer = None
-        self._vae = None
-        self.load_seconds = 0.0
-
-    def _start_loading(self, expert: str, path: Path) -> None:
-        """A progress bar per expert load, advanced shard by shard."""
-        shards = len(locate_transformer_files(path).shards)
-        self._loading_task = self.reporter.task(f"loading {expert} transformer", total=shards)
-        self.reporter.log(f"loading {expert} transformer from {path} ({shards} shard(s))")
-
-    def text_encoder(self):
-        if self._text_encoder is None:
-            start = time.perf_counter()
-            with self.reporter.stage("loading text encoder"):
-                # upstream runs the umT5 encoder in bf16, on CPU too (--t5_cpu)
-                self._text_encoder = wan.load_text_encoder(
-                    self.ckpt / self.task.t5_checkpoint, dtype=torch.bfloat16, device=self.t5_device
-                )
-                self._tokenizer = load_tokenizer(self.ckpt / self.task.t5_tokenizer)
-            self.load_seconds += time.perf_counter() - start
-        return self._text_encoder, self._tokenizer
-
-    def vae(self):
-        if self._vae is None:
-            start = time.perf_counter()
-            with self.reporter.stage("loading VAE"):
-                self._vae = wan.load_vae(self.ckpt / self.task.vae_checkpoint, device=self.device)
-            self.load_seconds += time.perf_counter() - start
-        return self._vae
-
-    def park_text_encoder(self, keep: bool) -> None:
-        """upstream offload_model: the T5 leaves the accelerator after encoding."""
-        if self._text_encoder is None or not self.offload or self.t5_device.type == "cpu":
-            return
-        if keep:
-            self._text_encoder.to("cpu")
-        else:
-            self._text_encoder = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def encode_prompts(components: Components, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
-    encoder, tokenizer = components.text_encoder()
-    if components._text_encoder is not None and encoder.device != components.t5_device:
-        encoder.to(components.t5_device)
-    text_len = components.dit_config.text_len
-    # two separate batch-1 calls, as upstream
-    context = encoder.encode([prompt], tokenizer, text_len)[0]
-    context_null = encoder.encode([negative], tokenizer, text_len)[0]
-    return context[None].to(components.device), context_null[None].to(components.device)
-
-
-def encode_prompts_for_rank(
-    components: Components, prompt: str, negative: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`encode_prompts`, or with --t5-fsdp under torchrun: encoded by the replica's writer only (the
-    other ranks never load the text encoder) and broadcast to the replica."""
-    parallel = components.parallel
-    if parallel is None or not parallel.options.t5_fsdp:
-        return encode_prompts(components, prompt, negative)
-
-    def encode() -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(c.cpu() for c in encode_prompts(components, prompt, negative))
-
-    context, context_null = parallel.share_in_replica(encode)
-    return context.to(components.device), context_null.to(components.device)
-
-
-def prepare_latents(
-    components: Components, request: Request, generator: torch.Generator
-) -> tuple[torch.Tensor, Conditioning, tuple[int, int]]:
-    """Initial noise [1, C, T, H, W], the task's conditioning and the output (width, height)."""
-    task, device = components.task, components.device
-    z_dim = components.dit_config.out_dim
-    t_lat = (request.frame_num - 1) // task.vae_stride[0] + 1
-    stride = task.vae_stride[1]
-    if request.image is None:
-        width, height = SIZES[request.size]
-        shape = (z_dim, t_lat, height // stride, width // stride)
-        noise = torch.randn(shape, dtype=torch.float32, generator=generator, device=device)[None]
-        return noise, Conditioning(), (width, height)
-    image = read_image(request.image)
-    vae = components.vae()
-    if task.name == "i2v-A14B":
-        frame = i2v_first_frame(image, max_area(request.size), stride)
-        h, w = frame.shape[1:]
-        noise = torch.randn(
-            (16, t_lat, h // stride, w // stride), dtype=torch.float32, generator=generator, device=device
-        )
-        z = vae.encode(i2v_video(frame, request.frame_num)[None])  # the clip stays on the host
-        y = torch.cat([i2v_mask(request.frame_num, z.shape[3], z.shape[4]).to(device)[None], z], dim=1)
-        return noise[None], Conditioning(y=y), (w, h)
-    frame = ti2v_first_frame(image, max_area(request.size), multiple=stride * 2)
-    h, w = frame.shape[1:]
-    noise = torch.randn(
-        (z_dim, t_lat, h // stride, w // stride), dtype=torch.float32, generator=generator, device=device
-    )
-    z = vae.encode(frame[None, :, None].to(device))
-    return noise[None], Conditioning(first_frame=z), (w, h)
-
-
-def package_versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "magcache_generate": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
+# A batch item whose run left the device unusable: the later items are not run.
+NOT_RUN = "not run: an earlier item left the GPU in an error state (restart the command)"
 
 
 def generate_one(
-    components: Components,
-    request: Request,
+    models: Models,
+    plan: RequestPlan,
     reporter: Reporter,
     *,
     batch: bool,
     calibration: CalibrationCollector | None = None,
 ) -> dict[str, Any]:
     """One video: returns the result record (also written as the JSON sidecar)."""
-
-    timings: dict[str, float] = {}
-    task = components.task
-    device = components.device
-    parallel = components.parallel
-    writer = parallel is None or parallel.is_writer  # decodes and writes the video, sidecar and frames
-    meter = StageMeter(device)  # synchronised stage times, GPU peaks per stage, host peak of this item
-    negative = request.negative_prompt if request.negative_prompt is not None else task.negative_prompt
-
-    generator = torch.Generator(device=device).manual_seed(request.base_seed)
-    with meter.stage("encode_text"):
-        with reporter.stage("encoding text"):
-            context, context_null = encode_prompts_for_rank(components, request.prompt, negative)
-        components.park_text_encoder(keep=batch)
-    timings["encode_text"] = meter.seconds["encode_text"]
-
-    with meter.stage("encode_image"):
-        noise, conditioning, (width, height) = prepare_latents(components, request, generator)
-    if request.image is not None:
-        timings["encode_image"] = meter.seconds["encode_image"]
-    else:
-        meter.gpu.pop("encode_image", None)  # only noise was drawn
-
-    schedule = make_schedule(request.sample_solver, request.sample_steps, request.sample_shift)
-    inputs = SamplingInputs(noise, schedule, context, context_null, conditioning)
+    request = plan.request
+    meter = StageMeter(plan.run.device)  # synchronised stage times, GPU peaks per stage, host peak
+    conditioned = Conditioner(plan.run, models).condition(plan, meter, reporter, keep_encoder=batch)
+    timings = dict(conditioned.timings)
+    parallel = plan.run.parallel
     sequence = parallel.sequence if parallel is not None else None
-    statistics = sequence.token_statistics if sequence is not None else None
-    cache = build_cache(request, schedule, components.dit_config, reporter, statistics)
-    dense: Rendered | None = None
+    statistics = sequence.token_statistics if sequence is not None else None  # calibration over shards
+    cache = build_cache(request, plan.magcache, reporter, statistics)
+    dense = None
     if request.dense_save_file is not None:  # --magcache-verify: warm-up, then the dense reference
-        with reporter.stage("verify: warm-up forward"):
-            warmup = warm_up(
-                components.dit_runtime.models(components.experts),
-                noise,
-                schedule,
-                context,
-                conditioning,
-                boundary=task.boundary,
-                autocast=autocast_for(components),
-                device=device,
-                cfg_batch=components.cfg_batch.batched,
-                guide_scale=request.guide_scale,
-            )
-        timings["verify_warmup"] = warmup
-        dense = render_video(
-            components,
-            request,
-            reporter,
-            inputs,
-            None,
-            meter=meter,
-            stage_prefix="verify_dense_",
-            save_file=request.dense_save_file,
-            save_frames=None,
-            label="denoising (dense reference)",
-        )
-        timings["verify_dense"] = sum(dense.timings.values())
-
+        dense = render_dense_reference(models, plan, reporter, conditioned.inputs, meter, timings)
     rendered = render_video(
-        components,
-        request,
+        models,
+        plan,
         reporter,
-        inputs,
+        conditioned.inputs,
         cache,
         meter=meter,
         save_file=request.save_file,
         save_frames=request.save_frames,
     )
     timings.update(rendered.timings)
-
-    result: dict[str, Any] = {
-        "task": task.name,
-        "seed": request.base_seed,
-        "save_file": str(request.save_file),
-        "frames": list(rendered.frames_shape),
-        "size_wh": [width, height],
-        "fps": task.fps,
-        "device": str(device),
-        "dtype": str(components.dtype).replace("torch.", ""),
-        "weights": components.weights.describe(),
-        "steps_run": len(schedule),
-        "timings_s": {},
-        "peak_memory": meter.peak_memory(),
-        "sampling": sampling_record(request, schedule, rendered.dit_calls),
-        "loras": lora_records(request.loras, task),
-        "attention": components.dit_runtime.report(),
-        "compile_s": round(rendered.compile_s, 4) if request.compile else None,
-        "cfg_batch": components.cfg_batch.to_json(rendered.cfg_steps["batched"], rendered.cfg_steps["cfg"]),
-        "request": _jsonable(dataclasses.asdict(request)),
-        "negative_prompt_used": negative,
-        "versions": package_versions(),
-    }
-    if components.memory is not None:
-        result["memory_plan"] = components.memory.to_json(request)
+    result = result_record(plan, rendered, conditioned.size_wh, meter)
     magcache_report = finish_cache(cache, request, timings["denoise"])
     if magcache_report is not None and parallel is not None:  # the other CFG half's branch too
         magcache_report["calls"] = parallel.merge_magcache_calls(magcache_report["calls"])
     if magcache_report is not None:
-        if dense is not None and writer:  # the files it compares exist on the writer only
+        if dense is not None and plan.run.writer:  # the videos it compares exist on the writer only
             with reporter.stage("verify: PSNR/SSIM vs dense"):
-                verified = verify_report(
-                    dense_file=request.dense_save_file,
-                    magcache_file=request.save_file,
-                    dense_seconds=dense.timings,
-                    magcache_denoise_s=timings["denoise"],
-                    cpu_seconds=(dense.denoise_cpu_s, rendered.denoise_cpu_s)
-                    if device.type == "cpu"
-                    else None,
-                    warmup_s=timings["verify_warmup"],
-                    ideal_speedup=magcache_report["ideal_speedup"],
-                )
-            timings["verify_quality"] = verified.pop("quality_s")
-            magcache_report["measured_speedup"] = verified["measured_speedup"]
-            magcache_report["verify"] = verified
+                add_verification(magcache_report, plan, dense, rendered, timings)
         result["magcache"] = magcache_report
     result["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
-    if calibration is not None and cache is not None and isinstance(cache.inner, CalibrationRecorder):
-        calibration.recordings.append(cache.inner.recording())
-        calibration.prompts.append(request.prompt)
-        calibration.provenance = {
-            "task": task.name,
-            "steps": len(schedule),
-            "shift": request.sample_shift,
-            "size": request.size,
-            "solver": request.sample_solver,
-            "guide_scale": list(request.guide_scale),  # 1 on an expert: a CFG-free (cond-only) calibration
-            "dtype": result["dtype"],
-            "has_image": request.image is not None,
-            "boundary": task.boundary,
-        }
+    if calibration is not None:
+        collect_calibration(calibration, cache, plan, result["dtype"])
     if parallel is not None:  # every rank of the replica takes part (its peak memory is gathered)
         result["parallel"] = parallel.sidecar_record(result["peak_memory"])
-    if request.sidecar and writer:
+    if request.sidecar and plan.run.writer:
         write_sidecar(request.save_file, result, overwrite=request.overwrite)
     return result
 
 
-def sampling_record(request: Request, schedule, dit_calls: dict[str, int]) -> dict[str, Any]:
-    """Solver, schedule and the transformer calls the loop made (cond + uncond; CFG-free steps: cond only)."""
-    return {
-        "solver": request.sample_solver,
-        "steps": request.sample_steps,
+def render_dense_reference(
+    models: Models,
+    plan: RequestPlan,
+    reporter: Reporter,
+    inputs: SamplingInputs,
+    meter: StageMeter,
+    timings: dict[str, float],
+) -> Rendered:
+    """--magcache-verify: one warm-up forward, then the dense video the MagCache one is measured against."""
+    request, run = plan.request, plan.run
+    with reporter.stage("verify: warm-up forward"):
+        timings["verify_warmup"] = warm_up(
+            models.dit(),
+            inputs.noise,
+            inputs.schedule,
+            inputs.context,
+            inputs.conditioning,
+            boundary=run.task.boundary,
+            autocast=autocast_for(run),
+            device=run.device,
+            cfg_batch=run.cfg_batch.batched,
+            guide_scale=request.guide_scale,
+        )
+    dense = render_video(
+        models,
+        plan,
+        reporter,
+        inputs,
+        None,
+        meter=meter,
+        stage_prefix="verify_dense_",
+        save_file=request.dense_save_file,
+        save_frames=None,
+        label="denoising (dense reference)",
+    )
+    timings["verify_dense"] = sum(dense.timings.values())
+    return dense
+
+
+def add_verification(
+    report: dict[str, Any], plan: RequestPlan, dense: Rendered, rendered: Rendered, timings: dict[str, float]
+) -> None:
+    """The measured speedup and PSNR/SSIM of the MagCache video against the dense one, into `report`."""
+    request = plan.request
+    verified = verify_report(
+        dense_file=request.dense_save_file,
+        magcache_file=request.save_file,
+        dense_seconds=dense.timings,
+        magcache_denoise_s=timings["denoise"],
+        cpu_seconds=(dense.denoise_cpu_s, rendered.denoise_cpu_s) if plan.run.device.type == "cpu" else None,
+        warmup_s=timings["verify_warmup"],
+        ideal_speedup=report["ideal_speedup"],
+    )
+    timings["verify_quality"] = verified.pop("quality_s")
+    report["measured_speedup"] = verified["measured_speedup"]
+    report["verify"] = verified
+
+
+def collect_calibration(
+    calibration: CalibrationCollector, cache: TimedCache | None, plan: RequestPlan, dtype: str
+) -> None:
+    """--magcache-calibrate: this dense run's recorded ratios, and the settings they hold for."""
+    if cache is None or not isinstance(cache.inner, CalibrationRecorder):
+        return
+    request, task = plan.request, plan.run.task
+    calibration.recordings.append(cache.inner.recording())
+    calibration.prompts.append(request.prompt)
+    calibration.provenance = {
+        "task": task.name,
+        "steps": len(plan.schedule),
         "shift": request.sample_shift,
-        "guide_scale": list(request.guide_scale),
-        "distilled": request.distilled,
-        "timesteps": [schedule.timestep(i) for i in range(len(schedule))],
-        "dit_calls": sum(dit_calls.values()),
-        "dit_calls_by_branch": dict(dit_calls),
+        "size": request.size,
+        "solver": request.sample_solver,
+        "guide_scale": list(request.guide_scale),  # 1 on an expert: a CFG-free (cond-only) calibration
+        "dtype": dtype,
+        "has_image": request.image is not None,
+        "boundary": task.boundary,
     }
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def out_of_memory(request: Request, err: BaseException) -> OutOfMemory:
@@ -408,39 +184,63 @@ def out_of_memory(request: Request, err: BaseException) -> OutOfMemory:
     return OutOfMemory(f"out of memory ({first}); {advice}{budget}or lower --size or --frame-num")
 
 
+def is_sticky_device_error(err: BaseException) -> bool:
+    """Whether `err` is a CUDA error that stays with the context (an illegal access, a device-side
+    assert, a lost device): every later kernel launch fails too. An out-of-memory is not one."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(err, accelerator_error):
+        return True
+    message = str(err)
+    return isinstance(err, RuntimeError) and "CUDA error" in message and "out of memory" not in message
+
+
 def run_requests(
     requests: list[Request],
     *,
     console: Console,
     debug: bool = False,
     batch: bool | None = None,
+    magcache: list[Plan | None] | None = None,
     parallel: RankRuntime | None = None,
 ) -> list[dict[str, Any]]:
     """Generate every request with models loaded once; in a batch (default: more than one request) a
-    failing item is reported and skipped. The caller prints the closing batch table.
+    failing item is reported and skipped, and a GPU error that outlives its item stops the batch (the
+    later items are reported as not run). `magcache`: each request's MagCache plan, as checked before
+    loading (planned here when not given). The caller prints the closing batch table.
 
     Under torchrun (`parallel`) a failing item ends the run when its ranks work on it together (a
     Ulysses or CFG group): the other ranks of the group could not go on without it."""
     if not requests:
         return []
     batch = len(requests) > 1 if batch is None else batch
+    magcache = magcache_plans(requests) if magcache is None else magcache
     results: list[dict[str, Any]] = []
     with Reporter(console) as reporter:
         # --magcache-verify returns to the first expert for its second run: keep parked experts, as a batch
         verify = any(r.magcache.verify for r in requests)
-        components = Components(
-            requests[0], reporter, batch=batch or verify, requests=requests, parallel=parallel
-        )
+        run = RunPlan.build(requests, keep_inactive=batch or verify, parallel=parallel)
+        if run.memory is not None:
+            reporter.log(run.memory.render())
+        models = Models(run, requests[0], reporter)
         calibrate_file = requests[0].magcache.calibrate_file
         calibration = CalibrationCollector(calibrate_file) if calibrate_file is not None else None
-        for request in requests:
+        stopped = False  # a GPU error outlived its item: the device is unusable for the rest
+        for request, plan in zip(requests, magcache, strict=True):
+            if stopped:
+                results.append(
+                    {"task": request.task, "seed": request.base_seed, "error": NOT_RUN, "not_run": True}
+                )
+                continue
             reporter.log(
                 f"[bold]{request.task}[/] seed {request.base_seed}: {escape(repr(request.prompt[:80]))}"
             )
             start = time.perf_counter()
             try:
                 try:
-                    result = generate_one(components, request, reporter, batch=batch, calibration=calibration)
+                    planned = plan_request(request, run, plan)
+                    result = generate_one(models, planned, reporter, batch=batch, calibration=calibration)
                 except torch.cuda.OutOfMemoryError as err:  # also torch.OutOfMemoryError
                     raise out_of_memory(request, err) from None
             except KeyboardInterrupt:
@@ -451,6 +251,9 @@ def run_requests(
                 message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 reporter.log(f"[red]item failed[/]: {escape(message)}")
                 result = {"task": request.task, "seed": request.base_seed, "error": message}
+                stopped = is_sticky_device_error(err)
+                if stopped:
+                    reporter.log(f"[red]stopping the batch[/]: {NOT_RUN.removeprefix('not run: ')}")
             result["total_s"] = time.perf_counter() - start
             results.append(result)
             if result.get("error") is None:

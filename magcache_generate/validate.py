@@ -14,17 +14,19 @@ import math
 import random
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from magcache_generate.budget import check_gpu_memory
 from magcache_generate.cfg_batching import check_cfg_batch
 from magcache_generate.distilled import apply_distilled, recipe_name
 from magcache_generate.loras import resolve_loras
-from magcache_generate.magcache.policy import MODES, MagCacheConfig, MagCacheConfigError
+from magcache_generate.magcache.policy import MagCacheConfig, MagCacheConfigError
 from magcache_generate.naming import default_save_file
+from magcache_generate.options import MAX_CRF, MAX_FRAME_NUM, MAX_SAMPLE_STEPS, GenerateOptions
 from magcache_generate.preflight import check_checkpoint_dir, check_image, check_outputs
 from magcache_generate.request import MagCacheOptions, Request, UserError
 from wan.attention_backends import backend_installed, backend_problem
@@ -46,11 +48,7 @@ EXAMPLE_PROMPTS = {"t2v-A14B": CATS_PROMPT, "i2v-A14B": BEACH_CAT_PROMPT, "ti2v-
 SOLVERS = ("unipc", "dpm++", "euler")
 DEFAULT_SOLVER = "unipc"
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-MAX_CRF = 51  # libx264's range for 8-bit video is 0..51
 MAX_SEED = sys.maxsize  # upstream draws random seeds from [0, sys.maxsize]
-# Fixed upper bounds (see check_limits): far beyond any useful run, low enough to refuse a typo at once.
-MAX_FRAME_NUM = 1001  # 62 s at 16 fps; 250 latent frames
-MAX_SAMPLE_STEPS = 1000  # the scheduler's whole training range
 
 # MagCache tuning options and their flags: they only mean something with --use-magcache (or --magcache-plan).
 MAGCACHE_TUNING_FLAGS = {
@@ -61,51 +59,13 @@ MAGCACHE_TUNING_FLAGS = {
     "magcache_ratios": "--magcache-ratios",
     "magcache_speedup": "--magcache-speedup",
 }
-
-
-@dataclass(frozen=True)
-class GenerateOptions:
-    """The generation options as given on the command line; ``None`` means "not given" (task default)."""
-
-    task: str = "t2v-A14B"
-    size: str | None = None
-    frame_num: int | None = None
-    ckpt_dir: Path | None = None
-    offload_model: bool | None = None
-    convert_model_dtype: bool = False
-    t5_cpu: bool = False
-    save_file: Path | None = None
-    prompt: str | None = None
-    negative_prompt: str | None = None
-    base_seed: int = -1
-    image: Path | None = None
-    sample_solver: str | None = None  # None: unipc, or the --distilled recipe's
-    sample_steps: int | None = None
-    sample_shift: float | None = None
-    sample_guide_scale: str | float | Sequence[float] | None = None
-    save_frames: Path | None = None
-    overwrite: bool = False
-    crf: int = 10
-    device: str = "auto"
-    vae_tiled: bool = False
-    attention: str = "auto"
-    compile: bool = False
-    gpu_memory: str | None = None  # --gpu-memory GB|auto; None: auto
-    cfg_batch: str = "auto"  # --cfg-batch auto|on|off
-    use_magcache: bool = False
-    magcache_thresh: float | None = None
-    magcache_k: int | None = None
-    retention_ratio: float | None = None
-    magcache_mode: str | None = None
-    magcache_ratios: Path | None = None
-    magcache_calibrate: Path | None = None
-    magcache_speedup: float | None = None
-    lora: Sequence[str] | None = ()  # FILE[:SCALE], every expert
-    lora_high: Sequence[str] | None = ()  # A14B high-noise expert only
-    lora_low: Sequence[str] | None = ()  # A14B low-noise expert only
-    lora_dir: Sequence[Path] | None = ()  # the Lightning fork's layout; implies --distilled lightning
-    distilled: str | None = None  # "lightning" | "none"
-    magcache_verify: bool = False
+# The MagCacheConfig setting each flag sets (its range errors are reported under the flag's name).
+MAGCACHE_SETTING_FLAGS = {
+    "thresh": "--magcache-thresh",
+    "K": "--magcache-K",
+    "retention": "--retention-ratio",
+}
+MAGCACHE_SETTING_FLAGS["mode"] = "--magcache-mode"
 
 
 @dataclass(frozen=True)
@@ -132,15 +92,20 @@ def build_request(
     item_index: int | None = None,
     check_checkpoint: bool = True,
     rng: random.Random | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> Request:
-    """Apply task defaults to ``options`` and validate everything that needs no weights.
+    """Apply the distilled recipe, then ``defaults`` (e.g. --demo's), then the task's defaults to
+    ``options``, and validate everything that needs no weights.
 
     ``item_index`` (1-based position in a prompt file) keeps default output names of a batch apart.
     With ``check_checkpoint=False`` the checkpoint is left to the caller (checked once for a whole
     batch, or built by --demo); a missing --ckpt-dir then becomes ``Path()``.
     """
     cfg = task_config(options.task)
-    options = apply_distilled(options)
+    options = apply_distilled(options)  # the one place a request's recipe is applied
+    if defaults:
+        unset = {k: v for k, v in defaults.items() if getattr(options, k) is None}
+        options = dataclasses.replace(options, **unset)
     size = resolve_size(options.size, cfg)
     frame_num = check_frame_num(cfg.frame_num if options.frame_num is None else options.frame_num)
     solver, steps, shift = check_sampling(
@@ -374,18 +339,16 @@ def magcache_options(options: GenerateOptions, *, plan: bool = False) -> MagCach
 
     thresh, k, retention = options.magcache_thresh, options.magcache_k, options.retention_ratio
     mode = "aligned" if options.magcache_mode is None else options.magcache_mode
-    if thresh is not None and not (math.isfinite(thresh) and thresh > 0):
-        raise UserError(
-            f"--magcache-thresh {thresh} must be > 0; upstream's tuned value is 0.06 (larger skips more)"
+    defaults = MagCacheConfig()
+    try:  # the ranges, and the rules across fields, are the policy's: one rule, one message each
+        MagCacheConfig(
+            thresh=defaults.thresh if thresh is None else thresh,
+            K=defaults.K if k is None else k,
+            retention=defaults.retention if retention is None else retention,
+            mode=mode,
         )
-    if k is not None and k < 1:
-        raise UserError(f"--magcache-K {k} must be >= 1 (the most consecutive skips); upstream uses 2")
-    if retention is not None and not 0 <= retention < 1:
-        raise UserError(
-            f"--retention-ratio {retention} must be in [0, 1): the fraction of steps that always compute first"
-        )
-    if mode not in MODES:
-        raise UserError(f"unknown --magcache-mode {mode!r}; use aligned (default) or official")
+    except MagCacheConfigError as err:
+        raise UserError(err.named(MAGCACHE_SETTING_FLAGS[err.setting]) if err.setting else str(err)) from None
     speedup = options.magcache_speedup
     if speedup is not None and thresh is not None:
         raise UserError(
@@ -395,17 +358,6 @@ def magcache_options(options: GenerateOptions, *, plan: bool = False) -> MagCach
         raise UserError(
             f"--magcache-speedup {speedup} must be > 1 (the ideal speedup over a dense run, e.g. 1.5)"
         )
-
-    defaults = MagCacheConfig()
-    try:  # cross-field rules (official mode and retention 0) live in the policy
-        MagCacheConfig(
-            thresh=defaults.thresh if thresh is None else thresh,
-            K=defaults.K if k is None else k,
-            retention=defaults.retention if retention is None else retention,
-            mode=mode,
-        )
-    except MagCacheConfigError as err:
-        raise UserError(str(err)) from None
     if options.magcache_ratios is not None:
         check_ratios_file(options.magcache_ratios)
     return MagCacheOptions(

@@ -40,7 +40,7 @@ def captured(monkeypatch) -> list[Request]:
     seen: list[Request] = []
     fake = types.ModuleType("magcache_generate.run")
 
-    def run_requests(requests, *, console, debug=False, batch=None):
+    def run_requests(requests, *, console, debug=False, batch=None, magcache=None):
         seen.extend(requests)
         return [{"task": r.task} for r in requests]
 
@@ -59,7 +59,7 @@ def forbidden_run(monkeypatch):
 
     fake = types.ModuleType("magcache_generate.run")
 
-    def run_requests(requests, *, console, debug=False, batch=None):
+    def run_requests(requests, *, console, debug=False, batch=None, magcache=None):
         raise AssertionError("bad input reached run_requests")
 
     def no_loading(*args, **kwargs):
@@ -368,6 +368,29 @@ def test_upstream_spellings_give_the_same_request(workdir, captured, capsys):
     assert first.guide_scale == (3.0, 3.0) and first.base_seed == 42 and first.offload_model
 
 
+def test_every_option_has_its_underscore_spelling():
+    """Derived from the command: an option added to it is known in both spellings, value or flag."""
+    import typer
+
+    from magcache_generate.argv import command_options, normalize_argv
+
+    options = command_options(typer.main.get_command(app))
+    for name, takes_value in options.items():
+        if not name.startswith("--") or "-" not in name[2:] or name == "--no-offload-model":
+            continue
+        underscore = "--" + name[2:].replace("-", "_")
+        argv = [underscore, "3"] if takes_value else [underscore]
+        expected = {"--offload-model": ["--offload-model"], "--sample-guide-scale": [f"{name}=3"]}
+        assert normalize_argv(argv, options) == expected.get(name, [f"{name}=3"] if takes_value else [name])
+
+
+def test_underscore_spellings_of_newer_options(workdir, captured, capsys):
+    argv = ["--ckpt_dir", ckpt(), "--cfg_batch", "off", "--gpu_memory", "8", "--attention", "math"]
+    code, _, err = run_main(argv, capsys)
+    assert code == 0, err
+    assert (captured[0].cfg_batch, captured[0].gpu_memory, captured[0].attention) == ("off", 8.0, "math")
+
+
 def test_typer_app_and_main_agree(workdir, captured, capsys):
     args = ["--ckpt-dir", ckpt(), "--base-seed", "1", "--save-file", "a.mp4", "--size", "832*480"]
     assert CliRunner().invoke(app, args).exit_code == 0
@@ -412,7 +435,7 @@ def test_ti2v_image_is_optional(workdir, captured, capsys):
 def test_unexpected_errors_exit_1_with_a_hint(workdir, monkeypatch, capsys):
     fake = types.ModuleType("magcache_generate.run")
 
-    def boom(requests, *, console, debug=False, batch=None):
+    def boom(requests, *, console, debug=False, batch=None, magcache=None):
         raise RuntimeError("CUDA out of memory\nmore detail")
 
     fake.run_requests = boom
@@ -427,7 +450,7 @@ def test_unexpected_errors_exit_1_with_a_hint(workdir, monkeypatch, capsys):
 def test_keyboard_interrupt_exits_130(workdir, monkeypatch, capsys):
     fake = types.ModuleType("magcache_generate.run")
 
-    def interrupted(requests, *, console, debug=False, batch=None):
+    def interrupted(requests, *, console, debug=False, batch=None, magcache=None):
         raise KeyboardInterrupt
 
     fake.run_requests = interrupted
@@ -500,7 +523,7 @@ def test_batch_exit_codes(workdir, monkeypatch, capsys):
     fake = types.ModuleType("magcache_generate.run")
     outcome = {"fail": False}
 
-    def run_requests(requests, *, console, debug=False, batch=None):
+    def run_requests(requests, *, console, debug=False, batch=None, magcache=None):
         assert batch is True
         results = [{"task": r.task, "total_s": 1.0} for r in requests]
         if outcome["fail"]:

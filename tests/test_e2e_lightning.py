@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import subprocess
-from enum import Enum
 from pathlib import Path
 
 import pytest
@@ -27,8 +26,10 @@ from safetensors.torch import load_file
 
 from magcache_generate.argv import normalize_argv
 from magcache_generate.cli import app
+from magcache_generate.conditioner import Conditioner
+from magcache_generate.models import Models
 from magcache_generate.progress import Reporter
-from magcache_generate.run import Components, encode_prompts, prepare_latents
+from magcache_generate.run_plan import RunPlan, plan_request
 from magcache_generate.validate import GenerateOptions, build_request
 from wan.configs import TASKS
 from wan.sampling import sample
@@ -95,11 +96,8 @@ def test_cli_reproduces_the_forks_frames(case, tmp_path):
 
 def request_for(argv: list[str]):
     """The Request the CLI builds from `argv` (parsed by the CLI's own option table)."""
-    options = typer.main.get_command(app).make_context("magcache-generate", normalize_argv(argv)).params
-    plain = {k: v.value if isinstance(v, Enum) else v for k, v in options.items()}
-    request = build_request(
-        GenerateOptions(**{f.name: plain[f.name] for f in dataclasses.fields(GenerateOptions)})
-    )
+    params = typer.main.get_command(app).make_context("magcache-generate", normalize_argv(argv)).params
+    request = build_request(GenerateOptions.from_params(params))
     return dataclasses.replace(request, device="cpu")
 
 
@@ -119,12 +117,14 @@ def test_schedule_and_final_latent(case, tmp_path):
     ].tolist()
 
     with Reporter(Console(quiet=True)) as reporter:
-        components = Components(request, reporter, batch=False)
+        run = RunPlan.build([request], keep_inactive=False)
+        models = Models(run, request, reporter)
+        conditioner = Conditioner(run, models)
         generator = torch.Generator(device="cpu").manual_seed(request.base_seed)
-        context, context_null = encode_prompts(components, request.prompt, components.task.negative_prompt)
-        noise, conditioning, _ = prepare_latents(components, request, generator)
+        context, context_null = conditioner.text(request.prompt, run.task.negative_prompt)
+        noise, conditioning, _ = conditioner.latents(plan_request(request, run, None), generator)
         options = {"guide_scale": request.guide_scale, "boundary": boundary, "conditioning": conditioning}
-        latent = sample(noise, schedule, components.experts, context, context_null, **options)
+        latent = sample(noise, schedule, models.experts, context, context_null, **options)
     expected = data["output.latent"]
     scale = max(1.0, expected.abs().max().item())
     assert (latent[0] - expected).abs().max().item() <= 1e-4 * scale

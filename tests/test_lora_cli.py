@@ -20,8 +20,7 @@ from lora_files import MODULES, lowrank_factors, write_lora
 
 from magcache_generate.argv import normalize_argv
 from magcache_generate.cli import main
-from magcache_generate.command import with_demo_defaults
-from magcache_generate.distilled import apply_distilled
+from magcache_generate.command import demo_defaults
 from magcache_generate.loras import parse_lora_arg
 from magcache_generate.request import LoraChoice, UserError
 from magcache_generate.validate import GenerateOptions, build_request
@@ -99,7 +98,7 @@ def test_lora_changes_the_frames_and_scale_zero_does_not(ckpt, lora, tmp_path, c
 def forbidden_run(monkeypatch):
     fake = types.ModuleType("magcache_generate.run")
 
-    def run_requests(requests, *, console, debug=False):
+    def run_requests(requests, *, console, debug=False, magcache=None):
         raise AssertionError("bad input reached run_requests")
 
     fake.run_requests = run_requests
@@ -178,8 +177,9 @@ def test_lora_dir_and_distilled_resolution(ckpt, lora, tmp_path):
         dataclasses.replace(base, distilled="lightning", sample_steps=8, sample_guide_scale="1 2")
     )
     assert (user.sample_steps, user.guide_scale, user.sample_solver) == (8, (1.0, 2.0), "euler")
-    demo = with_demo_defaults(apply_distilled(dataclasses.replace(base, distilled="lightning")))
+    demo = build_request(dataclasses.replace(base, distilled="lightning"), defaults=demo_defaults("t2v-A14B"))
     assert demo.sample_steps == 4  # the recipe's step count wins over the demo's 8
+    assert (demo.frame_num, demo.size) == (5, "832*480")  # the demo's fill what the recipe leaves
     with pytest.raises(UserError, match="unknown --distilled 'turbo'"):
         build_request(dataclasses.replace(base, distilled="turbo"))
     ti2v = build_request(
@@ -213,7 +213,7 @@ def test_notes_before_loading(ckpt, lora, tmp_path, monkeypatch, capsys):
     """--lora-dir implies the recipe and says so; MagCache at 4 steps says it skips nothing, before any load."""
     seen = []
     fake = types.ModuleType("magcache_generate.run")
-    fake.run_requests = lambda requests, *, console, debug=False: seen.extend(requests) or [{}]
+    fake.run_requests = lambda requests, *, console, debug=False, magcache=None: seen.extend(requests) or [{}]
     monkeypatch.setitem(sys.modules, "magcache_generate.run", fake)
     lora_dir = tmp_path / "lightning"
     lora_dir.mkdir()

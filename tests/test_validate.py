@@ -462,3 +462,25 @@ def test_batch_builds_one_request_per_item(tmp_path, monkeypatch):
     assert "is also written by line 3" in problems[4]
     assert [p.number for p in batch.problems] == [4, 5]
     assert "--size '1280*704' is not supported by t2v-A14B" in problems[5]
+
+
+@pytest.mark.parametrize(
+    ("setting", "field", "value", "flag"),
+    [
+        ("thresh", "magcache_thresh", 0.0, "--magcache-thresh"),
+        ("K", "magcache_k", 0, "--magcache-K"),
+        ("retention", "retention_ratio", 1.0, "--retention-ratio"),
+        ("mode", "magcache_mode", "fast", "--magcache-mode"),
+    ],
+)
+def test_magcache_ranges_have_one_rule_and_one_message(setting, field, value, flag):
+    """The policy checks each range; the CLI reports the same message under the flag's name."""
+    from magcache_generate.magcache.policy import MagCacheConfig, MagCacheConfigError
+    from magcache_generate.validate import magcache_options
+
+    with pytest.raises(MagCacheConfigError) as policy:
+        MagCacheConfig(**{setting: value})
+    with pytest.raises(UserError) as cli:
+        magcache_options(GenerateOptions(use_magcache=True, **{field: value}))
+    assert policy.value.setting == setting and str(policy.value).startswith(("MagCache", "unknown MagCache"))
+    assert str(cli.value) == policy.value.named(flag)

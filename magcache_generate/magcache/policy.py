@@ -23,7 +23,18 @@ MODES: tuple[str, ...] = ("official", "aligned")
 
 
 class MagCacheConfigError(ValueError):
-    """A MagCache setting is out of range; the message says which one and how to fix it."""
+    """A MagCache setting is out of range; the message says which one and how to fix it.
+
+    `setting` names the field at fault (None for a rule across fields); the message refers to it as
+    "MagCache <setting>", and `named` gives the same message under another name (the CLI's flag), so
+    each range has one rule and one message."""
+
+    def __init__(self, message: str, setting: str | None = None):
+        self.template, self.setting = message, setting
+        super().__init__(self.named(f"MagCache {setting}"))
+
+    def named(self, name: str) -> str:
+        return self.template.replace("{name}", name)
 
 
 @dataclass(frozen=True)
@@ -43,26 +54,25 @@ class MagCacheConfig:
     mode: Mode = "aligned"
 
     def __post_init__(self) -> None:
-        if isinstance(self.thresh, bool) or not isinstance(self.thresh, (int, float)):
-            raise MagCacheConfigError(f"MagCache thresh must be a number, got {self.thresh!r}")
-        if not (math.isfinite(self.thresh) and self.thresh > 0):
+        thresh, k, retention = self.thresh, self.K, self.retention
+        if not _is_number(thresh) or not (math.isfinite(thresh) and thresh > 0):
             raise MagCacheConfigError(
-                f"MagCache thresh must be a finite number > 0, got {self.thresh!r}; "
-                "upstream's tuned value is 0.06 (larger skips more)"
+                f"{{name}} {thresh!r} must be > 0; upstream's tuned value is 0.06 (larger skips more)",
+                "thresh",
             )
-        if isinstance(self.K, bool) or not isinstance(self.K, int) or self.K < 1:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise MagCacheConfigError(
-                f"MagCache K (max consecutive skips) must be an integer >= 1, got {self.K!r}; upstream uses 2"
+                f"{{name}} {k!r} must be >= 1 (the most consecutive skips); upstream uses 2", "K"
             )
-        if isinstance(self.retention, bool) or not isinstance(self.retention, (int, float)):
-            raise MagCacheConfigError(f"MagCache retention must be a number, got {self.retention!r}")
-        if not (0 <= self.retention < 1):
+        if not _is_number(retention) or not (0 <= retention < 1):
             raise MagCacheConfigError(
-                f"MagCache retention must be in [0, 1), got {self.retention!r}: it is the fraction of "
-                "calls that always compute at the start of each phase (1 would never skip)"
+                f"{{name}} {retention!r} must be in [0, 1): the fraction of steps that always compute first",
+                "retention",
             )
         if self.mode not in MODES:
-            raise MagCacheConfigError(f"MagCache mode must be 'official' or 'aligned', got {self.mode!r}")
+            raise MagCacheConfigError(
+                f"unknown {{name}} {self.mode!r}; use aligned (default) or official", "mode"
+            )
         if self.mode == "official" and self.retention == 0:
             # Upstream quirk: with retention 0 no window forces call 0, so it passes the rule (R=1, E=0)
             # and is skipped with no cached residual yet -> upstream crashes adding None to a tensor.
@@ -70,6 +80,10 @@ class MagCacheConfig:
                 "MagCache retention 0 is refused in official mode: upstream would skip the very first call "
                 "before any residual exists and crash; use retention > 0 or mode 'aligned'"
             )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

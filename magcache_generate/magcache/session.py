@@ -20,9 +20,9 @@ import torch
 
 from magcache_generate.atomic import atomic_write_file
 from magcache_generate.magcache.calibration import CalibrationRecorder, CalibrationRecording, average
+from magcache_generate.magcache.plan import Plan
 from magcache_generate.magcache.report import render_plan, round_speedup
 from magcache_generate.magcache.residual_cache import ResidualCache
-from magcache_generate.magcache.settings import make_plan
 
 ESTIMATED_SPEEDUP_METHOD = (
     "estimate, not a measurement: (denoise time + skipped calls x mean block-stack time of a computed call) "
@@ -111,25 +111,21 @@ class CalibrationCollector:
         return data
 
 
-def build_cache(request, schedule, dit_config, reporter, token_statistics=None) -> TimedCache | None:
-    """`token_statistics`: the calibration's reduction over a sharded sequence (None: one process)."""
+def build_cache(request, plan: Plan | None, reporter, token_statistics=None) -> TimedCache | None:
+    """The cache of one generation: a recorder for --magcache-calibrate, a ResidualCache following
+    `plan` (made once per request, before anything loaded) with --use-magcache, else None.
+    `token_statistics`: the calibration's reduction over a sharded sequence (None: one process)."""
     options = request.magcache
     if options.calibrate_file is not None:
         return TimedCache(CalibrationRecorder(token_statistics))
-    if not options.enabled:
+    if plan is None:
         return None
-    timesteps = [int(t) for t in schedule.timesteps[: len(schedule)]]
-    result = make_plan(
-        request.task,
-        timesteps,
-        request.sample_shift,
-        options,
-        request.image is not None,
-        reporter.log,
-        guide_scale=request.guide_scale,
-    )
-    reporter.log(render_plan(result))
-    return TimedCache(ResidualCache(result))
+    if options.speedup is not None:
+        reporter.log(
+            f"MagCache: --magcache-speedup {options.speedup:g} -> threshold {plan.config.thresh:.6g}"
+        )
+    reporter.log(render_plan(plan))
+    return TimedCache(ResidualCache(plan))
 
 
 def finish_cache(cache: TimedCache | None, request, denoise_seconds: float) -> dict | None:

@@ -1,0 +1,104 @@
+"""What holds the models of a run: the experts (loaded, placed and swapped by `wan.experts.ExpertPool`),
+the text encoder and the VAE, each loaded on first use and placed as the `RunPlan` decided.
+
+The loads are separate steps (`text_encoder`, `vae`, the experts' `activate`), so a caller may start
+one while another runs; the load times are summed in `load_seconds`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+import wan
+from magcache_generate.dit_runtime import ConfiguredModels
+from magcache_generate.loras import expert_specs
+from magcache_generate.progress import Reporter
+from magcache_generate.request import Request
+from magcache_generate.run_plan import RunPlan
+from wan.experts import ExpertPool
+from wan.loading import locate_transformer_files
+from wan.tokenizer import load_tokenizer
+
+
+class Models:
+    """The models shared by every request of a run, loaded lazily, placed as `plan` says."""
+
+    def __init__(self, plan: RunPlan, first: Request, reporter: Reporter):
+        self.plan = plan
+        self.reporter = reporter
+        self.experts = ExpertPool(
+            plan.experts,
+            dtype=plan.dtype,
+            storage=plan.weights,
+            device=plan.device,
+            offload=plan.offload,
+            keep_inactive=plan.keep_inactive,
+            on_load=self._start_loading,
+            on_shard=lambda shard: reporter.advance(self._loading_task, detail=shard.name),
+            loras=expert_specs(first.loras, list(plan.experts)),  # merged as each expert loads
+            placement=plan.memory.placement() if plan.memory is not None else None,
+            on_warning=lambda message: reporter.log(f"[yellow]warning[/]: {message}"),
+        )
+        self._loading_task = 0
+        self._text_encoder = None
+        self._tokenizer = None
+        self._vae = None
+        self.load_seconds = 0.0
+
+    def _start_loading(self, expert: str, path: Path) -> None:
+        """A progress bar per expert load, advanced shard by shard."""
+        shards = len(locate_transformer_files(path).shards)
+        self._loading_task = self.reporter.task(f"loading {expert} transformer", total=shards)
+        self.reporter.log(f"loading {expert} transformer from {path} ({shards} shard(s))")
+
+    def dit(self) -> ConfiguredModels:
+        """The experts as the sampling loop takes them, with the run's attention kernel and compiler
+        (and under torchrun this rank's token shard and weight sharding)."""
+        models = self.plan.dit_runtime.models(self.experts)
+        return models if self.plan.parallel is None else self.plan.parallel.models(models)
+
+    def text_encoder(self):
+        """The umT5 encoder (on the planned device) and its tokenizer."""
+        if self._text_encoder is None:
+            start = time.perf_counter()
+            with self.reporter.stage("loading text encoder"):
+                # upstream runs the umT5 encoder in bf16, on CPU too (--t5_cpu)
+                self._text_encoder = wan.load_text_encoder(
+                    self.plan.ckpt / self.plan.task.t5_checkpoint,
+                    dtype=torch.bfloat16,
+                    device=self.plan.t5_device,
+                )
+                self._tokenizer = load_tokenizer(self.plan.ckpt / self.plan.task.t5_tokenizer)
+            self.load_seconds += time.perf_counter() - start
+        elif self._text_encoder.device != self.plan.t5_device:  # parked by the previous request
+            self._text_encoder.to(self.plan.t5_device)
+        return self._text_encoder, self._tokenizer
+
+    def vae(self):
+        if self._vae is None:
+            start = time.perf_counter()
+            with self.reporter.stage("loading VAE"):
+                self._vae = wan.load_vae(
+                    self.plan.ckpt / self.plan.task.vae_checkpoint, device=self.plan.device
+                )
+            self.load_seconds += time.perf_counter() - start
+        return self._vae
+
+    def park_text_encoder(self, keep: bool) -> None:
+        """upstream offload_model: the T5 leaves the accelerator after encoding."""
+        if self._text_encoder is None or not self.plan.offload or self.plan.t5_device.type == "cpu":
+            return
+        if keep:
+            self._text_encoder.to("cpu")
+        else:
+            self._text_encoder = None
+        if self.plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def after_denoise(self) -> None:
+        """upstream offload_model: the experts leave the accelerator before the decode."""
+        if self.plan.offload:
+            self.experts.offload_all()

@@ -1,0 +1,142 @@
+"""What plans a run and each of its requests: every decision made once, before any weight loads, and
+handed on to the stages that use it (nothing downstream recomputes one).
+
+`RunPlan` holds the decisions shared by a run's requests (device, parameter dtype and storage, the
+memory plan, CFG batching, where the text encoder runs, the attention kernel); `RequestPlan` holds one
+request's (the distilled recipe's settings are already in the request; the schedule, the MagCache
+plan, the decode tile and the memory record). Under torchrun `RunPlan.parallel` is this rank's part of
+the run (`parallel.RankRuntime`): the device is the rank's, and each rank plans within its own GPU's
+budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from magcache_generate.budget import RunMemory, plan_run
+from magcache_generate.cfg_batching import CfgBatch, decide_cfg_batch
+from magcache_generate.dit_runtime import DitRuntime
+from magcache_generate.plan_check import check_magcache_plan
+from magcache_generate.request import Request
+from wan.configs import TASKS, TaskConfig
+from wan.loading import read_transformer_config
+from wan.schedule import Schedule, make_schedule
+from wan.weight_storage import WeightStorage
+
+if TYPE_CHECKING:
+    from magcache_generate.magcache.plan import Plan
+    from magcache_generate.parallel import RankRuntime
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def expert_paths(task: TaskConfig, ckpt: Path) -> dict[str, Path]:
+    """Each expert's checkpoint folder ("single" for one-model tasks)."""
+    if not task.two_experts:
+        return {"single": ckpt}
+    return {"high": ckpt / task.high_noise_checkpoint, "low": ckpt / task.low_noise_checkpoint}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The decisions shared by every request of a run (same task and checkpoint)."""
+
+    task: TaskConfig
+    ckpt: Path
+    device: torch.device
+    dtype: torch.dtype  # parameters: bf16 with --convert-model-dtype, else float32
+    weights: WeightStorage  # per-parameter storage (bf16 Linears under CUDA autocast)
+    offload: bool
+    keep_inactive: bool  # a batch (or --magcache-verify) keeps parked experts for the next use
+    experts: dict[str, Path]
+    dit_config: Any
+    memory: RunMemory | None  # None: a CPU run (no budget)
+    cfg_batch: CfgBatch
+    t5_device: torch.device
+    dit_runtime: DitRuntime  # the attention kernel (checked against the device) and --compile
+    parallel: RankRuntime | None = None  # this rank's part of a torchrun run (None: one process)
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process decodes and writes (under torchrun: the first rank of its replica)."""
+        return self.parallel is None or self.parallel.is_writer
+
+    @classmethod
+    def build(
+        cls, requests: list[Request], *, keep_inactive: bool, parallel: RankRuntime | None = None
+    ) -> RunPlan:
+        """Plan the run from the first request's run-wide settings and every request's size.
+        `keep_inactive`: a batch, or --magcache-verify (which returns to the first expert)."""
+        first = requests[0]
+        task = TASKS[first.task]
+        ckpt = Path(first.ckpt_dir)
+        device = resolve_device(first.device)
+        # --convert-model-dtype: bf16 parameters (upstream regime b). Otherwise float32 parameters, run
+        # under bf16 autocast on CUDA (upstream regime a) and in plain float32 on CPU (the goldens' regime).
+        dtype = torch.bfloat16 if first.convert_model_dtype else torch.float32
+        paths = expert_paths(task, ckpt)
+        dit_config = read_transformer_config(next(iter(paths.values())))
+        # From headers and shapes only: an infeasible budget stops here, before loading.
+        memory = plan_run(requests, dit_config, device, batch=keep_inactive)
+        t5_cpu = first.t5_cpu or (memory is not None and memory.plan.t5_on_cpu)
+        return cls(
+            task=task,
+            ckpt=ckpt,
+            device=device,
+            dtype=dtype,
+            weights=WeightStorage.for_run(dtype, device),
+            offload=first.offload_model,
+            keep_inactive=keep_inactive,
+            experts=paths,
+            dit_config=dit_config,
+            memory=memory,
+            cfg_batch=decide_cfg_batch(requests, device.type, memory),
+            t5_device=torch.device("cpu") if t5_cpu else device,
+            dit_runtime=DitRuntime.for_request(first, device),
+            parallel=parallel,
+        )
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """One request's decisions, made once and read by every stage of its generation."""
+
+    request: Request
+    run: RunPlan
+    negative_prompt: str
+    schedule: Schedule
+    magcache: Plan | None  # the skip schedule (None: a dense run)
+    decode_tile: int | None  # the VAE tile edge in pixels the memory plan needs (None: untiled)
+    memory_record: dict[str, Any] | None  # the sidecar's `memory_plan` (None: a CPU run)
+
+
+def plan_request(request: Request, run: RunPlan, magcache: Plan | None) -> RequestPlan:
+    """`magcache`: the plan checked before loading (`plan_check.check_magcache_plan`), passed on."""
+    negative = request.negative_prompt if request.negative_prompt is not None else run.task.negative_prompt
+    tile = run.memory.decode_tile(request) if run.memory is not None else None
+    return RequestPlan(
+        request=request,
+        run=run,
+        negative_prompt=negative,
+        schedule=make_schedule(request.sample_solver, request.sample_steps, request.sample_shift),
+        magcache=magcache,
+        decode_tile=tile,
+        memory_record=run.memory.record(tile) if run.memory is not None else None,
+    )
+
+
+def magcache_plans(requests: list[Request]) -> list[Plan | None]:
+    """The MagCache plan of each request, for callers that did not check them before loading (the
+    command checks them before anything loads and passes them on)."""
+    return [check_magcache_plan(r) for r in requests]
