@@ -3,9 +3,12 @@ type, its default and its typer declaration (spellings, help, panel) together.
 
 The typer command (`cli.py`) takes its parameters from this table, the upstream underscore spellings
 (`argv.py`) are derived from the command, and `GenerateOptions.from_params` reads the parsed values
-back by field name. Adding an option is adding a field here (then using it where it matters, e.g. in
-`validate.build_request`). Ranges are not declared here: each is checked once, by `validate` (or the
-policy it delegates to), with one message. Torch-free.
+back by field name. Adding an option is adding a field here: it then has its flag, its underscore
+spelling, its --help entry and its value in `GenerateOptions`. What the option does is then written
+where it acts: a setting of the run is validated once in `validate.build_request` (which fills the
+`Request` field the run reads); a run-wide decision from it belongs to `run_plan.RunPlan`. Ranges are
+not declared here: each is checked once, by `validate` (or the policy it delegates to), with one
+message. Torch-free.
 """
 
 import dataclasses
