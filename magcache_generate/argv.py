@@ -21,9 +21,7 @@ from magcache_generate.request import UserError
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
 FALSE_WORDS = frozenset({"false", "f", "no", "n", "0"})
 
-# Upstream-only options that have a meaning we can map, or none on a single device.
-ULYSSES = "--ulysses-size"
-DISTRIBUTED_FLAGS = frozenset({"--t5-fsdp", "--dit-fsdp"})
+# Upstream-only options that have no meaning here.
 PROMPT_EXTEND_FLAG = "--use-prompt-extend"
 # Only read by upstream when --use_prompt_extend is given, so dropping them changes nothing.
 PROMPT_EXTEND_VALUE_OPTIONS = frozenset(
@@ -44,7 +42,7 @@ def normalize_argv(argv: list[str], options: Mapping[str, bool] | None = None) -
     * ``--frame_num 81`` / ``--frame_num=81`` -> ``--frame-num 81`` (any option of the command);
     * ``--offload_model True|False`` (any str2bool word) -> ``--offload-model`` / ``--no-offload-model``;
     * ``--sample_guide_scale 3.0 4.0`` -> ``--sample-guide-scale 3.0,4.0`` (low-noise, high-noise);
-    * ``--ulysses_size 1`` and the prompt-extension settings are dropped (no effect on one device);
+    * the prompt-extension settings are dropped (no effect without --use_prompt_extend);
     * ``--magcache_calibration`` -> ``--magcache-calibrate mag_ratios.json``;
     * ``--lora_dir2 DIR`` (the Lightning fork) -> ``--lora-dir DIR``.
 
@@ -90,18 +88,6 @@ def normalize_argv(argv: list[str], options: Mapping[str, bool] | None = None) -
             )  # the '=' form keeps values such as '-1' or '--x' from being options
         elif name in options:
             out.append(name if value is None else f"{name}={value}")  # typer rejects a value on a flag
-        elif name == ULYSSES:
-            if value is None:
-                value, i = _take_value(argv, i, name)
-            if value.strip() != "1":
-                raise UserError(
-                    f"--ulysses_size {value}: sequence parallelism over several GPUs is not supported; "
-                    "this runs on one device, so drop the option"
-                )
-        elif name in DISTRIBUTED_FLAGS:
-            raise UserError(
-                f"{token}: FSDP over several GPUs is not supported; this runs on one device, so drop the option"
-            )
         elif name == PROMPT_EXTEND_FLAG:
             raise UserError(
                 f"{token}: prompt extension (Qwen/DashScope) is not supported; write the full prompt in --prompt"
@@ -117,8 +103,7 @@ def normalize_argv(argv: list[str], options: Mapping[str, bool] | None = None) -
 
 
 # Upstream-only spellings this module maps (or refuses with a reason) when the command lacks them.
-UPSTREAM_ONLY = DISTRIBUTED_FLAGS | PROMPT_EXTEND_VALUE_OPTIONS
-UPSTREAM_ONLY |= {ULYSSES, PROMPT_EXTEND_FLAG, UPSTREAM_CALIBRATION_FLAG, LORA_DIR2}
+UPSTREAM_ONLY = PROMPT_EXTEND_VALUE_OPTIONS | {PROMPT_EXTEND_FLAG, UPSTREAM_CALIBRATION_FLAG, LORA_DIR2}
 
 
 def _canonical_name(name: str, options: Mapping[str, bool]) -> str:

@@ -6,7 +6,9 @@ models load only inside the command, after every input has been validated.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import sys
 import traceback
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from magcache_generate.argv import check_option_names, command_options, normaliz
 from magcache_generate.atomic import OutputPathError
 from magcache_generate.command import EXIT_FAILURE, run_command
 from magcache_generate.options import GenerateOptions, option_parameters
+from magcache_generate.parallel import RankFailed, silent_error
 from magcache_generate.request import OutOfMemory, UserError
 from wan.errors import CheckpointError
 
@@ -102,7 +105,22 @@ def error_line(err: BaseException) -> str:
 
 
 def exit_code_for(err: BaseException, debug: bool, prog: str = PROG) -> int:
-    """Print ``err`` as one ``error:`` line on stderr (plus the traceback with --debug); its exit code."""
+    """Print ``err`` as one ``error:`` line on stderr (plus the traceback with --debug); its exit code.
+
+    Under torchrun a bad input stops every rank and only rank 0 says so; a rank that fails while
+    running says which rank it is."""
+    if isinstance(err, RankFailed):
+        if debug:
+            traceback.print_exception(err.original)
+        typer.echo(f"error: {error_line(err)}", err=True)
+        return EXIT_USAGE if isinstance(err.original, USER_ERRORS) else EXIT_FAILURE
+    if silent_error(err, (*USER_ERRORS, ClickException)):
+        with contextlib.redirect_stderr(io.StringIO()):
+            return _reported_code(err, debug, prog)
+    return _reported_code(err, debug, prog)
+
+
+def _reported_code(err: BaseException, debug: bool, prog: str) -> int:
     if isinstance(err, (KeyboardInterrupt, typer.Abort)):
         typer.echo("error: interrupted", err=True)
         return EXIT_INTERRUPTED

@@ -13,6 +13,7 @@ import typer
 from magcache_generate.fast_path import fast_path_notes
 from magcache_generate.loras import check_loras
 from magcache_generate.options import GenerateOptions
+from magcache_generate.parallel import ParallelOptions, check_parallel, is_main_rank, quiet_console
 from magcache_generate.plan_check import check_magcache_plan, print_plan
 from magcache_generate.request import UserError
 from magcache_generate.startup import StartupClock
@@ -32,7 +33,7 @@ def run_command(options: GenerateOptions) -> int:
 
     startup = StartupClock()  # time to first step, from the process's start
     started = time.perf_counter()
-    console = make_console()
+    console = quiet_console(make_console())  # under torchrun only rank 0 prints
     if options.settings_from is not None:  # the stored settings, under the options given
         from magcache_generate.reproduce import apply_settings, read_settings
 
@@ -64,6 +65,10 @@ def run_command(options: GenerateOptions) -> int:
         requests = [build_request(options, check_checkpoint=False, defaults=defaults)]
         random_seeds = [options.base_seed == -1]
         magcache = [check_magcache_plan(requests[0])]
+    parallel = ParallelOptions(options.ulysses_size, options.cfg_parallel, options.dit_fsdp, options.t5_fsdp)
+    uses_cfg = any(g != 1 for r in requests for g in r.guide_scale)
+    calibrate = requests[0].magcache.calibrate_file is not None
+    layout = check_parallel(parallel, uses_cfg=uses_cfg, prompt_file=batch is not None, calibrate=calibrate)
     for note in fast_path_notes(options, requests[0], magcache[0]):
         print_message(console, note)  # before anything loads
 
@@ -81,16 +86,29 @@ def run_command(options: GenerateOptions) -> int:
     weights = check_before_loading(weights, cfg, options.device)
     check_loras(requests[0].loras, weights, cfg)  # headers only, before any weight loads
     requests = [dataclasses.replace(r, ckpt_dir=weights.root or Path(), weights=weights) for r in requests]
-    numbers = [e.number for e in batch.entries] if batch is not None else [1]
-    for request, was_random, index in zip(requests, random_seeds, numbers, strict=True):
-        if was_random:
-            console.print(
-                f"seed {request.base_seed} (random; --base-seed {request.base_seed} repeats it)"
-                + (f" for item {index:03d}" if batch is not None else ""),
-                markup=False,
-            )
-
+    numbers = [e.number for e in batch.entries] if batch is not None else None
     startup.mark("validated")
+    if layout.distributed:  # the heads are known now (the checkpoint's config), still before loading
+        from magcache_generate.parallel_run import dit_heads, run_parallel
+
+        heads = dit_heads(weights, cfg)
+        check_parallel(
+            parallel, uses_cfg=uses_cfg, prompt_file=batch is not None, calibrate=calibrate, num_heads=heads
+        )
+        return run_parallel(
+            layout,
+            parallel,
+            requests,
+            random_seeds,
+            magcache,
+            batch,
+            console=console,
+            debug=debug,
+            started=started,
+            startup=startup,
+        )
+    print_random_seeds(console, requests, random_seeds, numbers)
+
     from magcache_generate.run import run_requests  # torch and the models: only now
 
     startup.mark("runtime_imported")
@@ -126,6 +144,21 @@ def check_budget_has_gpu(options: GenerateOptions) -> None:
         )
 
 
+def print_random_seeds(
+    console, requests: list, random_seeds: list[bool], numbers: list[int] | None = None
+) -> None:
+    """Say each seed that was drawn at random, so the video can be repeated. `numbers`: a batch's item
+    numbers (None: one video)."""
+    items = numbers if numbers is not None else [None] * len(requests)
+    for request, was_random, number in zip(requests, random_seeds, items, strict=True):
+        if was_random:
+            console.print(
+                f"seed {request.base_seed} (random; --base-seed {request.base_seed} repeats it)"
+                + (f" for item {number:03d}" if number is not None else ""),
+                markup=False,
+            )
+
+
 def demo_defaults(task: str) -> dict[str, object]:
     """The demo's small size, frame count and step count, for the options the user (and the distilled
     recipe) left unset."""
@@ -153,7 +186,7 @@ def batch_requests(options: GenerateOptions, prompt_file: Path, defaults: dict[s
             continue
         entries.append(dataclasses.replace(entry, magcache=plan))
     problems.sort(key=lambda p: p.line)
-    for problem in problems:
+    for problem in problems if is_main_rank() else ():
         typer.echo(f"skipped: {prompt_file} {problem}", err=True)
     if not entries:
         raise UserError(f"--prompt-file '{prompt_file}' has no valid item; fix the lines reported above")

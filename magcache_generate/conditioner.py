@@ -75,7 +75,20 @@ class Conditioner:
         return Conditioned(inputs, size_wh, timings, text_parts)
 
     def text(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt's and the negative prompt's umT5 context, [1, L, C] each, on the run's device."""
+        """The prompt's and the negative prompt's umT5 context, [1, L, C] each, on the run's device.
+        With --t5-fsdp under torchrun the replica's writer encodes (the other ranks never load the
+        encoder) and broadcasts the context to its replica."""
+        parallel = self.run.parallel
+        if parallel is None or not parallel.options.t5_fsdp:
+            return self.encode(prompt, negative)
+
+        def encode() -> tuple[torch.Tensor, ...]:
+            return tuple(c.cpu() for c in self.encode(prompt, negative))
+
+        context, context_null = parallel.share_in_replica(encode)
+        return context.to(self.run.device), context_null.to(self.run.device)
+
+    def encode(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
         encoder, tokenizer = self.models.text_encoder()
         text_len = self.run.dit_config.text_len
         # two separate batch-1 calls, as upstream; each runs on its prompt's real tokens only

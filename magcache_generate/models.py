@@ -61,8 +61,10 @@ class Models:
         self.reporter.log(f"loading {expert} transformer from {path} ({shards} shard(s){stored})")
 
     def dit(self) -> ConfiguredModels:
-        """The experts as the sampling loop takes them, with the run's attention kernel and compiler."""
-        return self.plan.dit_runtime.models(self.experts)
+        """The experts as the sampling loop takes them, with the run's attention kernel and compiler
+        (and under torchrun this rank's token shard and weight sharding)."""
+        models = self.plan.dit_runtime.models(self.experts)
+        return models if self.plan.parallel is None else self.plan.parallel.models(models)
 
     def text_encoder(self):
         """The umT5 encoder (on the planned device) and its tokenizer."""

@@ -41,6 +41,7 @@ InLora = functools.partial(typer.Option, rich_help_panel="LoRAs and distilled mo
 InSpeed = functools.partial(typer.Option, rich_help_panel="Speed")
 InPlan = functools.partial(typer.Option, rich_help_panel="Plan before running (no GPU, no weights)")
 InGeneral = functools.partial(typer.Option, rich_help_panel="General")
+InParallel = functools.partial(typer.Option, rich_help_panel="Several GPUs (under torchrun)")
 
 
 class Task(str, Enum):
@@ -302,6 +303,28 @@ class GenerateOptions:
             help="Step-distilled recipe: lightning = 4 steps, shift 5, guide 1, euler (unset options only)."
         ),
     ] = None
+    ulysses_size: Annotated[
+        int,
+        InParallel(
+            help="Ulysses sequence parallel: split each video's tokens over this many ranks (must divide "
+            "the attention heads: 40 for A14B, 24 for ti2v-5B)."
+        ),
+    ] = 1
+    cfg_parallel: Annotated[
+        bool,
+        InParallel(
+            "--cfg-parallel", help="Run the cond and uncond forwards of a step on two rank groups at once."
+        ),
+    ] = False
+    dit_fsdp: Annotated[
+        bool, InParallel("--dit-fsdp", help="Shard the DiT blocks over the Ulysses group (FSDP2).")
+    ] = False
+    t5_fsdp: Annotated[
+        bool,
+        InParallel(
+            "--t5-fsdp", help="Encode the text on one rank per group and share it (saves its memory)."
+        ),
+    ] = False
     prompt_file: Annotated[
         Path | None, InBatch(help="Text file with one prompt (or JSON object) per line; models load once.")
     ] = None

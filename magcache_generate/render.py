@@ -138,6 +138,7 @@ def render_video(
             cache=cache,
             on_step=on_step,
             cfg_batch=run.cfg_batch.batched,
+            cfg_parallel=run.parallel.cfg_exchange if run.parallel is not None else None,
         )
         denoise_cpu_s = time.process_time() - cpu_start - experts.cpu_seconds
     first_step.finish()  # the stage ended synchronised
@@ -149,6 +150,8 @@ def render_video(
 
     release_cache(cache)  # MagCache's residuals are not needed by the decode: free them first
     models.after_denoise()
+    if not run.writer:  # under torchrun one rank per replica decodes and writes
+        return Rendered((), timings, denoise_cpu_s, dit_calls, compile_s, cfg_steps)
     decode_stage = f"{stage_prefix}decode"
     with meter.stage(decode_stage), reporter.stage("decoding video"):
         video = decode_latent(models.vae(), latent, request.vae_tiled, plan.decode_tile)

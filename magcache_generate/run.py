@@ -32,6 +32,7 @@ from magcache_generate.video_io import write_sidecar
 
 if TYPE_CHECKING:
     from magcache_generate.magcache.plan import Plan
+    from magcache_generate.parallel import RankRuntime
 
 # A batch item whose run left the device unusable: the later items are not run.
 NOT_RUN = "not run: an earlier item left the GPU in an error state (restart the command)"
@@ -56,7 +57,10 @@ def generate_one(
         plan, meter, reporter, keep_encoder=batch, startup=startup
     )
     timings = dict(conditioned.timings)
-    cache = build_cache(request, plan.magcache, reporter)
+    parallel = plan.run.parallel
+    sequence = parallel.sequence if parallel is not None else None
+    statistics = sequence.token_statistics if sequence is not None else None  # calibration over shards
+    cache = build_cache(request, plan.magcache, reporter, statistics)
     dense = None
     if request.dense_save_file is not None:  # --magcache-verify: warm-up, then the dense reference
         dense = render_dense_reference(models, plan, reporter, conditioned.inputs, meter, timings, startup)
@@ -75,16 +79,20 @@ def generate_one(
     first_step = startup.report() if first_item and startup is not None else None
     result = result_record(plan, rendered, conditioned, meter, first_step)
     magcache_report = finish_cache(cache, request, timings["denoise"])
+    if magcache_report is not None and parallel is not None:  # the other CFG half's branch too
+        magcache_report["calls"] = parallel.merge_magcache_calls(magcache_report["calls"])
     if magcache_report is not None:
-        if dense is not None:
+        if dense is not None and plan.run.writer:  # the videos it compares exist on the writer only
             with reporter.stage("verify: PSNR/SSIM vs dense"):
                 add_verification(magcache_report, plan, dense, rendered, timings)
         result["magcache"] = magcache_report
     result["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
     if calibration is not None:
         collect_calibration(calibration, cache, plan, result["dtype"])
+    if parallel is not None:  # every rank of the replica takes part (its peak memory is gathered)
+        result["parallel"] = parallel.sidecar_record(result["peak_memory"])
     result.update(sidecar_extras(request, started_at, time.perf_counter() - started))
-    if request.sidecar:
+    if request.sidecar and plan.run.writer:
         write_sidecar(request.save_file, result, overwrite=request.overwrite)
     return result
 
@@ -219,11 +227,15 @@ def run_requests(
     batch: bool | None = None,
     magcache: list[Plan | None] | None = None,
     startup: StartupClock | None = None,
+    parallel: RankRuntime | None = None,
 ) -> list[dict[str, Any]]:
     """Generate every request with models loaded once; in a batch (default: more than one request) a
     failing item is reported and skipped, and a GPU error that outlives its item stops the batch (the
     later items are reported as not run). `magcache`: each request's MagCache plan, as checked before
-    loading (planned here when not given). The caller prints the closing batch table."""
+    loading (planned here when not given). The caller prints the closing batch table.
+
+    Under torchrun (`parallel`) a failing item ends the run when its ranks work on it together (a
+    Ulysses or CFG group): the other ranks of the group could not go on without it."""
     if not requests:
         return []
     batch = len(requests) > 1 if batch is None else batch
@@ -232,7 +244,7 @@ def run_requests(
     with Reporter(console) as reporter:
         # --magcache-verify returns to the first expert for its second run: keep parked experts, as a batch
         verify = any(r.magcache.verify for r in requests)
-        run = RunPlan.build(requests, keep_inactive=batch or verify)
+        run = RunPlan.build(requests, keep_inactive=batch or verify, parallel=parallel)
         if run.memory is not None:
             reporter.log(run.memory.render())
         if run.device.type == "cpu":
@@ -264,7 +276,7 @@ def run_requests(
             except KeyboardInterrupt:
                 raise
             except Exception as err:
-                if debug or not batch:
+                if debug or not batch or (parallel is not None and parallel.layout.group_size > 1):
                     raise
                 message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 reporter.log(f"[red]item failed[/]: {escape(message)}")
@@ -276,7 +288,9 @@ def run_requests(
             results.append(result)
             if result.get("error") is None:
                 print_result(console, result)
-        if calibration is not None and calibration.recordings:
+        if calibration is not None and parallel is not None:  # every replica's recordings, on rank 0
+            parallel.merge_calibration(calibration)
+        if calibration is not None and calibration.recordings and (parallel is None or parallel.is_main):
             calibration.save()
             reporter.log(
                 f"MagCache calibration over {len(calibration.recordings)} prompt(s) written to {calibration.path}; "

@@ -4,8 +4,9 @@ handed on to the stages that use it (nothing downstream recomputes one).
 `RunPlan` holds the decisions shared by a run's requests (device, parameter dtype and storage, the
 memory plan, CFG batching, where the text encoder runs, the attention kernel); `RequestPlan` holds one
 request's (the distilled recipe's settings are already in the request; the schedule, the MagCache
-plan, the decode tile and the memory record). A parallel layout would enter here, as one more field of
-`RunPlan` that the device and the memory budget derive from.
+plan, the decode tile and the memory record). Under torchrun `RunPlan.parallel` is this rank's part of
+the run (`parallel.RankRuntime`): the device is the rank's, and each rank plans within its own GPU's
+budget.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from wan.weight_storage import WeightStorage
 
 if TYPE_CHECKING:
     from magcache_generate.magcache.plan import Plan
+    from magcache_generate.parallel import RankRuntime
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,9 +67,17 @@ class RunPlan:
     cfg_batch: CfgBatch
     t5_device: torch.device
     dit_runtime: DitRuntime  # the attention kernel (checked against the device) and --compile
+    parallel: RankRuntime | None = None  # this rank's part of a torchrun run (None: one process)
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process decodes and writes (under torchrun: the first rank of its replica)."""
+        return self.parallel is None or self.parallel.is_writer
 
     @classmethod
-    def build(cls, requests: list[Request], *, keep_inactive: bool) -> RunPlan:
+    def build(
+        cls, requests: list[Request], *, keep_inactive: bool, parallel: RankRuntime | None = None
+    ) -> RunPlan:
         """Plan the run from the first request's run-wide settings and every request's size.
         `keep_inactive`: a batch, or --magcache-verify (which returns to the first expert)."""
         first = requests[0]
@@ -99,6 +109,7 @@ class RunPlan:
             cfg_batch=decide_cfg_batch(requests, device.type, memory),
             t5_device=torch.device("cpu") if t5_cpu else device,
             dit_runtime=DitRuntime.for_request(first, device),
+            parallel=parallel,
         )
 
 

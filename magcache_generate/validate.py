@@ -143,7 +143,9 @@ def build_request(
 
     save_file = options.save_file
     if save_file is None:
-        name = default_save_file(cfg.name, size, prompt, now or datetime.now())
+        name = default_save_file(
+            cfg.name, size, prompt, now or datetime.now(), ulysses_size=max(1, options.ulysses_size)
+        )
         if item_index is not None:
             name = f"{Path(name).stem}_{item_index:03d}.mp4"
         save_file = Path(name)

@@ -1,3 +1,4 @@
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -34,6 +35,17 @@ def make_checkpoint(tiny_checkpoint_source):
         return root
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """The multi-process tests (marker `distributed`) start several processes each, minutes in all on a
+    small CPU machine: they run when asked for, with -m distributed (or MAGCACHE_TEST_DISTRIBUTED=1)."""
+    if "distributed" in (config.getoption("-m") or "") or os.environ.get("MAGCACHE_TEST_DISTRIBUTED") == "1":
+        return
+    skip = pytest.mark.skip(reason="starts several processes: run with -m distributed")
+    for item in items:
+        if "distributed" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.hookimpl(tryfirst=True)

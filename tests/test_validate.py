@@ -323,7 +323,8 @@ def test_plan_settings_need_no_checkpoint_or_image(tmp_path):
         (["--sample-guide-scale", "1", "2", "3"], ["--sample-guide-scale=1,2,3"]),  # refused later, by name
         (["--magcache_K", "3", "--magcache_thresh", "0.06"], ["--magcache-K=3", "--magcache-thresh=0.06"]),
         (["--use_magcache", "--retention_ratio", "0.2"], ["--use-magcache", "--retention-ratio=0.2"]),
-        (["--ulysses_size", "1", "--prompt_extend_method", "local_qwen"], []),
+        (["--ulysses_size", "1", "--prompt_extend_method", "local_qwen"], ["--ulysses-size=1"]),
+        (["--dit_fsdp", "--t5_fsdp", "--ulysses_size=8"], ["--dit-fsdp", "--t5-fsdp", "--ulysses-size=8"]),
         (["--magcache_calibration"], ["--magcache-calibrate=mag_ratios.json"]),
         (["--frame-nmu", "3", "--some_thing"], ["--frame-nmu", "3", "--some_thing"]),
         (["--prompt", "x", "--", "--frame_num"], ["--prompt=x", "--", "--frame_num"]),
@@ -338,8 +339,6 @@ def test_normalize_argv(argv, expected):
     ("argv", "fragment"),
     [
         (["--offload_model", "maybe"], "--offload-model takes true or false, got 'maybe'"),
-        (["--ulysses_size", "2"], "sequence parallelism over several GPUs is not supported"),
-        (["--dit_fsdp"], "FSDP over several GPUs is not supported"),
         (["--use_prompt_extend"], "prompt extension (Qwen/DashScope) is not supported"),
         (["--frame_num"], "--frame-num needs a value"),
     ],

@@ -9,6 +9,10 @@ With ``cfg_batch`` a step that runs both branches runs them as ONE forward of ba
 inputs stacked cond first, output split back, CFG applied as before), when the step cache agrees: a
 MagCache plan must make the same decision (compute or skip) for both branches at that step, else the
 step falls back to two forwards. Same math; the memory planner decides whether there is room for it.
+
+With ``cfg_parallel`` (several processes, `wan.distributed.cfg`) a step running both branches runs only
+this process's branch and receives the other from its partner process; the cache sees only this
+process's calls. The guidance math and the solver step are unchanged, so both processes stay equal.
 """
 
 from __future__ import annotations
@@ -51,6 +55,15 @@ class StepCache(Protocol):
     def run(self, h: torch.Tensor, blocks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
 
 
+class BranchExchange(Protocol):
+    """CFG parallelism: `branch` is the forward this process runs on a CFG step; `exchange(v)` gives
+    (cond, uncond) from this process's prediction and its partner's."""
+
+    branch: str
+
+    def exchange(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 @dataclass(frozen=True)
 class StepInfo:
     index: int
@@ -80,6 +93,7 @@ def sample(
     cache: StepCache | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     cfg_batch: bool = False,
+    cfg_parallel: BranchExchange | None = None,
 ) -> torch.Tensor:
     """Flow-matching sampling with CFG from `noise` [B, C, T, H, W]; returns the final latent x0.
 
@@ -99,9 +113,27 @@ def sample(
             model, active = models.activate(expert), expert
         scale = guide_scale_for(expert, guide_scale)
         branches = branches_for(scale)
-        batched = cfg_batch and UNCOND in branches and (cache is None or cache.batchable(i, branches, expert))
+        split = cfg_parallel is not None and UNCOND in branches
+        batched = (
+            not split
+            and cfg_batch
+            and UNCOND in branches
+            and (cache is None or cache.batchable(i, branches, expert))
+        )
         with torch.inference_mode():
-            if batched:
+            if split:
+                mine = cfg_parallel.branch
+                if cache is not None:
+                    cache.begin_call(i, mine, expert)
+                own = model(
+                    x,
+                    cond.model_timestep(t, x),
+                    context if mine == COND else context_null,
+                    cond.y,
+                    cache=cache,
+                )
+                v = cfg(*cfg_parallel.exchange(own), scale)
+            elif batched:
                 contexts = {COND: context, UNCOND: context_null}
                 v, v_uncond = _batched_forward(model, x, t, cond, contexts, branches, cache, i, expert)
                 v = cfg(v, v_uncond, scale)

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 FORMAT = "magcache-calibration/1"
+# per-token ratio [B, S] and cosine distance [B, S] -> [mean ratio, std ratio, mean cosine distance]
+TokenStatistics = Callable[[Tensor, Tensor], Tensor]
 REQUIRED_PROVENANCE = ("task", "shift", "size", "solver", "dtype", "prompts")
 
 
@@ -122,7 +124,10 @@ class CalibrationRecorder:
     once, by ``recording()`` after the run, so a CUDA forward never waits for the host.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, token_statistics: TokenStatistics | None = None) -> None:
+        # under sequence parallelism each process holds a shard of the tokens: the statistics are then
+        # reduced over the whole sequence (`wan.distributed.sequence.SequenceParallel.token_statistics`)
+        self._token_statistics = token_statistics
         self._previous: dict[str, Tensor] = {}  # branch -> residual of its previous call (any expert)
         self._pending: list[tuple[int, str, str, Tensor]] = []  # (step, branch, expert, [gamma, std, cos])
         self._experts: dict[int, str] = {}
@@ -170,7 +175,10 @@ class CalibrationRecorder:
                 )
             token_ratio = residual.norm(dim=-1) / previous.norm(dim=-1)
             cos_dis = 1 - F.cosine_similarity(residual, previous, dim=-1, eps=1e-8)
-            stats = torch.stack([token_ratio.mean(), token_ratio.std(), cos_dis.mean()])
+            if self._token_statistics is not None:
+                stats = self._token_statistics(token_ratio, cos_dis)
+            else:
+                stats = torch.stack([token_ratio.mean(), token_ratio.std(), cos_dis.mean()])
             self._pending.append((step, branch, expert, stats))
         self._previous[branch] = residual
 

@@ -111,12 +111,13 @@ class CalibrationCollector:
         return data
 
 
-def build_cache(request, plan: Plan | None, reporter) -> TimedCache | None:
+def build_cache(request, plan: Plan | None, reporter, token_statistics=None) -> TimedCache | None:
     """The cache of one generation: a recorder for --magcache-calibrate, a ResidualCache following
-    `plan` (made once per request, before anything loaded) with --use-magcache, else None."""
+    `plan` (made once per request, before anything loaded) with --use-magcache, else None.
+    `token_statistics`: the calibration's reduction over a sharded sequence (None: one process)."""
     options = request.magcache
     if options.calibrate_file is not None:
-        return TimedCache(CalibrationRecorder())
+        return TimedCache(CalibrationRecorder(token_statistics))
     if plan is None:
         return None
     if options.speedup is not None:

@@ -11,7 +11,9 @@ Run-time settings, instance attributes read at every forward:
 - `attention`: the AttentionPolicy (kernel choice, and the record of what ran);
 - `activation_chunk`: tokens per chunk of the blocks' token-local stages (None: whole sequence);
 - `block_runner`: None (eager) or a BlockRunner such as `wan.modules.compile.BlockCompiler`;
-- `block_source`: memory placement of the block weights (None: all resident).
+- `block_source`: memory placement of the block weights (None: all resident);
+- `sequence_parallel`: None, or a SequenceSharding (`wan.distributed.sequence.SequenceParallel`) that
+  gives this process its shard of the tokens after the embeddings and gathers them after the head.
 No forward reads a tensor value on the host (no `.item()`, `bool(tensor)`, `torch.unique`, sync).
 """
 
@@ -39,7 +41,7 @@ from wan.modules.block import (
     normalized,
     token_spans,
 )
-from wan.modules.rope import grid_rope
+from wan.modules.rope import RopeTable, grid_rope
 
 __all__ = [
     "Block",
@@ -82,6 +84,16 @@ class ResidualCacheLike(Protocol):
     """What the transformer needs from a step-skipping cache: run(h, blocks) -> h_out."""
 
     def run(self, h: torch.Tensor, blocks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
+
+
+class SequenceSharding(Protocol):
+    """Sequence parallelism: the block inputs of this process's token shard, and the full output back."""
+
+    def shard(
+        self, h: torch.Tensor, mod: Modulation, rope: RopeTable, attention: Callable[..., torch.Tensor]
+    ) -> tuple[torch.Tensor, Modulation, RopeTable, Callable[..., torch.Tensor]]: ...
+
+    def gather(self, out: torch.Tensor, tokens: int) -> torch.Tensor: ...
 
 
 class BlockSource(Protocol):
@@ -176,6 +188,7 @@ class WanTransformer(nn.Module):
         self.block_source: BlockSource | None = None
         self.attention = AttentionPolicy("auto")
         self.block_runner: BlockRunner | None = None
+        self.sequence_parallel: SequenceSharding | None = None
         self._activation_chunk: int | None = None
 
     @property
@@ -264,13 +277,15 @@ class WanTransformer(nn.Module):
         patches = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, dim, F, H/2, W/2]
         grid = tuple(patches.shape[2:])
         h = rearrange(patches, "b c f h w -> b (f h w) c")  # tokens in (f, h, w) row-major order
-        mod = self.embed_time(t, h.shape[1])
+        tokens = h.shape[1]
+        mod = self.embed_time(t, tokens)
         ctx = self.embed_text(context)
+        rope, attention = grid_rope(cfg.head_dim, grid, h.device), self.attention
+        sp = self.sequence_parallel
+        if sp is not None:  # from here on this process holds its shard of the tokens
+            h, mod, rope, attention = sp.shard(h, mod, rope, attention)
         runtime = BlockRuntime(
-            rope=grid_rope(cfg.head_dim, grid, h.device),
-            attention=self.attention,
-            chunk=self._activation_chunk,
-            runner=self.block_runner,
+            rope=rope, attention=attention, chunk=self._activation_chunk, runner=self.block_runner
         )
 
         def blocks(h_in: torch.Tensor) -> torch.Tensor:
@@ -278,6 +293,8 @@ class WanTransformer(nn.Module):
 
         h = cache.run(h, blocks) if cache is not None else blocks(h)
         out = self.head(h, mod, runtime.chunk)  # [B, L, p_t*p_h*p_w*out_dim], channel fastest
+        if sp is not None:
+            out = sp.gather(out, tokens)
         pt, ph, pw = cfg.patch_size
         return rearrange(
             out,

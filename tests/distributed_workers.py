@@ -1,0 +1,90 @@
+"""Rank functions for tests/test_distributed.py (module-level, so spawned processes import them)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from wan.conditioning import Conditioning
+from wan.modules.transformer import WanTransformer
+from wan.sampling import sample
+from wan.schedule import make_schedule
+from wan.testing.dit import random_transformer_state_dict, tiny_transformer_config
+from wan.testing.models import StaticModels
+
+HEADS = 6  # divisible by 1, 2 and 3
+STEPS = 4
+
+
+def tiny_model(model_type: str = "t2v") -> WanTransformer:
+    cfg = tiny_transformer_config(model_type, num_heads=HEADS, dim=12 * HEADS)
+    model = WanTransformer(cfg)
+    model.load_state_dict(random_transformer_state_dict(cfg))
+    return model.eval()
+
+
+def inputs(model_type: str = "t2v") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning]:
+    """Noise of 3 x 3 x 5 = 45 tokens (not a multiple of 2: the shards are padded), contexts, and the
+    ti2v image conditioning (per-token timesteps) for model type ti2v."""
+    gen = torch.Generator().manual_seed(1)
+    channels = 48 if model_type == "ti2v" else 16
+    noise = torch.randn(1, channels, 3, 6, 10, generator=gen)
+    context = torch.randn(1, 16, 24, generator=gen)
+    context_null = torch.randn(1, 16, 24, generator=gen)
+    cond = Conditioning()
+    if model_type == "ti2v":
+        cond = Conditioning(first_frame=torch.randn(1, channels, 1, 6, 10, generator=gen))
+    return noise, context, context_null, cond
+
+
+def run_sampling(
+    model_type: str = "t2v",
+    *,
+    ulysses: bool = False,
+    cfg_parallel: bool = False,
+    fsdp: bool = False,
+    cache_factory=None,
+) -> tuple[torch.Tensor, object]:
+    """A 4-step sampling run of the tiny model on this process (its rank's part when distributed)."""
+    model = tiny_model(model_type)
+    exchange = None
+    if dist.is_initialized():
+        from wan.distributed.cfg import CfgParallel
+        from wan.distributed.sequence import SequenceParallel
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if cfg_parallel and ulysses:
+            half = world // 2
+            groups = [dist.new_group(list(range(c * half, (c + 1) * half))) for c in range(2)]
+            pairs = [dist.new_group([u, u + half]) for u in range(half)]
+            model.sequence_parallel = SequenceParallel.for_group(groups[rank // half])
+            exchange = CfgParallel.for_group(pairs[rank % half])
+        elif cfg_parallel:
+            exchange = CfgParallel.for_group(dist.group.WORLD)
+        elif ulysses:
+            model.sequence_parallel = SequenceParallel.for_group(dist.group.WORLD)
+        if fsdp:
+            from wan.distributed.fsdp import shard_weights
+
+            shard_weights(model, model.sequence_parallel.group, "cpu")
+    noise, context, context_null, cond = inputs(model_type)
+    cache = cache_factory(model) if cache_factory is not None else None
+    latent = sample(
+        noise,
+        make_schedule("unipc", STEPS, 5.0),
+        StaticModels({"single": model}),
+        context,
+        context_null,
+        guide_scale=(4.0, 4.0),
+        boundary=None,
+        conditioning=cond,
+        cache=cache,
+        cfg_parallel=exchange,
+    )
+    return latent, cache
+
+
+def sampling_rank(
+    rank: int, world: int, model_type: str, ulysses: bool, cfg_parallel: bool, fsdp: bool
+) -> torch.Tensor:
+    return run_sampling(model_type, ulysses=ulysses, cfg_parallel=cfg_parallel, fsdp=fsdp)[0]
