@@ -5,6 +5,7 @@ written, found from the headers before any weight loads."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -110,6 +111,11 @@ def test_one_part_overrides_the_checkpoint_folder(parts, tmp_path, capsys):
     code, err = run(["--ckpt-dir", str(parts["ckpt"]), "--t5", str(parts["t5"]), *other], capsys)
     assert code == 0, err
     assert np.array_equal(frames(tmp_path / "a"), frames(tmp_path / "b"))
+    # the sidecar names where each part came from: the folder, and the file given by its own flag
+    paths = json.loads((tmp_path / "b.json").read_text())["paths"]
+    assert paths["ckpt_dir"] == str(parts["ckpt"].resolve())
+    assert paths["weight_files"] == {"--t5": str(parts["t5"].resolve())}
+    assert json.loads((tmp_path / "a.json").read_text())["paths"]["weight_files"] == {}
 
 
 def test_upstream_underscore_spellings_reach_the_part_flags():
