@@ -25,9 +25,10 @@ from magcache_generate.request import MagCacheOptions
 from wan.conditioning import Conditioning
 from wan.configs import TASKS
 from wan.modules.transformer import WanTransformer
-from wan.sampling import StaticModels, sample
+from wan.sampling import sample
 from wan.schedule import make_schedule
 from wan.testing.dit import random_transformer_state_dict, tiny_transformer_config
+from wan.testing.models import StaticModels
 
 
 def build_models(task: str, dim: int, layers: int, seed: int = 0) -> StaticModels:

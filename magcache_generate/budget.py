@@ -154,8 +154,7 @@ def memory_request(
 
     task = TASKS[request.task]
     width, height = SIZES[request.size]  # with an image it is an area budget: the same token count
-    files = request.ckpt_dir
-    t5, vae = files / task.t5_checkpoint, files / task.vae_checkpoint
+    t5, vae = request.weight_paths.t5, request.weight_paths.vae
     dtype = torch.bfloat16 if request.convert_model_dtype else torch.float32
     linear_dtype = WeightStorage.for_run(dtype, torch.device(device)).dtype_of("blocks.0.ffn.0.weight")
     return MemoryRequest(

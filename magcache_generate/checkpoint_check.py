@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from magcache_generate.request import UserError
+from magcache_generate.weight_paths import CKPT_DIR, WeightPaths
 from wan.checkpoint_layout import TransformerFiles, dit_dims, read_tensor_table
 from wan.checkpoint_reader import (
     T5_MARKER_KEYS,
@@ -30,6 +31,7 @@ from wan.checkpoint_reader import (
 )
 from wan.configs import TaskConfig
 from wan.errors import CheckpointError
+from wan.weight_formats import FormatError, dit_layout_of_shards, t5_layout, vae_layout
 
 RELEASES = {
     "t2v-A14B": "Wan-AI/Wan2.2-T2V-A14B",
@@ -42,11 +44,13 @@ VAE_LATENT_CHANNELS = {"2.1": 16, "2.2": 48}
 
 @dataclass(frozen=True)
 class DitContents:
-    """One transformer folder: its tensors (with the shard holding each) and its config.json."""
+    """One transformer folder or file: its tensors under official names (with the shard holding each),
+    its config.json (if any) and the flag that named it."""
 
     folder: Path
     tensors: dict[str, tuple[TensorInfo, Path]]
     config: dict
+    flag: str = CKPT_DIR
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class CheckpointContents:
     pickle uses a torch global the torch-free reader does not model: ``model_check`` reads it with torch
     (memory-mapped, no tensor data) and runs ``check_fit`` then."""
 
-    root: Path
+    weights: WeightPaths
     task: TaskConfig
     dits: dict[str, DitContents]  # "" (root) or high_noise_model / low_noise_model
     t5_file: Path
@@ -63,21 +67,34 @@ class CheckpointContents:
     vae_file: Path
     vae: TensorTable | None
 
+    @property
+    def root(self) -> Path | None:
+        """The official folder (--ckpt-dir), when one was given."""
+        return self.weights.root
+
 
 def inspect_weights(
-    root: Path, cfg: TaskConfig, dit_files: dict[str, TransformerFiles]
+    weights: WeightPaths, cfg: TaskConfig, dit_files: dict[str, TransformerFiles]
 ) -> CheckpointContents:
-    """Read every weight file's tensor table and check it against the task (``dit_files``: the located
-    transformer files per DiT folder)."""
+    """Read every weight file's tensor table, under official names (``wan.weight_formats``: single-file
+    layouts mapped), and check it against the task (``dit_files``: the located transformer files per
+    DiT folder)."""
     release = RELEASES.get(cfg.name, "the official release")
     dits = {
-        folder: _read_dit(root / folder if folder else root, files, release)
+        folder: _read_dit(
+            weights.dits[folder],
+            files,
+            fix_for(weights.flag(f"dit:{folder}"), release),
+            weights.flag(f"dit:{folder}"),
+        )
         for folder, files in dit_files.items()
     }
-    t5_file, vae_file = root / cfg.t5_checkpoint, root / cfg.vae_checkpoint
-    t5 = _probe(t5_file, "umT5 text encoder", release)
-    vae = _probe(vae_file, "VAE", release)
-    contents = CheckpointContents(root, cfg, dits, t5_file, t5, vae_file, vae)
+    t5_file, vae_file = weights.t5, weights.vae
+    t5 = _probe(t5_file, "umT5 text encoder", fix_for(weights.flag("t5"), release))
+    vae = _probe(vae_file, "VAE", fix_for(weights.flag("vae"), release))
+    t5 = None if t5 is None else official_table(t5_file, t5_layout, t5)
+    vae = None if vae is None else official_table(vae_file, vae_layout, vae)
+    contents = CheckpointContents(weights, cfg, dits, t5_file, t5, vae_file, vae)
     if t5 is not None and vae is not None:
         check_fit(contents)
     return contents
@@ -92,30 +109,50 @@ def check_fit(contents: CheckpointContents) -> None:
         _check_dit(dit, contents, release)
 
 
-def _probe(path: Path, what: str, release: str) -> TensorTable | None:
+def fix_for(flag: str, release: str) -> str:
+    """How to replace a damaged file: from the release, or (a part given by its own flag) a good copy."""
+    if flag == CKPT_DIR:
+        return f"download it again from {release}"
+    return f"download it again, or pass another file as {flag}"
+
+
+def official_table(path: Path, layout_of, table: TensorTable) -> TensorTable:
+    """A file's tensor table under official names (prefix stripped, Hugging Face T5 names mapped, markers
+    and scales set aside): what every later check compares against the models."""
+    try:
+        layout = layout_of(table)
+    except FormatError as err:
+        raise UserError(f"'{path}' {err}; convert it to bf16 or fp16, or use the official file") from None
+    return {key: TensorInfo(src.dtype, src.shape) for key, src in layout.sources.items()}
+
+
+def _probe(path: Path, what: str, fix: str) -> TensorTable | None:
     try:
         return read_table(path)
     except UnsupportedPickle:
         return None  # left to torch.load(weights_only=True) in model_check
     except ReadError as err:
-        raise UserError(f"'{path}' (the {what}) {err}; download it again from {release}") from None
+        raise UserError(f"'{path}' (the {what}) {err}; {fix}") from None
 
 
-def _read_dit(folder: Path, files: TransformerFiles, release: str) -> DitContents:
+def _read_dit(folder: Path, files: TransformerFiles, fix: str, flag: str = CKPT_DIR) -> DitContents:
     try:
-        tables = read_tensor_table(files, fix=f"download it again from {release}")
+        tables = read_tensor_table(files, fix=fix)
+        layout, shards = dit_layout_of_shards(tables)
     except CheckpointError as err:
         raise UserError(str(err)) from None
-    tensors = {key: (info, shard) for key, (info, shard) in tables.items()}
+    except FormatError as err:
+        raise UserError(f"'{files.shards[0]}' {err}; convert it to bf16 or fp16, or {fix}") from None
+    tensors = {key: (TensorInfo(src.dtype, src.shape), shards[key]) for key, src in layout.sources.items()}
     config: dict = {}
     if files.config is not None:
         try:
             config = json.loads(files.config.read_text())
         except ValueError:
-            raise UserError(f"'{files.config}' is not valid JSON; download it again from {release}") from None
+            raise UserError(f"'{files.config}' is not valid JSON; {fix}") from None
         if not isinstance(config, dict):
-            raise UserError(f"'{files.config}' is not a transformer config; download it again from {release}")
-    return DitContents(folder, tensors, config)
+            raise UserError(f"'{files.config}' is not a transformer config; {fix}")
+    return DitContents(folder, tensors, config, flag)
 
 
 def _check_t5(contents: CheckpointContents, release: str) -> None:
@@ -123,15 +160,19 @@ def _check_t5(contents: CheckpointContents, release: str) -> None:
     if missing:
         found = identify(contents.t5)
         what = f"holds {found}" if found else f"has no tensor {missing[0]!r}"
-        raise UserError(
-            f"'{contents.t5_file}' {what}, not the umT5 text encoder; "
-            f"put {contents.task.t5_checkpoint} from {release} there"
-        )
+        if contents.weights.flag("t5") == CKPT_DIR:
+            fix = f"put {contents.task.t5_checkpoint} from {release} there"
+        else:
+            fix = "pass the umT5-XXL encoder file as --t5 (models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_*.safetensors)"
+        raise UserError(f"'{contents.t5_file}' {what}, not the umT5 text encoder; {fix}")
 
 
 def _check_vae(contents: CheckpointContents, release: str) -> None:
     cfg, vae = contents.task, contents.vae
     needed = f"the Wan{cfg.vae_kind} VAE ({cfg.vae_checkpoint} from {release})"
+    if contents.weights.flag("vae") != CKPT_DIR:
+        comfy = "wan2.2_vae.safetensors" if cfg.vae_kind == "2.2" else "wan_2.1_vae.safetensors"
+        needed = f"the Wan{cfg.vae_kind} VAE as --vae ({cfg.vae_checkpoint} or {comfy})"
     missing = [k for k in VAE_MARKER_KEYS if k not in vae]
     if missing:
         found = identify(vae)
@@ -151,16 +192,20 @@ def _check_vae(contents: CheckpointContents, release: str) -> None:
 def _check_dit(dit: DitContents, contents: CheckpointContents, release: str) -> None:
     cfg = contents.task
     where = f"'{dit.folder}'"
+    if dit.flag == CKPT_DIR:
+        fix = f"pass the {release} folder as --ckpt-dir"
+    else:
+        fix = f"pass a {cfg.name} transformer file as {dit.flag}"
     tables = {key: info for key, (info, _) in dit.tensors.items()}
     for key in ("patch_embedding.weight", "text_embedding.0.weight", "head.head.weight"):
         if key not in tables:
             found = identify(tables)
             what = f"holds {found}" if found else f"has no tensor {key!r}"
-            raise UserError(f"{where} {what}, not a Wan transformer; pass the {release} folder as --ckpt-dir")
+            raise UserError(f"{where} {what}, not a Wan transformer; {fix}")
     try:
         dims = dit_dims({key: info.shape for key, info in tables.items()}, where)
     except CheckpointError as err:
-        raise UserError(str(err)) from None
+        raise UserError(str(err)) from None  # the message says the fix
     in_dim, expected = dims.in_dim, DIT_IN_CHANNELS[cfg.model_type]
     if in_dim != expected:
         kinds = [t for t, n in DIT_IN_CHANNELS.items() if n == in_dim]
@@ -171,7 +216,7 @@ def _check_dit(dit: DitContents, contents: CheckpointContents, release: str) -> 
         )
         raise UserError(
             f"{where} holds {what} ({in_dim} input channels), but {cfg.name} needs the {cfg.model_type} "
-            f"one ({expected}); pass the {release} folder as --ckpt-dir (or the matching --task)"
+            f"one ({expected}); {fix} (or the matching --task)"
         )
     text_dim, t5_dim = dims.text_dim, contents.t5["token_embedding.weight"].shape[-1]
     if text_dim != t5_dim:

@@ -16,7 +16,8 @@ from magcache_generate.options import GenerateOptions
 from magcache_generate.plan_check import check_magcache_plan, print_plan
 from magcache_generate.request import UserError
 from magcache_generate.startup import StartupClock
-from magcache_generate.validate import build_request, plan_settings, task_config
+from magcache_generate.validate import build_request, part_options, plan_settings, task_config
+from magcache_generate.weight_paths import WeightPaths, resolve_weight_paths
 
 if TYPE_CHECKING:
     from magcache_generate.batch import Batch
@@ -38,8 +39,10 @@ def run_command(options: GenerateOptions) -> int:
     if options.magcache_plan:
         print_plan(plan_settings(options), as_json=options.as_json)
         return 0
-    if demo and options.ckpt_dir is not None:
-        raise UserError("--demo builds its own tiny checkpoint; drop --ckpt-dir (or --demo)")
+    if demo and (options.ckpt_dir is not None or part_options(options).any):
+        raise UserError(
+            "--demo builds its own tiny checkpoint; drop --ckpt-dir and the weight files (or --demo)"
+        )
     defaults = demo_defaults(options.task) if demo else None  # under the distilled recipe's
     batch = None
     if prompt_file is not None:
@@ -60,14 +63,14 @@ def run_command(options: GenerateOptions) -> int:
 
         message = "[yellow]--demo: tiny RANDOM weights; the video will be noise, not a real generation[/]"
         console.print(message)
-        ckpt_dir = demo_checkpoint(cfg.name)
-    else:
-        ckpt_dir = options.ckpt_dir
+        weights = WeightPaths.official(demo_checkpoint(cfg.name), cfg)
+    else:  # --ckpt-dir, each part overridable by --dit/--dit-high/--dit-low/--t5/--vae/--tokenizer
+        weights = resolve_weight_paths(options.ckpt_dir, part_options(options), cfg)
     from magcache_generate.preflight import check_before_loading
 
-    ckpt_dir = check_before_loading(ckpt_dir, cfg, options.device)
-    check_loras(requests[0].loras, ckpt_dir, cfg)  # headers only, before any weight loads
-    requests = [dataclasses.replace(r, ckpt_dir=ckpt_dir) for r in requests]
+    weights = check_before_loading(weights, cfg, options.device)
+    check_loras(requests[0].loras, weights, cfg)  # headers only, before any weight loads
+    requests = [dataclasses.replace(r, ckpt_dir=weights.root or Path(), weights=weights) for r in requests]
     for request, was_random in zip(requests, random_seeds, strict=True):
         if was_random:
             console.print(

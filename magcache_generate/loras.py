@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from magcache_generate.request import LoraChoice, UserError
+from magcache_generate.weight_paths import WeightPaths
 from wan.configs import TaskConfig
 from wan.errors import CheckpointError
 
@@ -110,7 +111,7 @@ def expert_specs(loras: Sequence[LoraChoice], experts: Sequence[str]) -> dict:
     return {e: [LoraSpec(c.path, c.scale) for c in loras if c.applies_to(e)] for e in experts}
 
 
-def check_loras(loras: Sequence[LoraChoice], ckpt_dir: Path, cfg: TaskConfig) -> None:
+def check_loras(loras: Sequence[LoraChoice], weights: WeightPaths, cfg: TaskConfig) -> None:
     """Check every LoRA against the headers of the expert(s) it goes into; one UserError line if one fails."""
     if not loras:
         return
@@ -122,9 +123,9 @@ def check_loras(loras: Sequence[LoraChoice], ckpt_dir: Path, cfg: TaskConfig) ->
         if not chosen:
             continue
         try:
-            shapes = checkpoint_shapes(ckpt_dir / folder if folder else ckpt_dir)
+            shapes = checkpoint_shapes(weights.dits[folder])
         except CheckpointError as err:
-            raise UserError(f"checkpoint '{ckpt_dir}': {err}") from None
+            raise UserError(f"{weights.flag(f'dit:{folder}')} '{weights.dits[folder]}': {err}") from None
         for choice in chosen:
             try:
                 check_lora(LoraSpec(choice.path, choice.scale), shapes, expert_label(expert))

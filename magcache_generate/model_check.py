@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from magcache_generate.checkpoint_check import CheckpointContents, check_fit
+from magcache_generate.checkpoint_check import CheckpointContents, check_fit, official_table
 from wan.checkpoint_reader import ReadError, TensorTable, read_table_with_torch
 from wan.errors import CheckpointError
 from wan.loading import check_state_shapes as check_transformer_shapes
@@ -23,6 +23,7 @@ from wan.modules.transformer import WanTransformer
 from wan.text_encoder import check_state_shapes as check_text_encoder_shapes
 from wan.text_encoder import config_from_shapes
 from wan.vae import check_state_dict, vae_config_from_state_dict
+from wan.weight_formats import t5_layout, vae_layout
 
 
 def check_weights_fit_models(contents: CheckpointContents) -> None:
@@ -31,8 +32,12 @@ def check_weights_fit_models(contents: CheckpointContents) -> None:
     if contents.t5 is None or contents.vae is None:
         contents = dataclasses.replace(
             contents,
-            t5=contents.t5 if contents.t5 is not None else _table_via_torch(contents.t5_file),
-            vae=contents.vae if contents.vae is not None else _table_via_torch(contents.vae_file),
+            t5=contents.t5
+            if contents.t5 is not None
+            else official_table(contents.t5_file, t5_layout, _table_via_torch(contents.t5_file)),
+            vae=contents.vae
+            if contents.vae is not None
+            else official_table(contents.vae_file, vae_layout, _table_via_torch(contents.vae_file)),
         )
         check_fit(contents)
     t5_shapes = {key: info.shape for key, info in contents.t5.items()}

@@ -20,7 +20,7 @@ from magcache_generate.request import Request
 from magcache_generate.run_plan import RunPlan
 from magcache_generate.text_stage import initialise_device, load_text_side
 from wan.experts import ExpertPool
-from wan.loading import locate_transformer_files
+from wan.loading import locate_transformer_files, read_layout
 
 
 class Models:
@@ -53,9 +53,12 @@ class Models:
 
     def _start_loading(self, expert: str, path: Path) -> None:
         """A progress bar per expert load, advanced shard by shard."""
-        shards = len(locate_transformer_files(path).shards)
+        files = locate_transformer_files(path)
+        shards = len(files.shards)
+        layout, _ = read_layout(files)  # headers only; says what a single file holds
+        stored = "" if layout.identity else f"; {layout.describe()}"
         self._loading_task = self.reporter.task(f"loading {expert} transformer", total=shards)
-        self.reporter.log(f"loading {expert} transformer from {path} ({shards} shard(s))")
+        self.reporter.log(f"loading {expert} transformer from {path} ({shards} shard(s){stored})")
 
     def dit(self) -> ConfiguredModels:
         """The experts as the sampling loop takes them, with the run's attention kernel and compiler."""
@@ -68,8 +71,8 @@ class Models:
             with self.reporter.stage("loading text encoder"):
                 # upstream runs the umT5 encoder in bf16, on CPU too (--t5_cpu)
                 self._text_encoder, self._tokenizer = load_text_side(
-                    self.plan.ckpt / self.plan.task.t5_checkpoint,
-                    self.plan.ckpt / self.plan.task.t5_tokenizer,
+                    self.plan.files.t5,
+                    self.plan.files.tokenizer,
                     device=self.plan.t5_device,
                     parts=self.text_parts,
                 )
@@ -82,9 +85,7 @@ class Models:
         if self._vae is None:
             start = time.perf_counter()
             with self.reporter.stage("loading VAE"):
-                self._vae = wan.load_vae(
-                    self.plan.ckpt / self.plan.task.vae_checkpoint, device=self.plan.device
-                )
+                self._vae = wan.load_vae(self.plan.files.vae, device=self.plan.device)
             self.load_seconds += time.perf_counter() - start
         return self._vae
 

@@ -79,6 +79,25 @@ class GenerateOptions:
 
     task: Annotated[Task, InTask(help="What to generate.")] = "t2v-A14B"
     ckpt_dir: Annotated[Path | None, InTask(help="Folder with the task's official weights.")] = None
+    # each part's own file or folder, overriding that part of ckpt_dir (magcache_generate.weight_paths)
+    dit: Annotated[
+        Path | None,
+        InTask(
+            help="ti2v-5B transformer: a single .safetensors file (Comfy-Org's too) or an official folder."
+        ),
+    ] = None
+    dit_high: Annotated[
+        Path | None, InTask(help="A14B high-noise expert: a single file or an official folder.")
+    ] = None
+    dit_low: Annotated[
+        Path | None, InTask(help="A14B low-noise expert: a single file or an official folder.")
+    ] = None
+    t5: Annotated[
+        Path | None,
+        InTask(help="umT5-XXL text encoder file (.pth, or .safetensors in Wan or Hugging Face names)."),
+    ] = None
+    vae: Annotated[Path | None, InTask(help="VAE file (.pth or .safetensors).")] = None
+    tokenizer: Annotated[Path | None, InTask(help="umT5 tokenizer folder (google/umt5-xxl).")] = None
     prompt: Annotated[str | None, InTask(help="Text prompt", show_default="upstream's example prompt")] = None
     negative_prompt: Annotated[
         str | None, InTask(help="Negative prompt", show_default="the official one")

@@ -12,6 +12,7 @@ from pathlib import Path
 from magcache_generate.atomic import check_writable
 from magcache_generate.checkpoint_check import CheckpointContents, inspect_weights
 from magcache_generate.request import Request, UserError
+from magcache_generate.weight_paths import CKPT_DIR, PartOptions, WeightPaths, resolve_weight_paths
 from wan.configs import TaskConfig
 
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "spiece.model")  # as wan.tokenizer.VOCAB_FILES (torch-free here)
@@ -42,53 +43,67 @@ def check_image(image: Path | None, cfg: TaskConfig) -> Path | None:
     return image
 
 
-def check_before_loading(ckpt_dir: Path | None, cfg: TaskConfig, device: str) -> Path:
+def check_before_loading(weights: WeightPaths, cfg: TaskConfig, device: str) -> WeightPaths:
     """The checks that read the checkpoint files and the machine, cheapest first: every weight file's
     header or pickle (torch-free), then the device, then every tensor against its model built on the
-    meta device (both import torch). Nothing is loaded; returns the checkpoint folder."""
-    contents = inspect_checkpoint(ckpt_dir, cfg)
+    meta device (both import torch). Nothing is loaded; returns the weight paths."""
+    contents = inspect_checkpoint(weights, cfg)
     check_device(device)
     from magcache_generate.model_check import check_weights_fit_models
 
     check_weights_fit_models(contents)
-    return contents.root
+    return contents.weights
 
 
-def check_checkpoint_dir(ckpt_dir: Path | None, cfg: TaskConfig) -> Path:
-    """``inspect_checkpoint`` for callers that only need the folder."""
-    return inspect_checkpoint(ckpt_dir, cfg).root
+def check_checkpoint_dir(
+    ckpt_dir: Path | None, cfg: TaskConfig, parts: PartOptions | None = None
+) -> WeightPaths:
+    """``inspect_checkpoint`` of ``--ckpt-dir`` and the per-part flags, for callers that only need the paths."""
+    return inspect_checkpoint(resolve_weight_paths(ckpt_dir, parts or PartOptions(), cfg), cfg).weights
 
 
-def inspect_checkpoint(ckpt_dir: Path | None, cfg: TaskConfig) -> CheckpointContents:
-    """Every file the task loads is present (DiT folder(s), umT5 encoder, VAE, tokenizer) and holds what
-    the task needs, read from headers and pickles only."""
+def inspect_checkpoint(weights: WeightPaths | Path | None, cfg: TaskConfig) -> CheckpointContents:
+    """Every file the task loads is present (DiT folder(s) or files, umT5 encoder, VAE, tokenizer) and holds
+    what the task needs, read from headers and pickles only. ``weights``: the resolved paths, or an
+    official checkpoint folder."""
     from wan.checkpoint_layout import locate_transformer_files  # torch-free
     from wan.errors import CheckpointError
 
-    if ckpt_dir is None:
-        raise UserError(
-            f"--ckpt-dir is required: the folder with the {cfg.name} weights (or --demo for tiny random ones)"
-        )
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        what = "is a file, not a folder" if ckpt_dir.exists() else "not found"
-        raise UserError(f"--ckpt-dir '{ckpt_dir}' {what}; pass the folder with the {cfg.name} weights")
-    incomplete = f"checkpoint '{ckpt_dir}' is incomplete for {cfg.name}"
+    if not isinstance(weights, WeightPaths):
+        weights = resolve_weight_paths(weights, PartOptions(), cfg)
+
+    root = weights.root
+    incomplete = f"checkpoint '{root}' is incomplete for {cfg.name}"
     dit_files = {}
     for folder in cfg.dit_folders:
+        flag = weights.flag(f"dit:{folder}")
         try:
-            dit_files[folder] = locate_transformer_files(ckpt_dir / folder if folder else ckpt_dir)
+            dit_files[folder] = locate_transformer_files(weights.dits[folder])
         except CheckpointError as err:
-            raise UserError(f"{incomplete}: {err}") from None
-    for name, what in ((cfg.t5_checkpoint, "umT5 text encoder"), (cfg.vae_checkpoint, "VAE")):
-        if not (ckpt_dir / name).is_file():
-            raise UserError(f"{incomplete}: {name} (the {what}) is missing; download it into that folder")
-    tokenizer = ckpt_dir / cfg.t5_tokenizer
+            if flag == CKPT_DIR:
+                raise UserError(f"{incomplete}: {err}") from None
+            raise UserError(f"{flag}: {err}") from None
+    for part, path, name, what in (
+        ("t5", weights.t5, cfg.t5_checkpoint, "umT5 text encoder"),
+        ("vae", weights.vae, cfg.vae_checkpoint, "VAE"),
+    ):
+        if not path.is_file() and weights.flag(part) == CKPT_DIR:
+            raise UserError(
+                f"{incomplete}: {name} (the {what}) is missing; download it into that folder, or pass "
+                f"the file as --{part}"
+            )
+    tokenizer = weights.tokenizer
     if not any((tokenizer / name).is_file() for name in TOKENIZER_VOCAB_FILES):
+        if weights.flag("tokenizer") == CKPT_DIR:
+            raise UserError(
+                f"{incomplete}: tokenizer folder {cfg.t5_tokenizer}/ with tokenizer.json or spiece.model is "
+                "missing; download it, or pass the folder as --tokenizer"
+            )
         raise UserError(
-            f"{incomplete}: tokenizer folder {cfg.t5_tokenizer}/ with tokenizer.json or spiece.model is missing"
+            f"--tokenizer '{tokenizer}' has no tokenizer.json or spiece.model; pass the google/umt5-xxl "
+            "tokenizer folder"
         )
-    return inspect_weights(ckpt_dir, cfg, dit_files)
+    return inspect_weights(weights, cfg, dit_files)
 
 
 def check_outputs(request: Request) -> None:

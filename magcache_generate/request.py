@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from magcache_generate.naming import dense_reference_path, sidecar_path
+
+if TYPE_CHECKING:
+    from magcache_generate.weight_paths import WeightPaths
 
 
 class UserError(ValueError):
@@ -78,6 +82,18 @@ class Request:
     magcache: MagCacheOptions = field(default_factory=MagCacheOptions)
     loras: tuple[LoraChoice, ...] = ()  # merged into the experts' weights at load time
     distilled: str | None = None  # the step-distillation recipe whose defaults were applied ("lightning")
+    weights: WeightPaths | None = None  # each part's file; None: the official layout under ckpt_dir
+
+    @property
+    def weight_paths(self) -> WeightPaths:
+        from magcache_generate.weight_paths import WeightPaths
+        from wan.configs import TASKS
+
+        return (
+            self.weights
+            if self.weights is not None
+            else WeightPaths.official(self.ckpt_dir, TASKS[self.task])
+        )
 
     @property
     def sidecar_file(self) -> Path:

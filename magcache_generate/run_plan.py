@@ -29,6 +29,7 @@ from wan.weight_storage import WeightStorage
 
 if TYPE_CHECKING:
     from magcache_generate.magcache.plan import Plan
+    from magcache_generate.weight_paths import WeightPaths
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,11 +41,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def expert_paths(task: TaskConfig, ckpt: Path) -> dict[str, Path]:
-    """Each expert's checkpoint folder ("single" for one-model tasks)."""
+def expert_paths(task: TaskConfig, files: WeightPaths) -> dict[str, Path]:
+    """Each expert's checkpoint file or folder ("single" for one-model tasks)."""
+    dits = files.dits
     if not task.two_experts:
-        return {"single": ckpt}
-    return {"high": ckpt / task.high_noise_checkpoint, "low": ckpt / task.low_noise_checkpoint}
+        return {"single": dits[""]}
+    return {"high": dits[task.high_noise_checkpoint], "low": dits[task.low_noise_checkpoint]}
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class RunPlan:
     """The decisions shared by every request of a run (same task and checkpoint)."""
 
     task: TaskConfig
-    ckpt: Path
+    files: WeightPaths  # each part's file or folder (--ckpt-dir, or its own flag)
     device: torch.device
     dtype: torch.dtype  # parameters: bf16 with --convert-model-dtype, else float32
     weights: WeightStorage  # per-parameter storage (bf16 Linears under CUDA autocast)
@@ -71,19 +73,19 @@ class RunPlan:
         `keep_inactive`: a batch, or --magcache-verify (which returns to the first expert)."""
         first = requests[0]
         task = TASKS[first.task]
-        ckpt = Path(first.ckpt_dir)
+        files = first.weight_paths
         device = resolve_device(first.device)
         # --convert-model-dtype: bf16 parameters (upstream regime b). Otherwise float32 parameters, run
         # under bf16 autocast on CUDA (upstream regime a) and in plain float32 on CPU (the goldens' regime).
         dtype = torch.bfloat16 if first.convert_model_dtype else torch.float32
-        paths = expert_paths(task, ckpt)
+        paths = expert_paths(task, files)
         dit_config = read_transformer_config(next(iter(paths.values())))
         # From headers and shapes only: an infeasible budget stops here, before loading.
         memory = plan_run(requests, dit_config, device, batch=keep_inactive)
         t5_cpu = first.t5_cpu or (memory is not None and memory.plan.t5_on_cpu)
         return cls(
             task=task,
-            ckpt=ckpt,
+            files=files,
             device=device,
             dtype=dtype,
             # --quantize fp8: block Linears stored fp8; --fp8-matmul: multiplied in fp8 where the GPU can

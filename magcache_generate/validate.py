@@ -30,6 +30,7 @@ from magcache_generate.options import MAX_CRF, MAX_FRAME_NUM, MAX_SAMPLE_STEPS, 
 from magcache_generate.preflight import check_checkpoint_dir, check_image, check_outputs
 from magcache_generate.quantization import check_fp8_matmul, check_quantize
 from magcache_generate.request import MagCacheOptions, Request, UserError
+from magcache_generate.weight_paths import PartOptions
 from wan.attention_backends import backend_installed, backend_problem
 from wan.configs import SIZES, TASKS, TaskConfig
 
@@ -80,6 +81,18 @@ class PlanSettings:
     has_image: bool
     magcache: MagCacheOptions
     guide_scale: tuple[float, float] | None = None  # None: the task's; 1 on an expert: cond-only steps
+
+
+def part_options(options: GenerateOptions) -> PartOptions:
+    """The per-part weight flags (--dit, --dit-high, --dit-low, --t5, --vae, --tokenizer)."""
+    return PartOptions(
+        dit=options.dit,
+        dit_high=options.dit_high,
+        dit_low=options.dit_low,
+        t5=options.t5,
+        vae=options.vae,
+        tokenizer=options.tokenizer,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,12 +151,13 @@ def build_request(
     if save_frames is not None and item_index is not None:
         save_frames = save_frames / save_file.stem  # one frames folder per batch item
 
-    ckpt_dir = options.ckpt_dir
+    ckpt_dir, weights = options.ckpt_dir, None
     if check_checkpoint:
-        ckpt_dir = check_checkpoint_dir(ckpt_dir, cfg)
+        weights = check_checkpoint_dir(ckpt_dir, cfg, part_options(options))
     request = Request(
         task=cfg.name,
         ckpt_dir=ckpt_dir if ckpt_dir is not None else Path(),
+        weights=weights,
         prompt=prompt,
         size=size,
         frame_num=frame_num,

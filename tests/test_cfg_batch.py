@@ -19,9 +19,11 @@ from magcache_generate.magcache.session import TimedCache
 from wan.cfg_batch import repeat_batch, split_branches, stack_contexts
 from wan.conditioning import Conditioning
 from wan.modules.transformer import TokenTimesteps, WanTransformer
-from wan.sampling import StaticModels, sample
+from wan.sampling import sample
 from wan.schedule import make_schedule
 from wan.testing.dit import random_transformer_state_dict, tiny_transformer_config
+from wan.testing.models import StaticModels
+from wan.testing.stream_log import StreamLog
 
 # Float rounding of a batch-2 GEMM against two batch-1 GEMMs (observed <= 3e-6 on outputs of ~5)
 TOLERANCE = {"rtol": 1e-5, "atol": 2e-5}
@@ -285,7 +287,7 @@ def test_streamed_blocks_are_copied_once_per_batched_step(tmp_path):
     folder = write_transformer_folder(tmp_path / "m", cfg, seed=7)
 
     def load(resident):
-        placement = Placement(torch.device("cpu"), resident_blocks=resident, pin=False)
+        placement = Placement(torch.device("cpu"), resident_blocks=resident, pin=False, log=StreamLog())
         return wan.load_transformer(folder, placement=placement)
 
     g = torch.Generator().manual_seed(0)
@@ -298,7 +300,7 @@ def test_streamed_blocks_are_copied_once_per_batched_step(tmp_path):
     for name, resident, batched in (("resident", None, True), ("two", 2, False), ("batched", 2, True)):
         model = load(resident)
         source = streamed_source(model)
-        before = len(source.copies) if source is not None else 0
+        before = len(source.log.copies) if source is not None else 0
         outs[name] = sample(
             noise,
             make_schedule("unipc", 4, 5.0),
@@ -309,7 +311,7 @@ def test_streamed_blocks_are_copied_once_per_batched_step(tmp_path):
             boundary=None,
             cfg_batch=batched,
         )
-        copies[name] = len(source.copies) - before if source is not None else 0
+        copies[name] = len(source.log.copies) - before if source is not None else 0
     assert torch.equal(outs["batched"], outs["resident"])
     torch.testing.assert_close(outs["batched"], outs["two"], **TOLERANCE)
     # 3 streamed blocks: each forward copies 3 (the last one's prefetch of the next call included)

@@ -154,7 +154,9 @@ def test_a_batch_is_batched_only_when_every_item_has_room(cuda_with_80_gib):
     assert plan_run([small], A14B, cuda_with_80_gib, batch=True).plan.cfg_batch
     assert not plan_run([large], A14B, cuda_with_80_gib, batch=True).plan.cfg_batch
     both = plan_run([small, large], A14B, cuda_with_80_gib, batch=True)
-    unbatched = plan_run([dataclasses.replace(small, cfg_batch="off")], A14B, cuda_with_80_gib, batch=True)
+    unbatched = plan_run(
+        [dataclasses.replace(r, cfg_batch="off") for r in (small, large)], A14B, cuda_with_80_gib, batch=True
+    )
     assert not both.plan.cfg_batch and both.plan == unbatched.plan  # every item planned as two forwards
 
 

@@ -18,8 +18,9 @@ from magcache_generate.magcache.policy import MagCacheConfig
 from magcache_generate.magcache.residual_cache import ResidualCache
 from magcache_generate.magcache.session import TimedCache
 from wan.cfg_batch import repeat_batch, split_branches, stack_contexts
-from wan.sampling import StaticModels, sample
+from wan.sampling import sample
 from wan.schedule import make_schedule
+from wan.testing.models import StaticModels
 
 pytestmark = [
     pytest.mark.cuda,

@@ -19,9 +19,10 @@ from magcache_generate.magcache.settings import make_plan
 from magcache_generate.request import MagCacheOptions
 from wan.guidance import branches_for, cfg_free_experts, uses_cfg
 from wan.loading import load_transformer
-from wan.sampling import StaticModels, sample
+from wan.sampling import sample
 from wan.schedule import make_schedule
 from wan.testing.dit import tiny_transformer_config, write_transformer_folder
+from wan.testing.models import StaticModels
 
 CFG = tiny_transformer_config("t2v")
 

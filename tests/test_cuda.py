@@ -25,8 +25,9 @@ from wan.conditioning import Conditioning
 from wan.modules.attention import AttentionPolicy
 from wan.modules.compile import BlockCompiler
 from wan.modules.transformer import TransformerConfig, WanTransformer
-from wan.sampling import StaticModels, sample
+from wan.sampling import sample
 from wan.schedule import make_schedule
+from wan.testing.models import StaticModels
 
 pytestmark = [
     pytest.mark.cuda,

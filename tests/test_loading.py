@@ -12,6 +12,7 @@ from wan.testing.dit import (
     tiny_transformer_config,
     write_transformer_folder,
 )
+from wan.weight_storage import FLOAT32_READ
 
 
 @pytest.fixture
@@ -56,7 +57,12 @@ def test_single_file_folder_and_bare_file(tmp_path, cfg, state):
 def test_dtype_conversion(tmp_path, cfg, state):
     folder = write_transformer_folder(tmp_path / "m", cfg, state=state)
     model = wan.load_transformer(folder, dtype=torch.bfloat16)
-    assert_same_weights(model, state, torch.bfloat16)
+    loaded = model.state_dict()
+    assert set(loaded) == set(state)
+    for k, v in state.items():
+        # the Linears read in float32 (time MLPs, head) hold their bf16 values widened to float32
+        dtype = torch.float32 if FLOAT32_READ.fullmatch(k) else torch.bfloat16
+        assert loaded[k].dtype == dtype and torch.equal(loaded[k], v.to(torch.bfloat16).to(dtype)), k
 
 
 def test_text_dim_read_off_shapes_when_config_omits_it(tmp_path, cfg, state):

@@ -18,8 +18,9 @@ from magcache_generate.magcache.residual_cache import ResidualCache
 from wan.conditioning import Conditioning, i2v_mask, i2v_video
 from wan.configs import TASKS
 from wan.image_prep import i2v_first_frame, ti2v_first_frame
-from wan.sampling import StaticModels, sample
+from wan.sampling import sample
 from wan.schedule import make_schedule
+from wan.testing.models import StaticModels
 
 
 def close(a, b, rel=1e-4):

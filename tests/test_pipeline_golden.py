@@ -14,8 +14,9 @@ from wan.conditioning import Conditioning, i2v_mask, i2v_video
 from wan.configs import TASKS
 from wan.image_prep import i2v_first_frame, ti2v_first_frame
 from wan.modules.transformer import TokenTimesteps
-from wan.sampling import StaticModels, sample
+from wan.sampling import sample
 from wan.schedule import make_schedule
+from wan.testing.models import StaticModels
 
 EXPERT_NAMES = {"high_noise_model": "high", "low_noise_model": "low", "model": "single"}
 

@@ -9,6 +9,7 @@ import wan.placement as placement_module
 from wan.experts import ExpertPool
 from wan.placement import FlatLayout, Placement, resident_bytes, streamed_source
 from wan.testing.dit import tiny_transformer_config, write_transformer_folder
+from wan.testing.stream_log import StreamLog
 
 CPU = torch.device("cpu")
 LAYERS = 6
@@ -28,7 +29,9 @@ def inputs(cfg, seed=0):
 
 
 def load(folder, resident=None, **kw):
-    return wan.load_transformer(folder, placement=Placement(CPU, resident_blocks=resident, pin=False), **kw)
+    return wan.load_transformer(
+        folder, placement=Placement(CPU, resident_blocks=resident, pin=False, log=StreamLog()), **kw
+    )
 
 
 class SkipEverySecondCall:
@@ -65,11 +68,11 @@ def test_schedule_which_block_is_where_and_prefetch_order(folder):
     model = load(folder, resident=2)
     source = streamed_source(model)
     # loading prefetched the first streamed block into buffer 0
-    assert source.events == [("copy", 2, 0)] and source.copies == [2]
+    assert source.log.events == [("copy", 2, 0)] and source.log.copies == [2]
     x, t, ctx = inputs(model.config)
     with torch.inference_mode():
         model(x, t, ctx)
-    assert source.events[1:] == [
+    assert source.log.events[1:] == [
         ("run", 0, None),
         ("run", 1, None),
         ("copy", 3, 1),  # block 3 is copied while block 2 runs
@@ -83,7 +86,7 @@ def test_schedule_which_block_is_where_and_prefetch_order(folder):
     ]
     with torch.inference_mode():
         model(x, t, ctx)
-    assert source.copies == [2, 3, 4, 5, 2, 3, 4, 5, 2]  # one copy per streamed block per call
+    assert source.log.copies == [2, 3, 4, 5, 2, 3, 4, 5, 2]  # one copy per streamed block per call
 
 
 def test_a_skipped_call_copies_nothing(folder):
@@ -93,11 +96,46 @@ def test_a_skipped_call_copies_nothing(folder):
     cache = SkipEverySecondCall()
     with torch.inference_mode():
         model(x, t, ctx, cache=cache)
-        after_first = list(source.copies)
+        after_first = list(source.log.copies)
         model(x, t, ctx, cache=cache)  # skipped: the blocks never run
-        assert source.copies == after_first
+        assert source.log.copies == after_first
         model(x, t, ctx, cache=cache)  # computed: its first streamed block was prefetched already
-    assert after_first == [3, 4, 5, 3] and source.copies == [3, 4, 5, 3, 4, 5, 3]
+    assert after_first == [3, 4, 5, 3] and source.log.copies == [3, 4, 5, 3, 4, 5, 3]
+
+
+def test_streaming_keeps_no_history_unless_asked(folder):
+    """Without a log the streamed blocks record nothing: a long batch does not grow any list."""
+    model = wan.load_transformer(folder, placement=Placement(CPU, resident_blocks=2, pin=False))
+    source = streamed_source(model)
+    before = {name: len(v) for name, v in vars(source).items() if isinstance(v, list)}
+    x, t, ctx = inputs(model.config)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x, t, ctx)
+    assert source.log is None
+    assert {name: len(v) for name, v in vars(source).items() if isinstance(v, list)} == before
+
+
+def test_only_the_stale_cuda_error_is_swallowed(monkeypatch):
+    """After a failed cudaHostRegister the probe launch re-raises that CUDA error, which is consumed;
+    any other failure (no device, a bug) propagates."""
+
+    def raising(err):
+        def probe():
+            raise err
+
+        return probe
+
+    stale = [RuntimeError("CUDA error: out of memory")]  # older torch's spelling
+    if hasattr(torch, "AcceleratorError"):
+        stale.append(torch.AcceleratorError("CUDA error: out of memory"))
+    for err in stale:
+        monkeypatch.setattr(placement_module, "_launch_probe", raising(err))
+        placement_module._consume_cuda_error()  # swallowed
+    for other in (RuntimeError("Torch not compiled with CUDA enabled"), ValueError("bug")):
+        monkeypatch.setattr(placement_module, "_launch_probe", raising(other))
+        with pytest.raises(type(other)):
+            placement_module._consume_cuda_error()
 
 
 @pytest.mark.parametrize("resident", [0, 4, 5])
@@ -112,9 +150,9 @@ def test_few_streamed_blocks_stay_in_the_buffers(folder, resident):
             assert torch.equal(model(x, t, ctx), reference(x, t, ctx))
     streamed = LAYERS - resident
     if streamed <= 2:
-        assert source.copies == list(range(resident, LAYERS))
+        assert source.log.copies == list(range(resident, LAYERS))
     else:
-        assert len(source.copies) == 2 * streamed + 1
+        assert len(source.log.copies) == 2 * streamed + 1
 
 
 def test_streamed_blocks_live_in_their_host_buffer_only(folder):
@@ -198,7 +236,7 @@ def test_idle_expert_is_parked_only_when_host_ram_has_room(tmp_path, free, kept)
 def test_cuda_streaming_matches_resident(folder):
     device = torch.device("cuda")
     resident = wan.load_transformer(folder, device=device)
-    streamed = wan.load_transformer(folder, placement=Placement(device, resident_blocks=1))
+    streamed = wan.load_transformer(folder, placement=Placement(device, resident_blocks=1, log=StreamLog()))
     source = streamed_source(streamed)
     assert all(source.host[i].pinned for i in source.host)
     x, t, ctx = (
@@ -211,4 +249,4 @@ def test_cuda_streaming_matches_resident(folder):
             got = streamed(x, t, ctx)
             torch.cuda.synchronize()
             assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
-    assert source.copies[:LAYERS] == [1, 2, 3, 4, 5, 1]
+    assert source.log.copies[:LAYERS] == [1, 2, 3, 4, 5, 1]

@@ -18,7 +18,7 @@ def test_real_widths_and_small_dry_run_checkpoint(tmp_path):
         and real_transformer_config("i2v-A14B").in_dim == 36
     )
     root = write_real_width_checkpoint(tmp_path / "ckpt", "t2v-A14B", layers=3, small=True)
-    assert check_checkpoint_dir(root, TASKS["t2v-A14B"]) == root
+    assert check_checkpoint_dir(root, TASKS["t2v-A14B"]).root == root
     high = read_transformer_config(root / "high_noise_model")
     assert high == read_transformer_config(root / "low_noise_model")  # one expert, linked
     assert (high.dim, high.num_layers, high.text_dim) == (64, 3, 64)

@@ -49,6 +49,23 @@ def test_skip_returns_input_plus_stored_residual():
     assert cache.report() == {"single": {"cond": {"computed": 2, "skipped": 1}}}
 
 
+def test_a_recomputed_residual_overwrites_the_old_one():
+    """A computed call writes its residual into the slot's tensor: never two full-size residuals of
+    one slot at once (a new one is allocated only when the old does not fit, after freeing it)."""
+    cache = ResidualCache(toy_plan({"cond": "CCsC"}, "SSSS"))
+    run(cache, 0, "cond", "single", 1.0)
+    first = cache._residuals[("single", "cond")]
+    storage = first.data_ptr()
+    run(cache, 1, "cond", "single", 4.0)
+    assert cache._residuals[("single", "cond")] is first and first.data_ptr() == storage
+    assert torch.equal(first, full(4.0))
+    assert torch.equal(run(cache, 2, "cond", "single", 1.0), full(5.0))  # skip reads the new residual
+    # a float32 residual from a bf16 block input (block 0): the old float32 residual still fits
+    cache.begin_call(3, "cond", "single")
+    cache.run(full(2.0).bfloat16(), lambda h: 2 * h.float())
+    assert cache._residuals[("single", "cond")] is first and torch.equal(first, full(2.0))
+
+
 def test_cond_and_uncond_keep_separate_residuals():
     cache = ResidualCache(toy_plan({"cond": "Cs", "uncond": "Cs"}, "SS"))
     run(cache, 0, "cond", "single", 1.0)

@@ -43,12 +43,30 @@ def test_uniform_per_token_timesteps_equal_scalar():
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_dense_per_token_timesteps_are_refused_with_the_fix():
+def test_official_dense_per_token_timesteps_are_accepted():
+    """Upstream's ti2v call: t [B, L], one timestep per patch token (frame 0 at 0). Converted once per
+    call to TokenTimesteps (the form the sampling loop passes), same output."""
+    model = make("ti2v")
+    x, ctx, _ = inputs(model, b=2)
+    n = x.shape[2] * x.shape[3] * x.shape[4] // 4
+    dense = torch.full((2, n), 731.0)
+    dense[:, : n // 3] = 0.0
+    dense[1, n // 3 :] = 500.0
+    with torch.no_grad():
+        official = model(x, dense, ctx)
+        compact = model(x, TokenTimesteps.from_dense(dense), ctx)
+        one_by_one = [model(x[i : i + 1], dense[i : i + 1], [ctx[i]]) for i in range(2)]
+    assert torch.equal(official, compact)
+    for i, single in enumerate(one_by_one):
+        assert (official[i : i + 1] - single).abs().max() <= 1e-5 * (1 + single.abs().max())
+
+
+def test_timesteps_of_the_wrong_shape_are_refused():
     model = make("ti2v")
     x, ctx, _ = inputs(model)
     n = x.shape[2] * x.shape[3] * x.shape[4] // 4
-    with pytest.raises(ValueError, match="TokenTimesteps"):
-        model(x, torch.full((1, n), 731.0), ctx)
+    with pytest.raises(ValueError, match=rf"\[B\], per-token \[B, {n}\]"):
+        model(x, torch.full((1, n + 1), 731.0), ctx)
     with pytest.raises(ValueError, match="expected 12"):
         model(x, TokenTimesteps(torch.tensor([[1.0]]), torch.zeros(1, n + 1, dtype=torch.int64)), ctx)
 

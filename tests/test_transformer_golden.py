@@ -1,7 +1,7 @@
 """Parity of the transformer with the official WanModel.forward (goldens `dit_*`, fp32).
 
 Tolerance: max abs error <= 1e-5 * (1 + max |reference|); measured ~5e-7 relative on the dev set.
-Per-token timesteps (ti2v) go in as TokenTimesteps.from_dense(t), the model's per-token form.
+Per-token timesteps (ti2v) go in as upstream passes them: a dense [B, L] tensor.
 `dit_t2v_batch_padded` holds two samples of different sizes in one upstream call (token padding to
 seq_len). Our API takes one [B, C, F, H, W] tensor, so each sample runs alone with its own timestep
 row; the golden notes state that upstream's padded output equals the unpadded single-sample run.
@@ -12,16 +12,16 @@ import torch
 from goldens import entry, golden_params, indexed, tensors, weights_path
 
 import wan
-from wan.modules.rope import grid_rope, rope_table
-from wan.modules.transformer import TokenTimesteps
+from wan.modules.rope import grid_rope
+from wan.testing.reference import rope_table
 
 
 def tokens(x: torch.Tensor) -> int:
     return x.shape[1] * x.shape[2] * x.shape[3] // 4
 
 
-def timesteps(t: torch.Tensor, i: int, n: int) -> torch.Tensor | TokenTimesteps:
-    return TokenTimesteps.from_dense(t[i : i + 1, :n]) if t.dim() == 2 else t[i : i + 1]
+def timesteps(t: torch.Tensor, i: int, n: int) -> torch.Tensor:
+    return t[i : i + 1, :n] if t.dim() == 2 else t[i : i + 1]
 
 
 @pytest.mark.parametrize("name", golden_params("dit"))

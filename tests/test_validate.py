@@ -258,7 +258,7 @@ def test_image_checks(tmp_path):
 @pytest.mark.parametrize("task", list(TASKS))
 def test_complete_checkpoint_passes(tmp_path, task, make_checkpoint):
     ckpt = make_checkpoint(tmp_path / "ckpt", task)
-    assert check_checkpoint_dir(ckpt, TASKS[task]) == ckpt
+    assert check_checkpoint_dir(ckpt, TASKS[task]).root == ckpt
 
 
 def test_checkpoint_for_the_wrong_task_is_incomplete(tmp_path, make_checkpoint):

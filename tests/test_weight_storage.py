@@ -31,7 +31,7 @@ from wan.placement import BlockLayout, Placement, streamed_source
 from wan.testing.checkpoint import write_tiny_checkpoint
 from wan.testing.dit import tiny_transformer_config, write_transformer_folder
 from wan.testing.real_width import real_transformer_config
-from wan.weight_storage import WeightStorage, autocast_consumed
+from wan.weight_storage import FLOAT32_READ, WeightStorage, autocast_consumed
 
 CPU = torch.device("cpu")
 BF16 = torch.bfloat16
@@ -317,6 +317,44 @@ def test_planner_parameter_classes_match_the_rule(kind):
     assert count(k for k in block if autocast_consumed(k)) == costs.block_linear_params(cfg.dim, cfg.ffn_dim)
     assert count(rest) == costs.nonblock_params(cfg)
     assert count(k for k in rest if autocast_consumed(k)) == costs.nonblock_linear_params(cfg)
+    assert count(k for k in rest if FLOAT32_READ.fullmatch(k)) == costs.float32_read_params(cfg)
+
+
+def test_float32_read_linears_are_widened_once_at_load(folders):
+    """With bf16 parameters the time MLPs and the head Linear (read in float32 on every call) are stored
+    as float32 holding their bf16 values: the forward casts no weight, and the output is the one
+    of a model whose every parameter is bf16."""
+    folder = folders["t2v"]
+    model = wan.load_transformer(folder, dtype=BF16)
+    widened = {k for k, v in model.state_dict().items() if v.dtype == torch.float32}
+    assert widened == {k for k in model.state_dict() if FLOAT32_READ.fullmatch(k)} and widened
+    plain = wan.load_transformer(folder, dtype=BF16)
+    plain.to(BF16)  # every parameter bf16: the forward casts the float32-read weights on each call
+    for key in widened:
+        assert torch.equal(model.state_dict()[key], plain.state_dict()[key].float())
+    x, t, ctx, y = forward_inputs("t2v", model.config)
+    casts = CastCounter()
+    with torch.no_grad():
+        with casts:
+            out = model(x, t, [c.to(BF16) for c in ctx], y)
+        assert torch.equal(out, plain(x, t, [c.to(BF16) for c in ctx], y))
+    matrices = {tuple(model.state_dict()[k].shape) for k in widened if k.endswith(".weight")}
+    assert not [shape for shape in casts.shapes if shape in matrices]  # (biases share the norms' shape)
+
+
+class CastCounter(TorchDispatchMode):
+    """Shapes of the tensors cast bf16 -> float32 under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        to_float32 = kwargs.get("dtype") == torch.float32
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == BF16 and to_float32:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **kwargs)
 
 
 def a14b_request(**kw) -> MemoryRequest:

@@ -352,7 +352,7 @@ def identify(keys: Mapping[str, object]) -> str | None:
     if all(k in keys for k in VAE_MARKER_KEYS):
         return f"a Wan{vae_kind(keys)} VAE (Wan{vae_kind(keys)}_VAE.pth)"
     if "shared.weight" in keys or any(k.startswith("encoder.block.") for k in keys):
-        return "a transformers UMT5 checkpoint (Hugging Face key names, not Wan's)"
+        return "the umT5 text encoder (Hugging Face key names)"
     return None
 
 

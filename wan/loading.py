@@ -28,11 +28,13 @@ from wan.checkpoint_layout import (  # noqa: F401 - re-exported
     locate_transformer_files,
     read_tensor_table,
 )
-from wan.checkpoint_reader import LOAD_THREADS, MappedSafetensors, TensorInfo
+from wan.checkpoint_reader import LOAD_THREADS, MappedSafetensors
 from wan.errors import CheckpointError
 from wan.modules.fp8_linear import quantize_model, quantize_options
 from wan.modules.transformer import TransformerConfig, WanTransformer
 from wan.placement import Placement, WeightSink
+from wan.weight_files import materialise
+from wan.weight_formats import FormatError, Layout, dit_layout_of_shards
 from wan.weight_storage import WeightStorage
 
 MODEL_TYPES = {16: "t2v", 36: "i2v", 48: "ti2v"}  # in_dim -> model_type, when config.json is absent
@@ -40,9 +42,19 @@ MODEL_TYPES = {16: "t2v", 36: "i2v", 48: "ti2v"}  # in_dim -> model_type, when c
 TensorTransform = Callable[[str, torch.Tensor], torch.Tensor]
 
 
+def read_layout(files: TransformerFiles) -> tuple[Layout, dict[str, Path]]:
+    """The checkpoint's tensors under their official names (a single file's prefix stripped, float8
+    weights paired with their scales) and the shard holding each, from the shard headers."""
+    try:
+        return dit_layout_of_shards(read_tensor_table(files))
+    except FormatError as err:
+        raise CheckpointError(f"{files.shards[0]} {err}") from None
+
+
 def read_shapes(files: TransformerFiles) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """Key -> (shape, shard) from the shard headers; duplicates and index mismatches are errors."""
-    return {key: (info.shape, shard) for key, (info, shard) in read_tensor_table(files).items()}
+    """Official key -> (shape, shard) from the shard headers; duplicates and index mismatches are errors."""
+    layout, shards = read_layout(files)
+    return {key: (src.shape, shards[key]) for key, src in layout.sources.items()}
 
 
 def config_from_checkpoint(
@@ -123,28 +135,35 @@ def check_state_shapes(
 
 def _place_all(
     files: TransformerFiles,
-    tables: dict[Path, dict[str, TensorInfo]],
+    layout: Layout,
+    shards: dict[str, Path],
     sink: WeightSink,
     transform: TensorTransform | None,
     on_shard: Callable[[Path], None] | None,
 ) -> None:
-    """Every tensor of every shard: viewed in the file's memory map, transformed, cast and placed by a
-    few threads (the casts release the GIL, so the cores share the work while the page cache feeds it)."""
+    """Every tensor of every shard: viewed in the file's memory map, renamed and (float8) dequantised
+    (``wan.weight_files``), transformed, cast and placed by a few threads (the casts release the GIL,
+    so the cores share the work while the page cache feeds it)."""
     cpu = sink.placement.device.type == "cpu"
 
     def place(mapped: MappedSafetensors, key: str) -> None:
-        source = mapped.tensor(key)  # a view of the page cache: nothing read yet
-        tensor = transform(key, source) if transform is not None else source
+        src = layout.sources[key]
+        source = mapped.tensor(src.key)  # a view of the page cache: nothing read yet
+        scale = mapped.tensor(src.scale) if src.scale else None
+        value = materialise(src, source, scale)  # official value: float8 dequantised
+        tensor = transform(key, value) if transform is not None else value
         if tensor is source and cpu and tensor.dtype == sink.storage.dtype_of(key):
             tensor = tensor.clone()  # the model must own its memory, not the file's map
         sink.put(key, tensor)  # convert to its storage dtype and place (device, or a host buffer)
-        mapped.release(key)  # drop the mapped pages from this process (they stay in the page cache)
+        mapped.release(src.key)  # drop the mapped pages from this process (they stay in the page cache)
 
+    by_shard: dict[Path, list[str]] = {shard: [] for shard in files.shards}
+    for key, shard in shards.items():
+        by_shard[shard].append(key)
     with ThreadPoolExecutor(max_workers=LOAD_THREADS, thread_name_prefix="load") as pool:
         for shard in files.shards:
-            table = tables[shard]
-            with MappedSafetensors(shard, table) as mapped:
-                keys = sorted(table, key=lambda k: table[k].start)  # file order: sequential reads
+            with MappedSafetensors(shard) as mapped:
+                keys = sorted(by_shard[shard], key=lambda k: layout.sources[k].start or 0)  # sequential reads
                 for done in [pool.submit(place, mapped, key) for key in keys]:
                     done.result()
             if on_shard is not None:
@@ -176,11 +195,8 @@ def load_transformer(
     """
     path = Path(path)
     files = locate_transformer_files(path)
-    table = read_tensor_table(files)
-    shapes = {key: (info.shape, shard) for key, (info, shard) in table.items()}
-    tables: dict[Path, dict[str, TensorInfo]] = {shard: {} for shard in files.shards}
-    for key, (info, shard) in table.items():
-        tables[shard][key] = info
+    layout, shards = read_layout(files)  # official names (wan.weight_formats)
+    shapes = {key: (src.shape, shards[key]) for key, src in layout.sources.items()}
     raw = _read_json(files.config) if files.config else {}
     cfg = config_from_checkpoint(raw, shapes, path)
     with torch.device("meta"):
@@ -190,5 +206,5 @@ def load_transformer(
     if storage.quantize is not None:  # the block Linears become fp8 layers, filled as tensors arrive
         quantize_model(model, **quantize_options(storage))
     sink = WeightSink(model, storage, placement or Placement(torch.device(device)), on_warning)
-    _place_all(files, tables, sink, transform, on_shard)
+    _place_all(files, layout, shards, sink, transform, on_shard)
     return sink.finish().eval().requires_grad_(False)

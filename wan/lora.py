@@ -38,6 +38,7 @@ from wan.checkpoint_reader import (
     read_scalar,
 )
 from wan.errors import CheckpointError
+from wan.weight_formats import FormatError, dit_layout_of_shards
 
 if TYPE_CHECKING:
     import torch
@@ -125,7 +126,12 @@ class LoraFile:
 
 def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of a transformer checkpoint (folder or file), from the shard headers."""
-    return {key: info.shape for key, (info, _) in read_tensor_table(locate_transformer_files(path)).items()}
+    files = locate_transformer_files(path)
+    try:  # official names: a single file's prefix stripped
+        layout, _ = dit_layout_of_shards(read_tensor_table(files))
+    except FormatError as err:
+        raise CheckpointError(f"{files.shards[0]} {err}") from None
+    return layout.shapes
 
 
 def _listing(keys: Sequence[str]) -> str:

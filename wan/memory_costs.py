@@ -65,6 +65,15 @@ def nonblock_linear_params(cfg: TransformerShape) -> int:
     return cfg.in_dim * patch * d + d + cfg.text_dim * d + d + d * d + d
 
 
+def float32_read_params(cfg: TransformerShape) -> int:
+    """The part of `nonblock_params` read in float32 (time MLPs, head Linear): stored widened to
+    float32 whatever the run dtype (`wan.weight_storage.FLOAT32_READ`)."""
+    d, patch = cfg.dim, math.prod(cfg.patch_size)
+    return (
+        cfg.freq_dim * d + d + d * d + d + d * 6 * d + 6 * d + d * patch * cfg.out_dim + patch * cfg.out_dim
+    )
+
+
 def nonblock_params(cfg: TransformerShape) -> int:
     """Embeddings, time MLPs and head: the part that always stays resident."""
     d, patch = cfg.dim, math.prod(cfg.patch_size)
@@ -299,9 +308,11 @@ def block_bytes(req: MemoryRequest) -> int:
 
 
 def nonblock_bytes(req: MemoryRequest) -> int:
-    """Embeddings, time MLPs and head as stored (the embeddings' Linears and conv at `linear_bytes`)."""
-    linears = nonblock_linear_params(req.dit)
-    return linears * req.linear_bytes + (nonblock_params(req.dit) - linears) * req.weight_bytes
+    """Embeddings, time MLPs and head as stored (the embeddings' Linears and conv at `linear_bytes`,
+    the float32-read time MLPs and head Linear at 4 bytes)."""
+    linears, widened = nonblock_linear_params(req.dit), float32_read_params(req.dit)
+    rest = nonblock_params(req.dit) - linears - widened
+    return linears * req.linear_bytes + widened * max(4, req.weight_bytes) + rest * req.weight_bytes
 
 
 def weights_label(req: MemoryRequest) -> str:

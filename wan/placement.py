@@ -26,7 +26,8 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -44,16 +45,27 @@ class Placement:
     """Where a transformer's weights live while it samples.
 
     `resident_blocks=None` keeps every block on `device` (today's behaviour). `activation_chunk`
-    (tokens per FFN/modulation chunk, None = unchunked) is handed to the model as planned.
+    (tokens per chunk of the blocks' token-local stages, None = unchunked) is handed to the model as
+    planned. `log`: told every copy and block run of the streamed blocks (None: nothing is recorded;
+    tests pass `wan.testing.stream_log.StreamLog`).
     """
 
     device: torch.device
     resident_blocks: int | None = None
     pin: bool = True
     activation_chunk: int | None = None
+    log: StreamEvents | None = field(default=None, compare=False)
 
     def is_streamed(self, index: int) -> bool:
         return self.resident_blocks is not None and index >= self.resident_blocks
+
+
+class StreamEvents(Protocol):
+    """What a record of block streaming is told (`wan.testing.stream_log.StreamLog` keeps it)."""
+
+    def copy(self, index: int, slot: int) -> None: ...
+
+    def run(self, index: int, slot: int | None) -> None: ...
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,12 +185,27 @@ def _page_lock(flat: torch.Tensor) -> int | None:
 
 def _consume_cuda_error() -> None:
     """A failed runtime call leaves its error recorded for the thread; the next kernel launch check
-    would raise it as if that kernel had failed. Launch one here and swallow what it reports."""
+    would raise it as if that kernel had failed. Launch one here and swallow that CUDA error (only
+    it: anything else, a missing device or a bug, propagates)."""
     try:
-        torch.zeros(1, device="cuda").add_(1)
-        torch.cuda.synchronize()
-    except Exception:  # the stale error itself, whatever torch wraps it in
-        pass
+        _launch_probe()
+    except RuntimeError as err:
+        if not is_cuda_error(err):
+            raise
+
+
+def _launch_probe() -> None:
+    torch.zeros(1, device="cuda").add_(1)
+    torch.cuda.synchronize()
+
+
+def is_cuda_error(err: BaseException) -> bool:
+    """Whether `err` is an error the CUDA runtime reported (torch.AcceleratorError; older torch raises
+    a RuntimeError starting "CUDA error")."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(err, accelerator_error):
+        return True
+    return isinstance(err, RuntimeError) and str(err).startswith("CUDA error")
 
 
 def _unregister_page_locked(flat: torch.Tensor) -> None:
@@ -246,8 +273,10 @@ class StreamedBlocks:
         template: nn.Module,
         device: torch.device,
         num_layers: int,
+        log: StreamEvents | None = None,
     ):
         self.host, self.layout, self.device = host, layout, device
+        self.log = log  # None: nothing recorded (the hot path keeps no history)
         self.first_streamed = min(host) if host else num_layers
         self.num_layers = num_layers
         self._template = template  # a meta Block: the module structure the buffers are bound to
@@ -255,8 +284,6 @@ class StreamedBlocks:
         self._flats: list[tuple[torch.Tensor, ...]] = []
         self._holds: list[int | None] = [None, None]  # block index in each buffer (copy issued)
         self._copier: CudaCopier | PlainCopier | None = None
-        self.copies: list[int] = []
-        self.events: list[tuple[str, int, int | None]] = []
 
     # -- device buffers -----------------------------------------------------------------------------
 
@@ -303,15 +330,16 @@ class StreamedBlocks:
         assert self._copier is not None
         self._copier.copy(slot, self._flats[slot], self.host[index].flats)
         self._holds[slot] = index
-        self.copies.append(index)
-        self.events.append(("copy", index, slot))
+        if self.log is not None:
+            self.log.copy(index, slot)
         return slot
 
     def iter_blocks(self, blocks: nn.ModuleList) -> Iterator[nn.Module]:
         if not self.acquired:
             self.acquire()
         for index in range(self.first_streamed):
-            self.events.append(("run", index, None))
+            if self.log is not None:
+                self.log.run(index, None)
             yield blocks[index]
         copier = self._copier
         for index in self.streamed_indices:
@@ -319,7 +347,8 @@ class StreamedBlocks:
             copier.before_compute(slot)
             following = index + 1 if index + 1 < self.num_layers else self.first_streamed
             self._prefetch(following, avoid=slot)  # overlaps with this block's compute
-            self.events.append(("run", index, slot))
+            if self.log is not None:
+                self.log.run(index, slot)
             try:
                 yield self.buffers[slot]
             finally:
@@ -381,8 +410,10 @@ class WeightSink:
             view.copy_(tensor)  # converts to the buffer dtype on the way in
             _set_tensor(self.model, key, view)
         else:
-            dtype = self.storage.dtype_of(key)
-            _set_tensor(self.model, key, tensor.to(device=self.placement.device, dtype=dtype))
+            stored = tensor.to(device=self.placement.device, dtype=self.storage.dtype_of(key))
+            if self.storage.widened(key):  # rounded to the run dtype, then widened once (exact)
+                stored = stored.float()
+            _set_tensor(self.model, key, stored)
 
     def finish(self) -> nn.Module:
         """The loaded model, its streamed blocks attached as its block source (buffers acquired)."""
@@ -394,7 +425,7 @@ class WeightSink:
             if self.storage.quantize is not None:
                 quantize_block(template, **quantize_options(self.storage))
             source = StreamedBlocks(
-                self.host, self.layout, template, self.placement.device, len(model.blocks)
+                self.host, self.layout, template, self.placement.device, len(model.blocks), self.placement.log
             )
             model.block_source = source
             source.acquire()

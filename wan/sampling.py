@@ -144,13 +144,3 @@ def _batched_forward(
     # model_timestep builds t (per token for ti2v with an image) for the stacked batch directly
     out = model(stacked, cond.model_timestep(t, stacked), text, y, cache=cache)
     return split_branches(out, count)
-
-
-class StaticModels:
-    """Models that are already placed: {"high": m, "low": m} or {"single": m}."""
-
-    def __init__(self, models: dict[str, nn.Module]):
-        self.models = models
-
-    def activate(self, expert: str) -> nn.Module:
-        return self.models[expert]

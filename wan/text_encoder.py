@@ -20,6 +20,8 @@ from torch import nn
 
 from wan.checkpoint_reader import T5_NAME, ReadError, identify, map_threaded, open_tensors
 from wan.errors import CheckpointError
+from wan.weight_files import official_getter
+from wan.weight_formats import FormatError, t5_layout
 
 if TYPE_CHECKING:
     from transformers import UMT5Config, UMT5EncoderModel
@@ -236,10 +238,13 @@ def load_text_encoder(
         raise CheckpointError(f"{path}: text-encoder checkpoint not found (expected {OFFICIAL_FILE})")
     try:
         with open_tensors(path) as (table, get):
-            shapes = {key: info.shape for key, info in table.items()}
-            return _build(shapes, get, dtype, torch.device(device), str(path))
+            # official or Hugging Face names, float8 weights dequantised (wan.weight_formats)
+            layout = t5_layout(table)
+            return _build(layout.shapes, official_getter(layout, get), dtype, torch.device(device), str(path))
     except ReadError as err:
         raise CheckpointError(f"{path} {err}; expected {OFFICIAL_FILE}, re-download it") from None
+    except FormatError as err:
+        raise CheckpointError(f"{path} {err}") from None
 
 
 def _build(

@@ -19,6 +19,8 @@ from torch import nn
 from wan.checkpoint_reader import VAE_MARKER_KEYS, ReadError, identify, map_threaded, open_tensors, vae_kind
 from wan.errors import CheckpointError, CheckpointNotFoundError
 from wan.modules import vae_2_1, vae_2_2
+from wan.weight_files import official_getter
+from wan.weight_formats import FormatError, vae_layout
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "VaeConfig", "WanVAE", "load_vae"]
 
@@ -61,9 +63,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     # the header or pickle; anything else (out of memory, a permission problem) propagates as itself.
     try:
         with open_tensors(path) as (table, get):
-            state = {key: get(key) for key in table}
+            # official names, markers dropped, float8 weights dequantised (wan.weight_formats)
+            layout = vae_layout(table)
+            get_official = official_getter(layout, get)
+            state = {key: get_official(key) for key in layout.sources}
     except ReadError as err:
         raise CheckpointError(f"VAE checkpoint {path} {err}; download it again ({_FIX})") from None
+    except FormatError as err:
+        raise CheckpointError(f"VAE checkpoint {path} {err}") from None
     return state
 
 

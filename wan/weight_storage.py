@@ -14,7 +14,11 @@ Everything else is read in float32 and stays float32: the block modulation table
 the head Linear (`linear_fp32`: autocast disabled), the head modulation.
 
 Without autocast (CPU runs: plain float32, the goldens' regime) or with `--convert-model-dtype`
-(every parameter bf16, upstream's regime b) every parameter takes the run dtype, as before.
+(every parameter bf16, upstream's regime b) every parameter takes the run dtype, as before, except
+that the Linears the forward reads in float32 (`linear_fp32`: time embedding, time projection, head)
+are rounded to the run dtype and then stored widened to float32: the same values upstream's
+autocast(float32) regions compute with, cast once at load instead of on every call (the time
+projection alone is a 0.63 GB float32 copy at A14B width).
 
 With `quantize="fp8"` the weights of the block Linears are stored float8_e4m3fn with a float32
 `scale_weight` each (`wan.fp8`, `wan.modules.fp8_linear`); their biases and everything else keep the
@@ -35,6 +39,9 @@ AUTOCAST_CONSUMED = re.compile(
     r"|patch_embedding)\.(?:weight|bias)"
 )
 
+
+# Linears the forward evaluates in float32 whatever their storage (`wan.modules.block.linear_fp32`).
+FLOAT32_READ = re.compile(r"(?:time_embedding\.[02]|time_projection\.1|head\.head)\.(?:weight|bias)")
 
 # The weights that `quantize="fp8"` stores in fp8 (`wan.modules.fp8_linear.BLOCK_LINEARS`).
 QUANTIZED_WEIGHTS = re.compile(r"blocks\.\d+\.(?:(?:self_attn|cross_attn)\.[qkvo]|ffn\.[02])\.weight")
@@ -94,6 +101,11 @@ class WeightStorage:
         if self.autocast is not None and autocast_consumed(key):
             return self.autocast
         return self.dtype
+
+    def widened(self, key: str) -> bool:
+        """Whether parameter `key` is stored as float32 holding values of the lower run dtype: read
+        in float32 on every call, so widened once at load."""
+        return self.dtype_of(key) != torch.float32 and FLOAT32_READ.fullmatch(key) is not None
 
     def autocast_context(self, device: torch.device) -> AbstractContextManager:
         """The autocast region the forward runs in (a no-op without autocast)."""

@@ -123,7 +123,7 @@ class ResidualCache:
             out = blocks(h)
             for call, part in zip(calls, parts, strict=True):
                 # one tensor per branch, not views of one: a later separate call replaces each on its own
-                self._residuals[self._slot(call)] = out[part] - h[part]
+                self._store(self._slot(call), out[part], h[part])
                 self._done[(call.step, call.branch)] = True
             return out
         residuals = [self._stored(call, h[part]) for call, part in zip(calls, parts, strict=True)]
@@ -135,6 +135,21 @@ class ResidualCache:
         for residual, part in zip(residuals, parts, strict=True):
             torch.add(h[part], residual, out=out[part])  # h + residual, branch by branch
         return out
+
+    def _store(self, slot: tuple[str, ...], out: Tensor, h: Tensor) -> None:
+        """Keep `out - h` as the slot's residual: written over the old one when it fits, else the old
+        one is dropped before the new one is allocated (never two full-size residuals of a slot)."""
+        old = self._residuals.pop(slot, None)
+        if (
+            old is not None
+            and old.shape == out.shape
+            and old.dtype == torch.promote_types(out.dtype, h.dtype)
+            and old.device == out.device
+        ):
+            self._residuals[slot] = torch.sub(out, h, out=old)
+            return
+        del old
+        self._residuals[slot] = out - h
 
     def _stored(self, call: PlannedCall, h: Tensor) -> Tensor:
         """The residual a skipped call adds, checked against its block input."""

@@ -7,12 +7,16 @@ RoPE is applied in float32 from a cached table (upstream: float64; see `wan.modu
 
 Memory (what differs from a literal port; none of it changes a value):
 - the block input is normalised, modulated and cast once, then feeds q, k and v;
-- the float32 element-wise stages (norms, modulation, RoPE, gated residual adds) run PASS_TOKENS
-  tokens at a time, writing into their bf16 (or float32) destination, and the residual stream is
-  updated in place once the block owns it, so no full-size float32 temporaries pile up;
-- with `BlockRuntime.chunk` set, every token-local stage (also the projections and the FFN) runs over
-  token chunks of that size; only attention sees the whole sequence. The FFN hidden state (tokens x
-  ffn_dim, the largest temporary) then exists for one chunk at a time.
+- the modulation and the gated residual adds work in place on their fresh float32 temporaries
+  (one each) or write straight into their destination, and the residual stream is updated in place
+  once the block owns it, so no extra full-size float32 temporaries pile up;
+- with `BlockRuntime.chunk` set (the memory planner's one knob; None when memory allows), every
+  token-local stage (norms, modulation, RoPE, projections, FFN, residual adds) runs over token
+  chunks of that size; only attention sees the whole sequence. The FFN hidden state (tokens x
+  ffn_dim, the largest temporary) and the float32 element-wise temporaries then exist for one chunk
+  at a time.
+
+Each stage has one definition, eager and compiled alike: `--compile` fuses the element-wise chains.
 """
 
 from __future__ import annotations
@@ -33,12 +37,8 @@ if TYPE_CHECKING:
 
 # Rows of a block's modulation table, in upstream's chunk order.
 SHIFT_MSA, SCALE_MSA, GATE_MSA, SHIFT_FFN, SCALE_FFN, GATE_FFN = range(6)
-# Tokens per pass of the float32 element-wise stages: bounds their temporaries whatever the sequence
-# length. The stages are row-wise, so the split changes no value; passes are large enough (4096 x dim)
-# that a GPU stays busy between the extra kernel launches.
-PASS_TOKENS = 4096
 Spans = list[tuple[int, int]]
-Rows = Callable[[int, int], tuple[torch.Tensor, ...]]  # tokens a..b -> modulation rows [B, b - a | 1, dim]
+Row = Callable[[int, int], torch.Tensor]  # tokens a..b -> modulation rows [B, b - a | 1, dim]
 
 
 class BlockRunner(Protocol):
@@ -146,51 +146,37 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
-def passes(length: int) -> Spans:
-    """Element-wise passes over `length` tokens. Under torch.compile one pass: the compiler fuses the
-    element-wise ops itself, so there are no full-size temporaries to bound."""
-    return [(0, length)] if torch.compiler.is_compiling() else token_spans(length, PASS_TOKENS)
-
-
 def normalized(
-    norm: LayerNorm, x: torch.Tensor, dtype: torch.dtype, shift_scale: Rows | None = None, start: int = 0
+    norm: LayerNorm,
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    modulation: tuple[Row, Row] | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    """norm(x), modulated when `shift_scale` gives the rows (tokens start+a .. start+b), in `dtype`
-    (the Linear that reads it): upstream's `norm(x).float() * (1 + scale) + shift` computed in float32
-    PASS_TOKENS tokens at a time, the last add writing (and rounding) straight into the output."""
-    if torch.compiler.is_compiling():  # functional: the compiler fuses it (and rejects `out=` views)
-        n = norm(x).float()
-        if shift_scale is None:
-            return n.to(dtype)
-        shift, scale = shift_scale(start, start + x.shape[1])
-        return (n * (1 + scale) + shift).to(dtype)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    for a, b in passes(x.shape[1]):
-        n = norm(x[:, a:b]).float()
-        if shift_scale is None:
-            out[:, a:b] = n
-        else:
-            shift, scale = shift_scale(start + a, start + b)
-            torch.add(n.mul_(1 + scale), shift, out=out[:, a:b])
-    return out
+    """norm(x), modulated when `modulation` gives the (shift, 1 + scale) rows of tokens start..,
+    in `dtype` (the Linear that reads it): upstream's `norm(x).float() * (1 + scale) + shift` in
+    float32, the multiply in place on the fresh norm output and the add writing (and rounding)
+    straight into the `dtype` output. One float32 temporary; per-token rows (ti2v with an image) are
+    gathered one at a time."""
+    n = norm(x).float()
+    if modulation is None:
+        return n.to(dtype)
+    shift, scale1 = modulation
+    end = start + x.shape[1]
+    n.mul_(scale1(start, end))
+    return torch.add(n, shift(start, end), out=torch.empty(n.shape, dtype=dtype, device=n.device))
 
 
-def gated_sum(x: torch.Tensor, y: torch.Tensor, gate: Rows, start: int = 0) -> torch.Tensor:
-    """upstream's `x + y * gate` as a new float32 tensor, PASS_TOKENS tokens at a time."""
-    if torch.compiler.is_compiling():
-        return (y * gate(start, start + x.shape[1])[0] + x).float()
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    for a, b in passes(x.shape[1]):
-        torch.add(
-            y[:, a:b] * gate(start + a, start + b)[0], x[:, a:b], out=out[:, a:b]
-        )  # (y*g) + x == x + y*g
-    return out
+def gated_sum(x: torch.Tensor, y: torch.Tensor, gate: Row, start: int = 0) -> torch.Tensor:
+    """upstream's `x + y * gate` as a new float32 tensor (y bf16 or float32, the gate float32): the
+    sum lands in the fresh product (same values: float addition commutes), which is contiguous even
+    when x is the token-strided patch embedding."""
+    return (y * gate(start, start + x.shape[1])).add_(x)
 
 
-def add_gated_(x: torch.Tensor, y: torch.Tensor, gate: Rows, start: int = 0) -> None:
-    """x += y * gate in place (upstream: `x = x + y * gate`), PASS_TOKENS tokens at a time."""
-    for a, b in passes(x.shape[1]):
-        x[:, a:b].add_(y[:, a:b] * gate(start + a, start + b)[0])
+def add_gated_(x: torch.Tensor, y: torch.Tensor, gate: Row, start: int = 0) -> None:
+    """x += y * gate in place (upstream: `x = x + y * gate`; same values, no new residual stream)."""
+    x.add_(y * gate(start, start + x.shape[1]))
 
 
 class RMSNorm(nn.Module):
@@ -198,8 +184,8 @@ class RMSNorm(nn.Module):
     (upstream WanRMSNorm: `norm(x.float()).type_as(x) * weight`, two roundings in bf16, kept).
 
     The normalisation is `F.rms_norm` without weight (one fused kernel on CUDA where torch has one;
-    elsewhere its float32 composite, identical to upstream's formula), PASS_TOKENS rows at a time
-    into the output; the weight multiply follows in the output dtype.
+    elsewhere its float32 composite, identical to upstream's formula); the weight multiply follows
+    in the output dtype.
     """
 
     def __init__(self, dim: int, eps: float):
@@ -208,15 +194,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
-        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, self.weight.dtype), device=x.device)
-        rows, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
-        for s, e in passes(rows.shape[0]):
-            # .to(x.dtype): under autocast rms_norm returns float32; upstream rounds to x's dtype first
-            normed = F.rms_norm(rows[s:e], (x.shape[-1],), eps=self.eps).to(x.dtype)
-            torch.mul(normed, self.weight, out=rows_out[s:e])
-        return out
+        # .to(x.dtype): under autocast rms_norm returns float32; upstream rounds to x's dtype first
+        normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(x.dtype)
+        if torch.promote_types(x.dtype, self.weight.dtype) == x.dtype:
+            return normed.mul_(self.weight)  # a fresh tensor of the result dtype: in place
+        return normed * self.weight
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,17 +229,12 @@ class Attention(nn.Module):
         """q or k from its projection (`linear(self.q, x)`): RMS norm, RoPE for self-attention (tokens
         start.. of the table), attention dtype; [B, L, heads, head_dim].
 
-        Pass the projection as a temporary: it is dropped once normed, and the rotation writes into the
-        fresh norm output when the dtypes agree.
-        """
+        Pass the projection as a temporary: it is dropped once normed."""
         normed = self.heads(norm(projected))
         del projected
-        if rope is None:
-            return normed.to(dtype)
-        out = (
-            normed if normed.dtype == dtype else torch.empty(normed.shape, dtype=dtype, device=normed.device)
-        )
-        return apply_rope(normed, rope, start=start, out=out)
+        if rope is not None:
+            normed = apply_rope(normed, rope, start=start)  # float32, as upstream's rotation returns
+        return normed.to(dtype)
 
 
 class Block(nn.Module):
@@ -295,9 +272,11 @@ class Block(nn.Module):
 
         `dtype`: the Linears' compute dtype (`compute_dtype`), decided by a caller outside torch.compile."""
         table = self.modulation.float() + mod.e0  # [B, U, 6, dim] float32
+        for i in (SCALE_MSA, SCALE_FFN):
+            table[:, :, i].add_(1)  # 1 + scale, once per distinct timestep rather than per token
 
-        def rows(*which: int) -> Rows:
-            return lambda a, b: tuple(mod.per_token(table[:, :, i], a, b) for i in which)
+        def rows(i: int) -> Row:
+            return lambda a, b: mod.per_token(table[:, :, i], a, b)
 
         spans = token_spans(x.shape[1], runtime.chunk)
         dtype = dtype or compute_dtype(self.self_attn.q, x.device)
@@ -309,7 +288,7 @@ class Block(nn.Module):
     def _self_attention(
         self,
         x: torch.Tensor,
-        rows: Callable[..., Rows],
+        rows: Callable[[int], Row],
         runtime: BlockRuntime,
         spans: Spans,
         dtype: torch.dtype,
@@ -318,7 +297,7 @@ class Block(nn.Module):
 
         def projections(s: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             h = normalized(
-                self.norm1, x[:, s:e], dtype, rows(SHIFT_MSA, SCALE_MSA), s
+                self.norm1, x[:, s:e], dtype, (rows(SHIFT_MSA), rows(SCALE_MSA)), s
             )  # one cast for q, k, v
             q = attn.prepare(linear(attn.q, h, dtype), attn.norm_q, dtype, rope, s)
             k = attn.prepare(linear(attn.k, h, dtype), attn.norm_k, dtype, rope, s)
@@ -357,10 +336,12 @@ class Block(nn.Module):
         for s, e in spans:  # no modulation and no gate (upstream)
             x[:, s:e].add_(linear(attn.o, out[:, s:e].flatten(2), dtype))
 
-    def _ffn(self, x: torch.Tensor, rows: Callable[..., Rows], spans: Spans, dtype: torch.dtype) -> None:
+    def _ffn(self, x: torch.Tensor, rows: Callable[[int], Row], spans: Spans, dtype: torch.dtype) -> None:
         for s, e in spans:
             hidden = linear(
-                self.ffn[0], normalized(self.norm2, x[:, s:e], dtype, rows(SHIFT_FFN, SCALE_FFN), s), dtype
+                self.ffn[0],
+                normalized(self.norm2, x[:, s:e], dtype, (rows(SHIFT_FFN), rows(SCALE_FFN)), s),
+                dtype,
             )
             torch.ops.aten.gelu_(hidden, approximate="tanh")  # in place: same values as nn.GELU
             y = linear(self.ffn[2], hidden, dtype)

@@ -83,7 +83,7 @@ def _signature(
         meta(mod.e0),
         meta(mod.index),
         meta(context),
-        meta(runtime.rope.cos),
+        meta(runtime.rope.rotation),
         runtime.chunk,
         block.modulation.dtype,
         autocast_on(x.device),

@@ -115,8 +115,9 @@ class TokenTimesteps:
 
     @classmethod
     def from_dense(cls, t: torch.Tensor) -> TokenTimesteps:
-        """From a dense [B, L] timestep tensor. Reads the values (torch.unique: a host synchronisation
-        on CUDA), so it is for tests and one-off calls; the sampling loop builds the form directly."""
+        """From upstream's dense [B, L] timestep tensor (the official call's ti2v form). Reads the
+        values (torch.unique: one host synchronisation on CUDA), so the model does it once per call,
+        before any block runs; the sampling loop builds the form directly and never pays it."""
         values, index = torch.unique(t, return_inverse=True)
         return cls(values=values[None].expand(t.shape[0], -1), index=index.reshape(t.shape))
 
@@ -135,10 +136,9 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
 
     def forward(self, x: torch.Tensor, mod: Modulation, chunk: int | None = None) -> torch.Tensor:
-        table = self.modulation.float()[None] + mod.e[:, :, None, :]  # [B, U, 2, dim]
-
-        def shift_scale(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return mod.per_token(table[:, :, 0], a, b), mod.per_token(table[:, :, 1], a, b)
+        table = self.modulation.float()[None] + mod.e[:, :, None, :]  # [B, U, 2, dim]: shift, scale
+        table[:, :, 1].add_(1)  # 1 + scale, once per distinct timestep
+        shift_scale = tuple(lambda a, b, i=i: mod.per_token(table[:, :, i], a, b) for i in (0, 1))
 
         out = torch.empty((*x.shape[:2], self.head.out_features), dtype=torch.float32, device=x.device)
         for s, e in token_spans(x.shape[1], chunk):
@@ -153,7 +153,10 @@ class Head(nn.Module):
 
 
 class WanTransformer(nn.Module):
-    """forward(x [B,C_in,F,H,W], t [B] or TokenTimesteps, context [B,L,text_dim], y) -> [B,C_out,F,H,W]."""
+    """forward(x [B,C_in,F,H,W], t, context [B,L,text_dim], y) -> [B,C_out,F,H,W], upstream's call.
+
+    `t`: [B], upstream's per-token [B, L] (ti2v; one host read per call to find its distinct values),
+    or TokenTimesteps (per token without any host read: what the sampling loop passes)."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -196,8 +199,11 @@ class WanTransformer(nn.Module):
     def embed_time(self, t: torch.Tensor | TokenTimesteps, num_tokens: int) -> Modulation:
         """Time embedding once per distinct timestep value (same result as upstream's per-token path).
 
-        `t` is [B] (one timestep per sample) or TokenTimesteps (per-token); nothing is read on the host.
+        `t` is [B] (one timestep per sample), TokenTimesteps (per token; nothing is read on the host),
+        or upstream's dense per-token [B, L], converted here to TokenTimesteps once per call.
         """
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == num_tokens:
+            t = TokenTimesteps.from_dense(t)
         if isinstance(t, TokenTimesteps):
             if t.index.shape[1] != num_tokens:
                 raise ValueError(
@@ -208,8 +214,8 @@ class WanTransformer(nn.Module):
             values, index = t[:, None], None  # [B, 1]
         else:
             raise ValueError(
-                f"t has shape {tuple(t.shape)}; give [B], or per-token timesteps as TokenTimesteps "
-                "(TokenTimesteps.from_dense(t) converts a [B, L] tensor)"
+                f"t has shape {tuple(t.shape)}; give [B], per-token [B, {num_tokens}] (one per patch token), "
+                "or TokenTimesteps"
             )
         b, u = values.shape
         feats = sinusoidal_embedding(values.flatten(), self.config.freq_dim).float()  # [B*U, freq_dim]
