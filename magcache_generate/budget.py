@@ -171,7 +171,7 @@ def memory_request(
         t5_bytes=t5.stat().st_size if t5.is_file() else 0,
         vae_bytes=vae.stat().st_size if vae.is_file() else 0,
         autocast_linear_bytes=linear_dtype.itemsize,
-        fp8_linears=request.quantize == "fp8",
+        fp8_linears=request.quantize == "fp8" or request.weight_paths.dit_fp8 is not None,
     )
 
 

@@ -29,7 +29,10 @@ def check_fp8_matmul(value: str, quantize: str | None) -> str:
     if value not in FP8_MATMUL_MODES:
         raise UserError(f"--fp8-matmul {value!r} is not one of auto, on, off; use auto (default), on or off")
     if value == "on" and quantize is None:
-        raise UserError("--fp8-matmul on multiplies fp8 weights; add --quantize fp8 (or drop --fp8-matmul)")
+        raise UserError(
+            "--fp8-matmul on multiplies fp8 weights; add --quantize fp8 or load fp8 DiT files "
+            "(or drop --fp8-matmul)"
+        )
     return value
 
 

@@ -218,7 +218,9 @@ def build_request(
         else options.offload_model,  # one device: upstream's True
         convert_model_dtype=options.convert_model_dtype,
         quantize=check_quantize(options.quantize),
-        fp8_matmul=check_fp8_matmul(options.fp8_matmul, options.quantize),
+        fp8_matmul=check_fp8_matmul(
+            options.fp8_matmul, options.quantize or (weights.dit_fp8 if weights is not None else None)
+        ),
         t5_cpu=options.t5_cpu,
         device=options.device,
         save_frames=save_frames,
