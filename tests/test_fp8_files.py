@@ -203,3 +203,31 @@ def test_cli_run_on_fp8_files_gives_the_dequantised_frames_and_says_from_file(tm
     assert np.array_equal(frames(tmp_path / "files"), frames(tmp_path / "dense"))
     assert runs["files"]["precision"]["dit_block_linears"].startswith("fp8 (from file)")
     assert runs["dense"]["precision"]["dit_block_linears"] == "fp32 weights, fp32 compute"
+
+
+def test_the_run_sees_fp8_files_from_their_headers(tmp_path, ckpt, state):
+    from magcache_generate.weight_paths import WeightPaths
+
+    scaled, _ = fp8_file(tmp_path, ckpt, state, "fp8_scaled", PREFIX)
+    rowwise, _ = fp8_file(tmp_path, ckpt, state, "fp8_rowwise")
+    dense, _ = fp8_file(tmp_path, ckpt, state, "fp16")
+
+    def paths(high, low):
+        return WeightPaths({"high_noise_model": high, "low_noise_model": low}, tmp_path, tmp_path, tmp_path)
+
+    assert paths(scaled, scaled).dit_fp8 == "tensor"
+    assert paths(scaled, rowwise).dit_fp8 == "row"
+    assert paths(scaled, dense).dit_fp8 is None  # a dense expert: the plan counts bf16 blocks
+    assert paths(ckpt, ckpt).dit_fp8 is None
+
+
+def test_the_planner_counts_per_row_scales():
+    from wan.configs import TASKS
+    from wan.memory_costs import MemoryRequest, block_bytes
+    from wan.testing.dit import tiny_transformer_config
+
+    dit = tiny_transformer_config("t2v", dim=5120, ffn_dim=13824)
+    args = (TASKS["t2v-A14B"], dit, 832, 480, 81, 8 * 2**30)
+    tensor = MemoryRequest(*args, weight_bytes=4, autocast_linear_bytes=2, fp8_linears=True)
+    row = MemoryRequest(*args, weight_bytes=4, autocast_linear_bytes=2, fp8_linears=True, fp8_row_scales=True)
+    assert block_bytes(row) - block_bytes(tensor) == 4 * (9 * 5120 + 13824 - 10)
