@@ -53,26 +53,23 @@ def check_source(src: Path) -> Source:
         what = identify(layout.shapes) or "no Wan model this program knows"
         raise UserError(f"SRC '{src}' is not a Wan diffusion transformer (it holds {what}); give a DiT")
     try:
-        check_complete(files, layout, shards)
+        check_complete(files, layout, shards, src)
     except CheckpointError as err:
         raise UserError(f"SRC {err}") from None
     return Source(files, layout, shards)
 
 
-def check_complete(files: TransformerFiles, layout: Layout, shards: dict[str, Path]) -> None:
+def check_complete(files: TransformerFiles, layout: Layout, shards: dict[str, Path], src: Path) -> None:
     """Every tensor of the architecture the shapes describe, and no other (the loader's strict check)."""
     import torch
 
-    from wan.loading import _read_json, check_state_shapes, config_from_checkpoint
+    from wan.loading import check_state_shapes, read_transformer_config
     from wan.modules.transformer import WanTransformer
 
-    shapes = {key: (src.shape, shards[key]) for key, src in layout.sources.items()}
-    raw = _read_json(files.config) if files.config else {}
-    where = files.shards[0] if files.config is None else files.config.parent
-    config = config_from_checkpoint(raw, shapes, where)
     with torch.device("meta"):
-        model = WanTransformer(config)
-    check_state_shapes(model, shapes, where)
+        model = WanTransformer(read_transformer_config(src))
+    shapes = {key: (info.shape, shards[key]) for key, info in layout.sources.items()}
+    check_state_shapes(model, shapes, src)
 
 
 def check_output(out: Path, src: Path, overwrite: bool) -> Path:

@@ -188,8 +188,30 @@ def test_bad_inputs_are_one_error_line_and_nothing_is_written(ckpt, expert, tmp_
         ((t5, out, "--to", "fp8"), "SRC"),
         ((expert, out, "--to", "fp8", "--lora", str(tmp_path / "none.safetensors")), "--lora"),
     ]
+    broken = dict(official_dit_state(expert))
+    del broken["blocks.1.ffn.2.weight"]
+    partial = write_single_file(tmp_path / "in" / "partial.safetensors", broken, config_from=expert)
+    wrong_shape = write_lora(
+        tmp_path / "in" / "wide.safetensors", {"blocks.0.self_attn.q": (torch.ones(4, 7), torch.ones(7, 4))}
+    )
+    cases += [
+        ((partial, out, "--to", "fp8"), "'blocks.1.ffn.2.weight' is missing"),
+        ((expert, out, "--to", "fp8", "--lora", str(wrong_shape)), "wide.safetensors"),
+    ]
     for args, message in cases:
         assert convert(*args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_ti2v_folder_converts_and_loads(tmp_path_factory, tmp_path):
+    folder = write_tiny_checkpoint(tmp_path_factory.mktemp("ti2v") / "Wan2.2-TI2V-5B", "ti2v-5B", seed=3)
+    out = tmp_path / "ti2v_fp8.safetensors"
+    assert convert(folder, out, "--to", "fp8") == 0
+    reference = wan.load_transformer(folder, storage=FP8_STORAGE)
+    loaded = wan.load_transformer(out)
+    assert loaded.config.model_type == "ti2v"
+    for name in block_linears(reference):
+        got, want = loaded.get_submodule(name), reference.get_submodule(name)
+        assert torch.equal(got.weight.view(torch.uint8), want.weight.view(torch.uint8)), name
