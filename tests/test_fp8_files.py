@@ -158,7 +158,7 @@ def test_precision_says_from_file():
     assert "fp8 (from file)" in storage.describe()
 
 
-def test_cli_run_on_fp8_files_gives_the_dequantised_frames_and_says_from_file(tmp_path):
+def test_cli_run_on_fp8_files_gives_the_dequantised_frames_and_says_from_file(tmp_path, capsys):
     import json
     import shutil
 
@@ -203,6 +203,13 @@ def test_cli_run_on_fp8_files_gives_the_dequantised_frames_and_says_from_file(tm
     assert np.array_equal(frames(tmp_path / "files"), frames(tmp_path / "dense"))
     assert runs["files"]["precision"]["dit_block_linears"].startswith("fp8 (from file)")
     assert runs["dense"]["precision"]["dit_block_linears"] == "fp32 weights, fp32 compute"
+    # fp8 files count as fp8 weights for --fp8-matmul: `on` asks for the GPU, not for --quantize fp8
+    out = tmp_path / "on.mp4"
+    assert (
+        run_cli(["--ckpt-dir", str(official), *flags, *base, "--save-file", str(out), "--fp8-matmul", "on"])
+        == 2
+    )
+    assert not out.exists() and "needs a CUDA GPU with fp8 tensor cores" in capsys.readouterr().err
 
 
 def test_the_run_sees_fp8_files_from_their_headers(tmp_path, ckpt, state):
