@@ -383,13 +383,15 @@ def main(argv: list[str] | None = None) -> None:
     exit with its code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    prog = f"{PROG} compare" if argv[:1] == ["compare"] else PROG
+    subcommand = argv[0] if argv[:1] in (["compare"], ["convert"]) else None
+    prog = f"{PROG} {subcommand}" if subcommand else PROG
     try:
-        if argv[:1] == ["compare"]:  # `magcache-generate compare A B`: the one subcommand (compare.py)
-            from magcache_generate.compare import command as compare_command
+        if subcommand is not None:  # `compare A B` (compare.py), `convert SRC OUT --to ...` (convert.py)
+            import importlib
 
+            module = importlib.import_module(f"magcache_generate.{subcommand}")
             args = [a for a in argv[1:] if a != "--debug"]
-            code = compare_command().main(args=args, prog_name=prog, standalone_mode=False)
+            code = module.command().main(args=args, prog_name=prog, standalone_mode=False)
         else:
             prefer_expandable_segments()  # before anything touches CUDA (the budget probe does)
             command = typer.main.get_command(app)

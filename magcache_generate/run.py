@@ -65,8 +65,13 @@ class Components:
         self.dtype = torch.bfloat16 if first.convert_model_dtype else torch.float32
         # per-parameter storage: under autocast the Linears it casts to bf16 are stored in bf16 (exact)
         # --quantize fp8: block Linears stored fp8; --fp8-matmul: multiplied in fp8 where the GPU can
-        fp8_matmul = resolve_fp8_matmul(first.fp8_matmul, first.quantize, self.device)
-        self.weights = WeightStorage.for_run(self.dtype, self.device, first.quantize, fp8_matmul)
+        # fp8 DiT files keep their fp8 block Linears (as --quantize fp8 would, with the file's bytes)
+        file_fp8 = self.files.dit_fp8
+        quantize = first.quantize or ("fp8" if file_fp8 else None)
+        fp8_matmul = resolve_fp8_matmul(first.fp8_matmul, quantize, self.device)
+        self.weights = WeightStorage.for_run(self.dtype, self.device, quantize, fp8_matmul)
+        if file_fp8:
+            self.weights = self.weights.keeping_file_fp8(file_fp8)
         self.offload = first.offload_model
         self.reporter = reporter
         self.dit_runtime = DitRuntime.for_request(first, self.device)  # --attention, --compile
