@@ -154,7 +154,8 @@ def memory_request(
 
     task = TASKS[request.task]
     width, height = SIZES[request.size]  # with an image it is an area budget: the same token count
-    t5, vae = request.weight_paths.t5, request.weight_paths.vae
+    paths = request.weight_paths
+    t5, vae = paths.t5, paths.vae
     dtype = torch.bfloat16 if request.convert_model_dtype else torch.float32
     linear_dtype = WeightStorage.for_run(dtype, torch.device(device)).dtype_of("blocks.0.ffn.0.weight")
     return MemoryRequest(
@@ -174,7 +175,9 @@ def memory_request(
         t5_bytes=t5.stat().st_size if t5.is_file() else 0,
         vae_bytes=vae.stat().st_size if vae.is_file() else 0,
         autocast_linear_bytes=linear_dtype.itemsize,
-        fp8_linears=request.quantize == "fp8",
+        # fp8 DiT files hold their block Linears in fp8 (per-row scales: one float32 per row)
+        fp8_linears=request.quantize == "fp8" or paths.dit_fp8 is not None,
+        fp8_row_scales=paths.dit_fp8 == "row",
     )
 
 

@@ -87,7 +87,8 @@ generate.__signature__ = inspect.Signature(
     ]
 )
 app.command(
-    epilog="Other command: magcache-generate compare A B (PSNR and SSIM of video B against A; compare --help)."
+    epilog="Other commands: magcache-generate compare A B (PSNR and SSIM of video B against A) and "
+    "magcache-generate convert SRC OUT (one DiT to one file: fp8, bf16 or fp16); each with --help."
 )(generate)
 
 
@@ -162,13 +163,15 @@ def main(argv: list[str] | None = None) -> None:
     exit with its code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    prog = f"{PROG} compare" if argv[:1] == ["compare"] else PROG
+    subcommand = argv[0] if argv[:1] in (["compare"], ["convert"]) else None
+    prog = f"{PROG} {subcommand}" if subcommand else PROG
     try:
-        if argv[:1] == ["compare"]:  # `magcache-generate compare A B`: the one subcommand (compare.py)
-            from magcache_generate.compare import command as compare_command
+        if subcommand is not None:  # `compare A B` (compare.py), `convert SRC OUT --to ...` (convert.py)
+            import importlib
 
+            module = importlib.import_module(f"magcache_generate.{subcommand}")
             args = [a for a in argv[1:] if a != "--debug"]
-            code = compare_command().main(args=args, prog_name=prog, standalone_mode=False)
+            code = module.command().main(args=args, prog_name=prog, standalone_mode=False)
         elif _wants_help(argv) and not sys.stdout.isatty():  # piped or logged: plain, 80 columns
             from magcache_generate.help_text import plain_help
 

@@ -82,8 +82,10 @@ def run_command(options: GenerateOptions) -> int:
     else:  # --ckpt-dir, each part overridable by --dit/--dit-high/--dit-low/--t5/--vae/--tokenizer
         weights = resolve_weight_paths(options.ckpt_dir, part_options(options), cfg)
     from magcache_generate.preflight import check_before_loading
+    from magcache_generate.quantization import check_fp8_matmul
 
     weights = check_before_loading(weights, cfg, options.device)
+    check_fp8_matmul(options.fp8_matmul, options.quantize, fp8_files=weights.dit_fp8 is not None)
     check_loras(requests[0].loras, weights, cfg)  # headers only, before any weight loads
     requests = [dataclasses.replace(r, ckpt_dir=weights.root or Path(), weights=weights) for r in requests]
     numbers = [e.number for e in batch.entries] if batch is not None else None

@@ -15,7 +15,10 @@ from typing import Any
 
 WIDTH = 80
 INDENT = 6
-COMMANDS = (("compare A B", "PSNR and SSIM of video B against video A (compare --help)"),)
+COMMANDS = (
+    ("compare A B", "PSNR and SSIM of video B against video A (compare --help)"),
+    ("convert SRC OUT", "one DiT to one file: fp8, bf16 or fp16 (convert --help)"),
+)
 OTHER_PANEL = "General"
 UPSTREAM_NOTE = "Upstream generate.py spellings (--frame_num 81, --offload_model True, ...) are accepted too."
 
@@ -76,7 +79,7 @@ def plain_help(command: Any, prog: str) -> str:
         lines += [*textwrap.wrap(" ".join(paragraph.split()), WIDTH), ""]
     lines.append("Commands:")
     for usage, what in COMMANDS:
-        lines.append(f"  {usage:<14s}{what}")
+        lines.append(f"  {usage:<17s}{what}")
     lines.append("")
     panels: dict[str, list[Any]] = {}
     for param in command.params:

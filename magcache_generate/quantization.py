@@ -25,11 +25,16 @@ def check_quantize(value: str | None) -> str | None:
     return value
 
 
-def check_fp8_matmul(value: str, quantize: str | None) -> str:
+def check_fp8_matmul(value: str, quantize: str | None, *, fp8_files: bool = False) -> str:
+    """``--fp8-matmul`` as given; ``on`` needs fp8 weights: ``--quantize fp8`` or fp8 DiT files
+    (``fp8_files``: every DiT file holds fp8 block Linears, or the files are not resolved yet)."""
     if value not in FP8_MATMUL_MODES:
         raise UserError(f"--fp8-matmul {value!r} is not one of auto, on, off; use auto (default), on or off")
-    if value == "on" and quantize is None:
-        raise UserError("--fp8-matmul on multiplies fp8 weights; add --quantize fp8 (or drop --fp8-matmul)")
+    if value == "on" and quantize is None and not fp8_files:
+        raise UserError(
+            "--fp8-matmul on multiplies fp8 weights; add --quantize fp8 or load fp8 DiT files "
+            "(or drop --fp8-matmul)"
+        )
     return value
 
 

@@ -97,10 +97,7 @@ class RunPlan:
             files=files,
             device=device,
             dtype=dtype,
-            # --quantize fp8: block Linears stored fp8; --fp8-matmul: multiplied in fp8 where the GPU can
-            weights=WeightStorage.for_run(
-                dtype, device, first.quantize, resolve_fp8_matmul(first.fp8_matmul, first.quantize, device)
-            ),
+            weights=weight_storage(first, files, dtype, device),
             offload=first.offload_model,
             keep_inactive=keep_inactive,
             experts=paths,
@@ -111,6 +108,20 @@ class RunPlan:
             dit_runtime=DitRuntime.for_request(first, device),
             parallel=parallel,
         )
+
+
+def weight_storage(
+    first: Request, files: WeightPaths, dtype: torch.dtype, device: torch.device
+) -> WeightStorage:
+    """Per-parameter storage. --quantize fp8: block Linears stored fp8; --fp8-matmul: multiplied in fp8
+    where the GPU can. fp8 DiT files keep their fp8 block Linears (as --quantize fp8 would, with the
+    file's bytes)."""
+    file_fp8 = files.dit_fp8
+    quantize = first.quantize or ("fp8" if file_fp8 else None)
+    weights = WeightStorage.for_run(
+        dtype, device, quantize, resolve_fp8_matmul(first.fp8_matmul, quantize, device)
+    )
+    return weights.keeping_file_fp8(file_fp8) if file_fp8 else weights
 
 
 @dataclass(frozen=True)

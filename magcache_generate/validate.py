@@ -179,7 +179,10 @@ def build_request(
         else options.offload_model,  # one device: upstream's True
         convert_model_dtype=options.convert_model_dtype,
         quantize=check_quantize(options.quantize),
-        fp8_matmul=check_fp8_matmul(options.fp8_matmul, options.quantize),
+        # fp8 DiT files count as fp8 weights; unresolved files are checked once resolved (command.py)
+        fp8_matmul=check_fp8_matmul(
+            options.fp8_matmul, options.quantize, fp8_files=weights is None or weights.dit_fp8 is not None
+        ),
         t5_cpu=options.t5_cpu,
         device=options.device,
         save_frames=save_frames,

@@ -9,6 +9,7 @@ by ``checkpoint_check``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from magcache_generate.request import UserError
@@ -32,6 +33,26 @@ class WeightPaths:
 
     def flag(self, part: str) -> str:
         return self.flags.get(part, CKPT_DIR)
+
+    @cached_property
+    def dit_fp8(self) -> str | None:
+        """The scale granularity ("tensor" / "row") when every DiT of the run stores its block Linears
+        in float8 (they then load as fp8 Linears, as with ``--quantize fp8``), else None. From the
+        headers only; a file that cannot be read says None here (its own check names the problem)."""
+        from wan.checkpoint_layout import locate_transformer_files, read_tensor_table
+        from wan.errors import CheckpointError
+        from wan.weight_formats import FormatError, dit_layout_of_shards
+
+        found = set()
+        for path in self.dits.values():
+            try:
+                layout, _ = dit_layout_of_shards(read_tensor_table(locate_transformer_files(path)))
+            except (CheckpointError, FormatError, OSError):
+                return None
+            found.add(layout.block_fp8)
+        if None in found or not found:
+            return None
+        return "row" if "row" in found else "tensor"
 
     @classmethod
     def official(cls, root: Path, cfg: TaskConfig) -> WeightPaths:

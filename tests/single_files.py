@@ -99,6 +99,19 @@ def loaded_values(file_state: dict[str, torch.Tensor], *, prefix: str = "") -> d
     return out
 
 
+def dequantised_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A loaded model's state under official keys, each fp8 Linear's weight as its float32 value
+    (``weight.float() * scale``) and its scale left out: comparable with ``loaded_values``."""
+    from wan.modules.fp8_linear import Fp8Linear
+
+    state = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, Fp8Linear):
+            state[f"{name}.weight"] = module.dequantized_weight()
+            del state[f"{name}.scale_weight"]
+    return state
+
+
 def write_single_file(path: Path, state: dict[str, torch.Tensor], *, config_from: Path | None = None) -> Path:
     """Save ``state`` as one safetensors file; ``config_from``: copy that folder's config.json beside it
     (the tiny models' head count and text length are not the real ones, which shapes cannot tell)."""

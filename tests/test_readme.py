@@ -16,6 +16,7 @@ ROOT = Path(__file__).parents[1]
 README = ROOT / "README.md"
 OPTIONS = ROOT / "docs" / "options.md"
 STANDARD = {"--help", "-h", "--version"}
+SUBCOMMANDS = ("compare", "convert")
 
 
 def table_options(*files: Path) -> set[str]:
@@ -27,13 +28,28 @@ def documented_files() -> list[Path]:
     return [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
+def subcommand_options() -> set[str]:
+    """The options of the subcommands (``compare``, ``convert``): each module's ``command()``."""
+    import importlib
+
+    return {
+        option
+        for name in SUBCOMMANDS
+        for option in command_options(importlib.import_module(f"magcache_generate.{name}").command())
+    } - STANDARD
+
+
 def test_every_option_is_in_the_option_reference():
     options = set(command_options(typer.main.get_command(app))) - STANDARD
     assert sorted(options - table_options(OPTIONS)) == []
 
 
+def test_every_subcommand_option_is_in_the_option_reference():
+    assert sorted(subcommand_options() - table_options(OPTIONS)) == []
+
+
 def test_every_documented_option_exists():
-    options = set(command_options(typer.main.get_command(app)))
+    options = set(command_options(typer.main.get_command(app))) | subcommand_options()
     unknown = []
     for option in sorted(table_options(*documented_files())):
         # upstream spellings go through the same normalisation as a real command line

@@ -14,6 +14,7 @@ from single_files import (
     FP8,
     PREFIX,
     comfy_dit_state,
+    dequantised_state,
     hf_t5_state,
     loaded_values,
     official_dit_state,
@@ -23,6 +24,7 @@ from single_files import (
 from wan.checkpoint_reader import TensorInfo
 from wan.errors import CheckpointError
 from wan.loading import load_transformer, read_transformer_config
+from wan.modules.fp8_linear import fp8_layers
 from wan.text_encoder import load_text_encoder
 from wan.vae import read_state_dict
 from wan.weight_files import ScaledFloat8
@@ -135,7 +137,9 @@ def test_single_file_dit_loads_the_files_values(tmp_path, ckpt, high_state, fmt,
     file_state = comfy_dit_state(high_state, fmt, prefix=prefix)
     path = write_single_file(tmp_path / "dit.safetensors", file_state, config_from=ckpt / "high_noise_model")
     assert read_transformer_config(path) == read_transformer_config(ckpt / "high_noise_model")
-    loaded = load_transformer(path, dtype=torch.float32).state_dict()
+    model = load_transformer(path, dtype=torch.float32)
+    loaded = dequantised_state(model)  # an fp8 file's block Linears stay fp8: compare their values
+    assert bool(fp8_layers(model)) == fmt.startswith("fp8")
     expected = loaded_values(file_state, prefix=prefix)
     assert set(loaded) == set(expected) == set(high_state)
     for key, value in loaded.items():

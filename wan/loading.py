@@ -30,6 +30,7 @@ from wan.checkpoint_layout import (  # noqa: F401 - re-exported
 )
 from wan.checkpoint_reader import LOAD_THREADS, MappedSafetensors
 from wan.errors import CheckpointError
+from wan.fp8 import dequantize, granularity_of, quantize
 from wan.modules.fp8_linear import quantize_model, quantize_options
 from wan.modules.transformer import TransformerConfig, WanTransformer
 from wan.placement import Placement, WeightSink
@@ -146,10 +147,17 @@ def _place_all(
     so the cores share the work while the page cache feeds it)."""
     cpu = sink.placement.device.type == "cpu"
 
+    keep_fp8 = sink.storage.from_file  # the file's fp8 block Linears stay fp8 (`WeightStorage.from_file`)
+
     def place(mapped: MappedSafetensors, key: str) -> None:
         src = layout.sources[key]
         source = mapped.tensor(src.key)  # a view of the page cache: nothing read yet
         scale = mapped.tensor(src.scale) if src.scale else None
+        if keep_fp8 and sink.storage.quantizes(key):
+            weight, weight_scale = kept_fp8(key, source, scale, transform)
+            sink.put_quantized(key, weight, weight_scale)  # copied: the model owns its bytes
+            mapped.release(src.key)
+            return
         value = materialise(src, source, scale)  # official value: float8 dequantised
         tensor = transform(key, value) if transform is not None else value
         if tensor is source and cpu and tensor.dtype == sink.storage.dtype_of(key):
@@ -170,6 +178,23 @@ def _place_all(
                 on_shard(shard)
 
 
+def kept_fp8(
+    key: str, weight: torch.Tensor, scale: torch.Tensor | None, transform: TensorTransform | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float8 block Linear weight of a file as the fp8 layer holds it: the stored bytes and their
+    float32 scale (1 for a file without scales). A LoRA touching it merges through dequantise ->
+    float32 merge -> requantise (`LoraMerge.merge_quantized`); an untouched weight keeps its bytes."""
+    scale = scale.float() if scale is not None else torch.ones((), dtype=torch.float32)
+    if transform is None:
+        return weight, scale
+    merge_quantized = getattr(transform, "merge_quantized", None)
+    if merge_quantized is not None:
+        return merge_quantized(key, weight, scale)
+    value = dequantize(weight, scale)
+    merged = transform(key, value)
+    return (weight, scale) if merged is value else quantize(merged, granularity_of(scale))
+
+
 def load_transformer(
     path: str | Path,
     *,
@@ -187,7 +212,10 @@ def load_transformer(
     (default: every parameter in `dtype`; `WeightStorage.for_run` stores the autocast-consumed
     Linears in bf16 for float32 runs on CUDA; with `quantize="fp8"` the block Linears' weights are
     quantised as they arrive, after `transform`). `transform(key, tensor)` rewrites each
-    tensor as it is read (e.g. `wan.lora.LoraMerge`, in float32: rounded once, here, afterwards);
+    tensor as it is read (e.g. `wan.lora.LoraMerge`, in float32: rounded once, here, afterwards).
+    A file whose block Linears are all float8_e4m3fn keeps them fp8 (as `quantize="fp8"` would, with
+    the file's bytes and scales: `WeightStorage.keeping_file_fp8`); its other float8 tensors are
+    dequantised to the run's dtype;
     `placement` (default: everything on `device`)
     says which blocks stream from host memory; those land straight in their host buffers, so the host
     never holds a second copy. `on_shard(path)` is called after each shard is loaded (progress
@@ -203,6 +231,8 @@ def load_transformer(
         model = WanTransformer(cfg)
     check_state_shapes(model, shapes, path)
     storage = storage or WeightStorage(dtype)
+    if layout.block_fp8 is not None:  # an fp8 file: its block Linears load as fp8 layers, bytes kept
+        storage = storage.keeping_file_fp8(layout.block_fp8)
     if storage.quantize is not None:  # the block Linears become fp8 layers, filled as tensors arrive
         quantize_model(model, **quantize_options(storage))
     sink = WeightSink(model, storage, placement or Placement(torch.device(device)), on_warning)

@@ -109,6 +109,7 @@ class MemoryRequest:
     # they are stored bf16 (the float32 regime on CUDA), None: weight_bytes like every other parameter
     autocast_linear_bytes: int | None = None
     fp8_linears: bool = False  # --quantize fp8: block Linear weights 1 byte each (+ a float32 scale)
+    fp8_row_scales: bool = False  # fp8 files with per-row scales: one float32 per output row
 
     @property
     def linear_bytes(self) -> int:
@@ -302,7 +303,9 @@ def block_bytes(req: MemoryRequest) -> int:
     rest = block_params(req.dit.dim, req.dit.ffn_dim) - linears
     if req.fp8_linears:  # fp8 weights with float32 scales; their biases as stored before
         weights = block_linear_weight_params(req.dit.dim, req.dit.ffn_dim)
-        fp8 = weights + 4 * BLOCK_LINEARS
+        # the output rows of the block Linears: 8 attention projections of dim, ffn.0 and ffn.2
+        scales = 8 * req.dit.dim + req.dit.ffn_dim + req.dit.dim if req.fp8_row_scales else BLOCK_LINEARS
+        fp8 = weights + 4 * scales
         return fp8 + (linears - weights) * req.linear_bytes + rest * req.weight_bytes
     return linears * req.linear_bytes + rest * req.weight_bytes
 

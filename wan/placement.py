@@ -403,14 +403,24 @@ class WeightSink:
         else:
             self._put(key, tensor)
 
-    def _put(self, key: str, tensor: torch.Tensor) -> None:
+    def put_quantized(self, key: str, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        """A weight already in fp8 (an fp8 file's bytes) and its float32 scale, stored as given (copied,
+        never aliasing the caller's tensors); a per-tensor scale in a per-row layer fills every row."""
+        rows = weight.shape[0]
+        shape = () if self.storage.granularity == "tensor" else (rows, 1)
+        scale = scale.float().reshape(-1, 1).expand(rows, 1) if shape else scale.float().reshape(())
+        self._put(key, weight, copy=True)
+        self._put(key.removesuffix(".weight") + SCALE_SUFFIX, scale.reshape(shape), copy=True)
+
+    def _put(self, key: str, tensor: torch.Tensor, copy: bool = False) -> None:
         index, name = _block_key(key)
         if index is not None and index in self.host:
             view = self._host_views[index][name]
             view.copy_(tensor)  # converts to the buffer dtype on the way in
             _set_tensor(self.model, key, view)
         else:
-            stored = tensor.to(device=self.placement.device, dtype=self.storage.dtype_of(key))
+            device, dtype = self.placement.device, self.storage.dtype_of(key)
+            stored = tensor.to(device=device, dtype=dtype, copy=copy).contiguous()
             if self.storage.widened(key):  # rounded to the run dtype, then widened once (exact)
                 stored = stored.float()
             _set_tensor(self.model, key, stored)

@@ -1,9 +1,10 @@
 """Reading tensors through a ``wan.weight_formats.Layout``: official names in, dequantised tensors out.
 
 Every tensor a loader receives passes ``materialise``: a float8 weight arrives with its scale as a
-``ScaledFloat8`` pair, the one place where a future fp8-resident Linear can keep the pair instead of
-dequantising. Today the pair becomes ``weight.float() * scale`` (the value the publishing tool
-computes), converted by the loader to the run's dtype like any other tensor.
+``ScaledFloat8`` pair and becomes ``weight.float() * scale`` (the value the publishing tool
+computes), converted by the loader to the run's dtype like any other tensor. The one exception is
+a DiT file whose block Linears are all float8_e4m3fn: ``wan.loading`` keeps those pairs as stored,
+in fp8 Linears (``Layout.block_fp8``, ``WeightStorage.keeping_file_fp8``).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ Formats recognised (key names as the publishing projects' own readers use them):
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -33,6 +34,10 @@ WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # older / newer Comf
 IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")  # not needed to dequantise
 MARKERS = frozenset({"scaled_fp8"})  # empty (or 2-element) marker tensor of scaled fp8 files
 TOKENIZER_KEY = "spiece_model"  # umT5 files of ComfyUI embed the sentencepiece model as bytes
+# The DiT block Linears' weights (official names): what a float8 file keeps in float8 in memory, and
+# what ``--quantize fp8`` quantises (``wan.weight_storage``, ``wan.modules.fp8_linear.BLOCK_LINEARS``).
+BLOCK_LINEAR_WEIGHTS = re.compile(r"blocks\.\d+\.(?:(?:self_attn|cross_attn)\.[qkvo]|ffn\.[02])\.weight")
+KEPT_FLOAT8 = "float8_e4m3fn"  # the float8 format the fp8 Linears hold (e5m2 files are dequantised)
 
 # umT5: Wan name (after ``blocks.N.``) -> Hugging Face name (after ``encoder.block.N.``).
 T5_BLOCK_KEYS = {
@@ -80,6 +85,7 @@ class WeightSource:
     shape: tuple[int, ...]
     scale: str | None = None
     start: int | None = None  # byte offset in a safetensors file (reading in file order)
+    scale_shape: tuple[int, ...] | None = None  # the scale's shape, when ``scale`` is set
 
     @property
     def float8(self) -> bool:
@@ -115,6 +121,18 @@ class Layout:
     @property
     def float8(self) -> bool:
         return any(src.float8 for src in self.sources.values())
+
+    @property
+    def block_fp8(self) -> str | None:
+        """The scale granularity ("tensor" or "row") when every DiT block Linear weight is stored
+        float8_e4m3fn, so the model keeps them as fp8 Linears, bytes as stored; None otherwise (then
+        float8 tensors are dequantised). "row" when any of them has per-row scales (a per-tensor scale
+        then reads as the same value on every row); a weight without a scale has scale 1."""
+        blocks = [src for key, src in self.sources.items() if BLOCK_LINEAR_WEIGHTS.fullmatch(key)]
+        if not blocks or any(src.dtype not in (KEPT_FLOAT8, "F8_E4M3") for src in blocks):
+            return None
+        per_row = any(src.scale_shape is not None and math.prod(src.scale_shape) > 1 for src in blocks)
+        return "row" if per_row else "tensor"
 
     def describe(self) -> str:
         """A few words for logs: 'fp8 (scaled), prefix model.diffusion_model.'."""
@@ -175,7 +193,12 @@ def pair_scales(table: dict[str, TensorInfoLike], rename: dict[str, str]) -> Lay
                 f"holds tensor {official!r} twice (as {sources[official].key!r} and {file_key!r})"
             )
         sources[official] = WeightSource(
-            file_key, info.dtype, tuple(info.shape), scale, getattr(info, "start", None)
+            file_key,
+            info.dtype,
+            tuple(info.shape),
+            scale,
+            getattr(info, "start", None),
+            tuple(table[scale].shape) if scale else None,
         )
     ignored = tuple(k for k in table if k not in rename and k not in used_scales)
     return Layout(sources, ignored=ignored, scale_keys=tuple(used_scales))

@@ -22,16 +22,20 @@ projection alone is a 0.63 GB float32 copy at A14B width).
 
 With `quantize="fp8"` the weights of the block Linears are stored float8_e4m3fn with a float32
 `scale_weight` each (`wan.fp8`, `wan.modules.fp8_linear`); their biases and everything else keep the
-dtypes above.
+dtypes above. A checkpoint file whose block Linears are already float8 is held the same way
+(`from_file`): the file's fp8 bytes and scales are kept as stored, not quantised again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from wan.weight_formats import BLOCK_LINEAR_WEIGHTS
 
 # Parameters consumed only by autocast-eligible ops (see the module docstring); official key names.
 AUTOCAST_CONSUMED = re.compile(
@@ -44,7 +48,7 @@ AUTOCAST_CONSUMED = re.compile(
 FLOAT32_READ = re.compile(r"(?:time_embedding\.[02]|time_projection\.1|head\.head)\.(?:weight|bias)")
 
 # The weights that `quantize="fp8"` stores in fp8 (`wan.modules.fp8_linear.BLOCK_LINEARS`).
-QUANTIZED_WEIGHTS = re.compile(r"blocks\.\d+\.(?:(?:self_attn|cross_attn)\.[qkvo]|ffn\.[02])\.weight")
+QUANTIZED_WEIGHTS = BLOCK_LINEAR_WEIGHTS
 SCALE_SUFFIX = ".scale_weight"
 QUANTIZATIONS = ("fp8",)
 
@@ -68,6 +72,7 @@ class WeightStorage:
     quantize: str | None = None  # "fp8": the block Linears' weights in float8_e4m3fn + float32 scales
     granularity: str = "tensor"  # fp8 scales: one per tensor or one per output row ("row")
     fp8_matmul: bool = False  # quantised Linears multiply in fp8 (`torch._scaled_mm`), not dequantised
+    from_file: bool = False  # the fp8 weights and scales come as stored in the checkpoint file
 
     @classmethod
     def for_run(
@@ -77,6 +82,12 @@ class WeightStorage:
         parameters, or a CPU run) runs in the parameter dtype without autocast."""
         autocast = torch.bfloat16 if device.type == "cuda" and dtype == torch.float32 else None
         return cls(dtype, autocast, quantize, fp8_matmul=fp8_matmul and quantize is not None)
+
+    def keeping_file_fp8(self, granularity: str) -> WeightStorage:
+        """This storage for a checkpoint whose block Linears are stored float8 with scales of
+        `granularity`: those layers are fp8 Linears holding the file's bytes (as with quantize="fp8",
+        without quantising again)."""
+        return dataclasses.replace(self, quantize="fp8", granularity=granularity, from_file=True)
 
     def quantizes(self, key: str) -> bool:
         """Whether parameter `key` (official name) is stored quantised (then with `key`'s scale)."""
@@ -129,7 +140,8 @@ class WeightStorage:
             linears = f"{_name(self.dtype_of('blocks.0.ffn.0.weight'))} weights, {compute} compute"
         else:
             how = "fp8 matmul (_scaled_mm)" if self.fp8_matmul else f"dequantised to {compute}"
-            linears = f"fp8 e4m3 weights, per-{self.granularity} float32 scales, {how}"
+            origin = "fp8 (from file): " if self.from_file else ""
+            linears = f"{origin}fp8 e4m3 weights, per-{self.granularity} float32 scales, {how}"
         return {
             "dit_block_linears": linears,
             "dit_linear_biases": _name(self.dtype_of("blocks.0.ffn.0.bias")),
