@@ -4,6 +4,7 @@ MagCache plan or generate (one video, or a --prompt-file batch), and say with wh
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,7 +50,7 @@ def run_command(options: GenerateOptions) -> int:
         if options.as_json or options.gpu_memory is None or options.use_magcache:
             print_plan(settings, as_json=options.as_json, memory=memory, compile_choice=compile_choice)
         if not options.as_json:
-            typer.echo(f"compile: {compile_choice.text()}")
+            typer.echo(textwrap.fill(f"compile: {compile_choice.text()}", width=100, subsequent_indent="  "))
         return 0
     check_budget_has_gpu(options)  # before anything is printed
     if demo and options.ckpt_dir is not None:

@@ -86,7 +86,10 @@ class CompileChoice:
         return summary_text(self.to_json())
 
     def to_json(self) -> dict[str, Any]:
-        return {"requested": self.requested, "enabled": self.enabled, "reason": self.reason}
+        record = {"requested": self.requested, "enabled": self.enabled, "reason": self.reason}
+        if self.reason.startswith("auto: ") and "forwards" in self.reason:
+            record["figures_from"] = f"compile time and per-block saving measured on {MEASURED_ON}"
+        return record
 
 
 @dataclass(frozen=True)
@@ -112,20 +115,12 @@ def decide_compile(mode: str, device_type: str, work: Sequence[CompileWork]) -> 
     saved = sum(w.forwards * w.blocks * saved_seconds_per_block(w.tokens, w.dim) for w in work)
     sizes = len({w.tokens for w in work})
     cost = COMPILE_SECONDS * sizes
-    per = f" for {sizes} video sizes" if sizes > 1 else ""
-    measured = f"measured on {MEASURED_ON}"
+    per = f" ({sizes} video sizes)" if sizes > 1 else ""
     if saved > cost:
-        return CompileChoice(
-            mode,
-            True,
-            f"auto: {forwards:g} forwards save ~{saved:.0f} s, repaying ~{cost:.0f} s of compiling{per}; {measured}",
-        )
-    return CompileChoice(
-        mode,
-        False,
-        f"auto: {forwards:g} forwards would save ~{saved:.0f} s, less than ~{cost:.0f} s of compiling{per}; "
-        f"{measured}; --compile on forces it",
-    )
+        reason = f"auto: {forwards:g} forwards save ~{saved:.0f} s, repaying ~{cost:.0f} s of compiling{per}"
+        return CompileChoice(mode, True, reason)
+    reason = f"auto: {forwards:g} forwards save ~{saved:.0f} s, less than ~{cost:.0f} s of compiling{per}"
+    return CompileChoice(mode, False, reason)
 
 
 def request_work(request: Request, plan: Plan | None, dit_config: Any) -> CompileWork:
@@ -162,5 +157,5 @@ def planned_choice(options: GenerateOptions, settings: PlanSettings) -> CompileC
     device_type = "cpu" if options.device == "cpu" else "cuda"
     choice = decide_compile(check_compile(options.compile), device_type, [work])
     if options.device == "auto" and options.compile == "auto":
-        return dataclasses.replace(choice, reason=f"{choice.reason}; on a CUDA device (off on the CPU)")
+        return dataclasses.replace(choice, reason=f"{choice.reason}; on CUDA, off on the CPU")
     return choice
