@@ -70,11 +70,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="DiT depth of the checkpoint")
     parser.add_argument("--size", default="832*480")
     parser.add_argument("--frames", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (6; --small: 2)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.small:
         args.device = "cpu"
+    args.steps = args.steps or (2 if args.small else 6)
     root = args.root or Path(tempfile.mkdtemp(prefix="cli_check_"))
     started = time.perf_counter()
     ckpt = checkpoint(root, args.task, args.layers, args.device, args.small)

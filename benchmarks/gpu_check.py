@@ -127,7 +127,7 @@ def plan_parts(small: bool, device: str, logs: Path, ckpt_root: Path) -> list[Pa
             **speed,
         ),
         fp8_part("fp8_block_480p", "832x480x81", compile_=False, limit=60, estimate=30, **speed),
-        Part("cli_compile", tuple(cli), 180, 100),
+        Part("cli_compile", tuple(cli), 420 if small else 180, 100),  # CPU: inductor compiles slowly
         speed_part("speed_480p_compile", "832x480x81", 3, compile_=True, limit=100, estimate=60, **speed),
         speed_part("speed_720p_compile", "1280x720x81", 2, compile_=True, limit=120, estimate=65, **speed),
         fp8_part("fp8_block_480p_compile", "832x480x81", compile_=True, limit=90, estimate=50, **speed),
