@@ -4,7 +4,7 @@
 - `auto` (default): off on the CPU; on CUDA, on when the run's forwards save more time than compiling
   costs. The saving per forward and the compile time are the measured figures below; a run compiles
   once per video size (every block, both experts and every batch item share the compiled graph), and
-  later runs reuse PyTorch's on-disk cache (`compile_cache`), so the cold compile time counted here is
+  later runs reuse PyTorch's on-disk cache (`cache_dir`, `dit_runtime.use_compile_cache`), so the cold compile time counted here is
   an upper bound for a repeated size.
 
 The rule's constants are in this one place, with where they were measured. Torch-free.
@@ -32,7 +32,8 @@ CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # PyTorch's variable for its compile cach
 # Measured on one H100 80 GB HBM3, torch 2.11.0+cu130, 2026-11-26, real-width random A14B weights in bf16
 # (benchmarks/README.md, "Measured on one H100"): `bench_transformer.py` eager (attention auto = cuDNN)
 # against `--compile`, per block, and the compile time of the 480p part (both block signatures, a cold
-# cache).
+# cache; that run still had graph breaks the compiled fractions' run no longer had). The GPU check's
+# `compile_repays_...` row re-measures both figures (`rule_figures`).
 MEASURED_ON = "one H100, 2026-11-26"
 MEASURED_DIM = 5120  # A14B width
 COMPILE_SECONDS = 20.2  # per video size
