@@ -356,10 +356,10 @@ def no_flag_target(spec: str, row: dict | None, speed: dict | None, speed_part: 
 
 def rope_targets(data: dict, parts: dict, targets: dict) -> None:
     """The eager block now (complex RoPE) against the previous eager figure, on the same card model."""
-    device = str((data.get("probe") or {}).get("device") or "")
     for part, shape in SPEED_SHAPES.items():
         row = backend_row(data.get(part))
         note = speed_note(data.get(part), part, parts)
+        device = str((data.get(part) or {}).get("device") or "")  # the card the benchmark itself ran on
         value = None
         if row is not None and PREVIOUS_CARD not in device:
             note = f"not comparable: the previous figure is an {PREVIOUS_CARD}'s, this ran on {device or '?'}"

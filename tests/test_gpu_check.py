@@ -389,7 +389,7 @@ def test_rows_for_what_was_unmeasured_on_hardware():
     assert "CLI compiled_warm: 36 s process, compile 6 s" in text
     assert "first step at 12.5 s (startup 1, first_step 2); text stage: tokenizer 0.4, encode 0.2" in text
 
-    data["probe"]["device"] = "NVIDIA A100-SXM4-80GB"
+    data["speed_480p"]["device"] = "NVIDIA A100-SXM4-80GB"
     data["cli_compile"] = cli_output(error="RuntimeError: inductor failed")
     t = gct.evaluate(data, parts, small=False)
     assert t["eager_block_vs_previous/A14B 832x480x81"]["note"].startswith("not comparable: the previous")
