@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,33 @@ def run_cli(argv: list[str], cache: Path) -> tuple[int, float, str]:
     return proc.returncode, time.perf_counter() - start, proc.stderr.strip()[-2000:]
 
 
+def run_all(args: argparse.Namespace, ckpt: Path, out: Path, cache: Path, runs: dict[str, dict]) -> None:
+    """The three runs, in order, each recorded in `runs` as it finishes."""
+    reference = None
+    for name, mode in RUNS:
+        save = out / f"{name}.mp4"
+        argv = ["--task", args.task, "--ckpt-dir", str(ckpt), "--size", args.size]
+        argv += ["--frame-num", str(args.frames), "--sample-steps", str(args.steps), "--device", args.device]
+        argv += ["--prompt", "a red fox running through snow", "--base-seed", "0", "--compile", mode]
+        argv += ["--save-file", str(save), "--save-frames", str(out / name)]
+        rc, wall, err = run_cli(argv, cache)
+        record: dict = {"compile_flag": mode, "rc": rc, "process_wall_s": round(wall, 2)}
+        sidecar = save.with_suffix(".json")
+        if rc != 0 or not sidecar.is_file():
+            record["error"] = err.splitlines()[-1] if err else f"exit {rc}"
+            runs[name] = record
+            continue
+        data = json.loads(sidecar.read_text())
+        record.update({k: data.get(k) for k in KEPT})
+        record["peak_gpu_reserved_gib"] = data.get("peak_memory", {}).get("gpu_reserved_gib")
+        pixels = frames(out / name)
+        if reference is None and name == "eager":
+            reference = pixels
+        elif reference is not None and pixels is not None and pixels.shape == reference.shape:
+            record["max_abs_diff_vs_eager"] = int(np.abs(pixels.astype(int) - reference.astype(int)).max())
+        runs[name] = record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,29 +111,11 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="cli_check_out_"))
     cache = Path(tempfile.mkdtemp(prefix="cli_check_inductor_"))  # empty: the first compiled run is cold
     runs: dict[str, dict] = {}
-    reference = None
-    for name, mode in RUNS:
-        save = out / f"{name}.mp4"
-        argv = ["--task", args.task, "--ckpt-dir", str(ckpt), "--size", args.size]
-        argv += ["--frame-num", str(args.frames), "--sample-steps", str(args.steps), "--device", args.device]
-        argv += ["--prompt", "a red fox running through snow", "--base-seed", "0", "--compile", mode]
-        argv += ["--save-file", str(save), "--save-frames", str(out / name)]
-        rc, wall, err = run_cli(argv, cache)
-        record: dict = {"compile_flag": mode, "rc": rc, "process_wall_s": round(wall, 2)}
-        sidecar = save.with_suffix(".json")
-        if rc != 0 or not sidecar.is_file():
-            record["error"] = err.splitlines()[-1] if err else f"exit {rc}"
-            runs[name] = record
-            continue
-        data = json.loads(sidecar.read_text())
-        record.update({k: data.get(k) for k in KEPT})
-        record["peak_gpu_reserved_gib"] = data.get("peak_memory", {}).get("gpu_reserved_gib")
-        pixels = frames(out / name)
-        if reference is None and name == "eager":
-            reference = pixels
-        elif reference is not None and pixels is not None and pixels.shape == reference.shape:
-            record["max_abs_diff_vs_eager"] = int(np.abs(pixels.astype(int) - reference.astype(int)).max())
-        runs[name] = record
+    try:
+        run_all(args, ckpt, out, cache, runs)
+    finally:  # the videos, frames and compiled graphs of these runs are not kept
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
     result = {
         "task": args.task,
         "device": args.device,
