@@ -1,5 +1,6 @@
 """The GPU check: runs the `cuda` tests, the speed benchmark at A14B width, the memory benchmark at the
-budget targets and the "no budget flag" check, within a wall-clock budget, and writes ONE results file
+budget targets and the "no budget flag" check, the fp8 block, and the CLI end to end (eager and
+`--compile`), within a wall-clock budget, and writes ONE results file
 (JSON) with every figure the speed and memory targets name.
 
     benchmarks/gpu_check.sh                                   # on a GPU machine (benchmarks/README.md)
@@ -106,6 +107,9 @@ def plan_parts(small: bool, device: str, logs: Path, ckpt_root: Path) -> list[Pa
     pytest += ["--junitxml", str(logs / "cuda_tests.xml")]
     probe = ["benchmarks/gpu_check.py", "--probe", "--device", device] + (["--small"] if small else [])
     speed = dict(device=device, small=small)
+    # the CLI end to end, eager then --compile (cold, then warm cache): A14B width, 4 blocks, 832x480x5
+    cli = ["benchmarks/cli_check.py", "--json", "--device", device, "--root", str(ckpt_root)]
+    cli += ["--small"] if small else []
     return [
         Part("probe", tuple(probe), 60, 5),
         Part("cuda_tests", tuple(pytest), 150, 60),
@@ -123,6 +127,7 @@ def plan_parts(small: bool, device: str, logs: Path, ckpt_root: Path) -> list[Pa
             **speed,
         ),
         fp8_part("fp8_block_480p", "832x480x81", compile_=False, limit=60, estimate=30, **speed),
+        Part("cli_compile", tuple(cli), 420 if small else 180, 100),  # CPU: inductor compiles slowly
         speed_part("speed_480p_compile", "832x480x81", 3, compile_=True, limit=100, estimate=60, **speed),
         speed_part("speed_720p_compile", "1280x720x81", 2, compile_=True, limit=120, estimate=65, **speed),
         fp8_part("fp8_block_480p_compile", "832x480x81", compile_=True, limit=90, estimate=50, **speed),
@@ -220,6 +225,7 @@ def build_report(args: argparse.Namespace, parts: dict, data: dict, started: flo
         "figures": {
             "speed": targets_mod.speed_figures(data),
             "fp8_block": {k: data[k] for k in targets_mod.FP8_PARTS if data.get(k)},
+            "cli": targets_mod.cli_figures(data),
             "memory": data.get("memory_rows", []),
             "memory_finished": data.get("memory_finished"),
             "probe": probe,

@@ -39,6 +39,14 @@ FP8_PARTS = {
 }
 FP8_SPEEDUP_TARGET = 1.15
 FP8_ERROR_TARGET = 0.03
+# The eager block before RoPE became one complex64 product (one H100 80 GB, 2026-11-26, attention auto;
+# benchmarks/README.md, "Measured on one H100"): the complex RoPE must not be slower on the same card.
+PREVIOUS_EAGER_S_PER_BLOCK = {"A14B 832x480x81": 0.0823, "A14B 1280x720x81": 0.306}
+PREVIOUS_CARD = "H100"
+ROPE_RATIO_TARGET = 1.0
+CFG_BATCH_PART = "speed_480p_cfgbatch"
+CFG_BATCH_TARGET = 1.0  # one batch-2 CFG forward at least as fast as two batch-1 forwards
+CLI_PART = "cli_compile"  # benchmarks/cli_check.py: the CLI eager, compiled cold, compiled warm
 # Memory targets (bench_memory --target specs) -> (label, time-ratio target applies, speed part whose
 # bare forward this shape's no-flag run is compared with).
 MEMORY_TARGETS = {
@@ -277,6 +285,17 @@ def memory_targets(data: dict, parts: dict, targets: dict, specs: dict) -> None:
             "those of the full-depth plan, so the peaks are the full-depth peaks)",
             peak_note,
         )
+        if spec.startswith("i2v"):
+            encode = stages.get("encode_image") if stages else None
+            targets[f"i2v_encode_peak_reserved_gib/{label}"] = target(
+                encode,
+                budget,
+                "<=",
+                "GiB",
+                "bench_memory: torch's peak reserved during the image encode (encode_image stage) of the "
+                "budgeted i2v run",
+                note or (None if encode is not None else "no GPU peak for encode_image (a CPU run)"),
+            )
         if not timed:
             continue
         ratio = row["ratio"] if at_budget else None
@@ -335,6 +354,90 @@ def no_flag_target(spec: str, row: dict | None, speed: dict | None, speed_part: 
     )
 
 
+def rope_targets(data: dict, parts: dict, targets: dict) -> None:
+    """The eager block now (complex RoPE) against the previous eager figure, on the same card model."""
+    for part, shape in SPEED_SHAPES.items():
+        row = backend_row(data.get(part))
+        note = speed_note(data.get(part), part, parts)
+        device = str((data.get(part) or {}).get("device") or "")  # the card the benchmark itself ran on
+        value = None
+        if row is not None and PREVIOUS_CARD not in device:
+            note = f"not comparable: the previous figure is an {PREVIOUS_CARD}'s, this ran on {device or '?'}"
+        elif row is not None:
+            value = round(row["per_block_s"] / PREVIOUS_EAGER_S_PER_BLOCK[shape], 3)
+        targets[f"eager_block_vs_previous/{shape}"] = target(
+            value,
+            ROPE_RATIO_TARGET,
+            "<=",
+            "x",
+            f"bench_transformer eager s/block (attention auto) / {PREVIOUS_EAGER_S_PER_BLOCK[shape]} s, the "
+            f"{PREVIOUS_CARD} figure before RoPE became one complex64 product",
+            note,
+        )
+
+
+def cfg_batch_target(data: dict, parts: dict, targets: dict) -> None:
+    """One CFG step as one batch-2 forward against two batch-1 forwards (bench_transformer --cfg-batch)."""
+    row = backend_row(data.get(CFG_BATCH_PART)) or {}
+    timing = row.get("cfg_batch") or {}
+    shape = SPEED_SHAPES["speed_480p"]
+    targets[f"cfg_batch_speedup/{shape}"] = target(
+        timing.get("batched_speedup"),
+        CFG_BATCH_TARGET,
+        ">=",
+        "x",
+        "bench_transformer --cfg-batch: two batch-1 forwards s / one batch-2 forward s, blocks included, "
+        f"attention auto (outputs agree to max abs {timing.get('max_abs_diff')})",
+        None if timing else speed_note(data.get(CFG_BATCH_PART), CFG_BATCH_PART, parts),
+    )
+
+
+def compile_repays_target(data: dict, parts: dict, targets: dict) -> None:
+    """Whether --compile repays its compile time over the 40-step A14B 480p MagCache run (estimate from
+    the eager and compiled speed parts), with the figures the --compile auto rule uses beside it."""
+    eager, compiled = backend_row(data.get("speed_480p")), backend_row(data.get("speed_480p_compile"))
+    value, note, rule = None, None, {}
+    if eager is None or compiled is None or compiled.get("compile_s") is None:
+        missing = "speed_480p" if eager is None else "speed_480p_compile"
+        note = speed_note(data.get(missing), missing, parts) or not_measured(missing, parts)
+    else:
+        saved = MAGCACHE_PRESET_FORWARDS * (eager["full_depth_forward_s"] - compiled["full_depth_forward_s"])
+        value = round(saved - compiled["compile_s"], 1)
+        rule = {
+            "measured_compile_s": compiled["compile_s"],
+            "measured_saved_s_per_block": round(eager["per_block_s"] - compiled["per_block_s"], 5),
+        }
+    entry = target(
+        value,
+        0.0,
+        ">=",
+        "s",
+        f"estimate: {MAGCACHE_PRESET_FORWARDS} x (eager - compiled 40-block forward, extrapolated) - the "
+        "compile seconds, T2V-A14B 832x480x81; compare magcache_generate/compile_choice.py's constants",
+        note,
+    )
+    if rule:
+        entry["rule_figures"] = rule
+    targets["compile_repays_t2v_a14b_480p_40_steps_magcache_s"] = entry
+
+
+def cli_target(data: dict, parts: dict, targets: dict) -> None:
+    """The CLI ran end to end eager, compiled (cold cache) and compiled again (warm cache)."""
+    runs = (data.get(CLI_PART) or {}).get("runs")
+    if not runs:
+        targets["cli_compile_runs"] = target(None, "ok", "==", "runs", "", not_measured(CLI_PART, parts))
+        return
+    errors = [f"{name}: {r['error']}" for name, r in runs.items() if "error" in r]
+    targets["cli_compile_runs"] = target(
+        "; ".join(errors) or "ok",
+        "ok",
+        "==",
+        "runs",
+        "cli_check: python -m magcache_generate --compile off, on (empty compile cache), on (warm cache), "
+        "real-width A14B of reduced depth, 832x480, 5 frames; each run's sidecar read back",
+    )
+
+
 def plan_targets(data: dict, parts: dict, targets: dict) -> None:
     probe = data.get("probe") or {}
     plans = probe.get("auto_plans")
@@ -379,6 +482,10 @@ def evaluate(data: dict, parts: dict, *, small: bool) -> dict[str, dict]:
     fp8_targets(data, parts, targets)
     memory_targets(data, parts, targets, SMALL_MEMORY_TARGETS if small else MEMORY_TARGETS)
     plan_targets(data, parts, targets)
+    rope_targets(data, parts, targets)
+    cfg_batch_target(data, parts, targets)
+    compile_repays_target(data, parts, targets)
+    cli_target(data, parts, targets)
     return targets
 
 
@@ -428,6 +535,28 @@ def speed_figures(data: dict) -> dict:
     return figures
 
 
+def cli_figures(data: dict) -> dict:
+    """Per CLI run: process wall, compile and denoise seconds, time to first step and its parts, the
+    text stage's parts, and the frames' largest difference from the eager run."""
+    result = data.get(CLI_PART) or {}
+    figures = {}
+    for name, r in (result.get("runs") or {}).items():
+        if "error" in r:
+            figures[name] = {"error": r["error"]}
+            continue
+        ttfs = r.get("time_to_first_step") or {}
+        figures[name] = {
+            "process_wall_s": r.get("process_wall_s"),
+            "compile_s": r.get("compile_s"),
+            "denoise_s": (r.get("timings_s") or {}).get("denoise"),
+            "time_to_first_step_s": ttfs.get("total_s"),
+            "time_to_first_step_parts_s": ttfs.get("parts_s"),
+            "text_stage_s": r.get("text_stage_s"),
+            "max_abs_diff_vs_eager": r.get("max_abs_diff_vs_eager"),
+        }
+    return figures
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -457,4 +586,15 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(line)
         if t.get("failing"):
             lines.extend(f"         failing: {f}" for f in t["failing"])
+    for name, run in (report.get("figures", {}).get("cli") or {}).items():
+        if "error" in run:
+            lines.append(f"  CLI {name}: error: {run['error'][:120]}")
+            continue
+        parts = ", ".join(f"{k} {_fmt(v)}" for k, v in (run.get("time_to_first_step_parts_s") or {}).items())
+        text = ", ".join(f"{k} {_fmt(v)}" for k, v in (run.get("text_stage_s") or {}).items())
+        lines.append(
+            f"  CLI {name}: {_fmt(run['process_wall_s'])} s process, compile {_fmt(run['compile_s'])} s, "
+            f"denoise {_fmt(run['denoise_s'])} s, first step at {_fmt(run['time_to_first_step_s'])} s "
+            f"({parts}); text stage: {text}; frames vs eager: {_fmt(run['max_abs_diff_vs_eager'])}"
+        )
     return lines

@@ -21,6 +21,10 @@ from magcache_generate.request import UserError
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
 FALSE_WORDS = frozenset({"false", "f", "no", "n", "0"})
 
+# --compile was a flag before it took auto|on|off: a bare --compile still means on, --no-compile off.
+COMPILE, NO_COMPILE = "--compile", "--no-compile"
+COMPILE_MODES = frozenset({"auto", "on", "off"})
+
 # Upstream-only options that have no meaning here.
 PROMPT_EXTEND_FLAG = "--use-prompt-extend"
 # Only read by upstream when --use_prompt_extend is given, so dropping them changes nothing.
@@ -44,7 +48,8 @@ def normalize_argv(argv: list[str], options: Mapping[str, bool] | None = None) -
     * ``--sample_guide_scale 3.0 4.0`` -> ``--sample-guide-scale 3.0,4.0`` (low-noise, high-noise);
     * the prompt-extension settings are dropped (no effect without --use_prompt_extend);
     * ``--magcache_calibration`` -> ``--magcache-calibrate mag_ratios.json``;
-    * ``--lora_dir2 DIR`` (the Lightning fork) -> ``--lora-dir DIR``.
+    * ``--lora_dir2 DIR`` (the Lightning fork) -> ``--lora-dir DIR``;
+    * a bare ``--compile`` (once a flag) -> ``--compile=on``, ``--no-compile`` -> ``--compile=off``.
 
     Everything after a bare ``--`` is left untouched.
     """
@@ -69,6 +74,9 @@ def normalize_argv(argv: list[str], options: Mapping[str, bool] | None = None) -
             if name == "--no-offload-model":
                 word = not word
             out.append("--offload-model" if word else "--no-offload-model")
+        elif name in (COMPILE, NO_COMPILE):
+            i, mode = _take_compile_mode(argv, i, value)
+            out.append(f"{COMPILE}={'off' if name == NO_COMPILE else mode}")
         elif name == "--sample-guide-scale":
             if value is None:
                 value, i = _take_value(argv, i, name)
@@ -103,7 +111,8 @@ def normalize_argv(argv: list[str], options: Mapping[str, bool] | None = None) -
 
 
 # Upstream-only spellings this module maps (or refuses with a reason) when the command lacks them.
-UPSTREAM_ONLY = PROMPT_EXTEND_VALUE_OPTIONS | {PROMPT_EXTEND_FLAG, UPSTREAM_CALIBRATION_FLAG, LORA_DIR2}
+UPSTREAM_ONLY = PROMPT_EXTEND_VALUE_OPTIONS
+UPSTREAM_ONLY |= {PROMPT_EXTEND_FLAG, UPSTREAM_CALIBRATION_FLAG, LORA_DIR2, NO_COMPILE}
 
 
 def _canonical_name(name: str, options: Mapping[str, bool]) -> str:
@@ -142,6 +151,22 @@ def _take_bool_word(argv: list[str], i: int, name: str, inline: str | None) -> t
     if word.lower() in FALSE_WORDS:
         return i, False
     raise UserError(f"{name} takes true or false, got {word!r}; e.g. --offload-model false")
+
+
+def _take_compile_mode(argv: list[str], i: int, inline: str | None) -> tuple[int, str]:
+    """The mode after --compile: auto, on or off (or a true/false word); a bare --compile is on. Any
+    other inline value is passed on for the option's own check to refuse."""
+    if inline is not None:
+        word = inline
+    elif i < len(argv) and (argv[i].lower() in COMPILE_MODES | TRUE_WORDS | FALSE_WORDS):
+        word, i = argv[i], i + 1
+    else:
+        return i, "on"
+    if word.lower() in TRUE_WORDS:
+        return i, "on"
+    if word.lower() in FALSE_WORDS:
+        return i, "off"
+    return i, word.lower() if word.lower() in COMPILE_MODES else word
 
 
 def _is_number(text: str) -> bool:

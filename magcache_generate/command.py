@@ -4,6 +4,7 @@ MagCache plan or generate (one video, or a --prompt-file batch), and say with wh
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,12 +43,16 @@ def run_command(options: GenerateOptions) -> int:
     if options.as_json and not options.magcache_plan:
         raise UserError("--json only applies to --magcache-plan; drop it or add --magcache-plan")
     if options.magcache_plan:
+        from magcache_generate.compile_choice import planned_choice
         from magcache_generate.gpu_plan import print_card_plan
 
         settings = plan_settings(options)
+        compile_choice = planned_choice(options, settings)
         memory = print_card_plan(options, as_json=options.as_json)  # with --gpu-memory GB: that card's
         if options.as_json or options.gpu_memory is None or options.use_magcache:
-            print_plan(settings, as_json=options.as_json, memory=memory)
+            print_plan(settings, as_json=options.as_json, memory=memory, compile_choice=compile_choice)
+        if not options.as_json:
+            typer.echo(textwrap.fill(f"compile: {compile_choice.text()}", width=100, subsequent_indent="  "))
         return 0
     check_budget_has_gpu(options)  # before anything is printed
     if demo and (options.ckpt_dir is not None or part_options(options).any):

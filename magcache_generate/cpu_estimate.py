@@ -20,11 +20,16 @@ PROBE_SIZE = 512  # the probe's square float32 matmul: big enough to reach the B
 
 def tokens_of(request: Request, dit_config: Any) -> int:
     """The DiT's sequence length for this request (latent frames x patches)."""
-    task = TASKS[request.task]
-    width, height = SIZES[request.size]
+    return tokens_for(request.task, request.size, request.frame_num, dit_config)
+
+
+def tokens_for(task_name: str, size: str, frame_num: int, dit_config: Any) -> int:
+    """The DiT's sequence length for a video of this task, size and frame count."""
+    task = TASKS[task_name]
+    width, height = SIZES[size]
     st, ss = task.vae_stride[0], task.vae_stride[1]
     _, ph, pw = dit_config.patch_size
-    return ((request.frame_num - 1) // st + 1) * (height // ss // ph) * (width // ss // pw)
+    return ((frame_num - 1) // st + 1) * (height // ss // ph) * (width // ss // pw)
 
 
 def forward_flops(tokens: int, cfg: Any) -> int:

@@ -7,17 +7,31 @@ time (kept out of the denoising time).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from magcache_generate.compile_choice import CACHE_ENV, cache_dir
 from magcache_generate.request import Request, UserError
 from magcache_generate.validate import check_attention
 from wan.modules.attention import AttentionBackendError, AttentionPolicy
 from wan.modules.compile import BlockCompiler
 from wan.sampling import ModelProvider
+
+
+def use_compile_cache() -> None:
+    """Keep compiled graphs on disk across runs (inductor's FX graph cache, on by default in PyTorch;
+    not forced here when the user turned it off with TORCHINDUCTOR_FX_GRAPH_CACHE=0) in a folder that
+    survives a reboot (`compile_choice.cache_dir`; TORCHINDUCTOR_CACHE_DIR overrides it)."""
+    folder = cache_dir(os.environ)
+    os.environ[CACHE_ENV] = str(folder)  # inductor reads it when it first compiles
+    if "TORCHINDUCTOR_FX_GRAPH_CACHE" not in os.environ:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
 
 
 class ConfiguredModels:
@@ -33,7 +47,8 @@ class ConfiguredModels:
 
 
 class DitRuntime:
-    """One attention policy and (with --compile) one block compiler, shared by every expert and item."""
+    """One attention policy and (when compiling) one block compiler, shared by every expert and every
+    item of a batch: the compiled graph of a video size is compiled once per run."""
 
     def __init__(self, attention: str, compile: bool, device: torch.device, *, type_checked: bool = False):
         """`type_checked`: the request validation already checked `attention` against an explicit
@@ -45,11 +60,14 @@ class DitRuntime:
             self.attention.check_device(device)
         except AttentionBackendError as err:
             raise UserError(f"--attention {attention}: {err}; use --attention auto") from None
+        if compile:
+            use_compile_cache()
         self.compiler = BlockCompiler() if compile else None
 
     @classmethod
-    def for_request(cls, request: Request, device: torch.device) -> DitRuntime:
-        return cls(request.attention, request.compile, device, type_checked=request.device != "auto")
+    def for_request(cls, request: Request, device: torch.device, *, compile: bool) -> DitRuntime:
+        """`compile`: the run's --compile decision (`compile_choice.decide_compile`)."""
+        return cls(request.attention, compile, device, type_checked=request.device != "auto")
 
     def configure(self, model: nn.Module) -> None:
         model.attention = self.attention

@@ -70,6 +70,12 @@ class CfgBatchMode(str, Enum):
     off = "off"
 
 
+class CompileMode(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class MagCacheMode(str, Enum):
     aligned = "aligned"
     official = "official"
@@ -181,12 +187,13 @@ class GenerateOptions:
         ),
     ] = "auto"
     compile: Annotated[
-        bool,
+        CompileMode,
         InSpeed(
-            "--compile",
-            help="torch.compile the transformer block (once per video size; its time is reported apart).",
+            help="torch.compile the transformer block (once per video size, kept in an on-disk cache; its "
+            "time is reported apart): auto = on for CUDA runs with enough forwards to repay the compile "
+            "time, off on the CPU; a bare --compile means on.",
         ),
-    ] = False
+    ] = "auto"
     cfg_batch: Annotated[
         CfgBatchMode,
         InSpeed(

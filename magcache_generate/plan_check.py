@@ -13,6 +13,7 @@ from magcache_generate.validate import PlanSettings
 from wan.configs import TASKS
 
 if TYPE_CHECKING:
+    from magcache_generate.compile_choice import CompileChoice
     from magcache_generate.magcache.plan import Plan
 
 
@@ -63,8 +64,15 @@ def build_plan(settings: PlanSettings) -> Plan:
         raise UserError(str(err)) from None
 
 
-def print_plan(settings: PlanSettings, *, as_json: bool, memory: dict | None = None) -> None:
-    """The MagCache plan (printed, or one JSON object that carries `memory`, the card's memory plan)."""
+def print_plan(
+    settings: PlanSettings,
+    *,
+    as_json: bool,
+    memory: dict | None = None,
+    compile_choice: CompileChoice | None = None,
+) -> None:
+    """The MagCache plan (printed, or one JSON object that carries `memory`, the card's memory plan, and
+    `compile`, the --compile decision; printed, the caller states that one)."""
     from magcache_generate.magcache.report import plan_json, render_plan, round_speedup
 
     p = build_plan(settings)
@@ -81,5 +89,6 @@ def print_plan(settings: PlanSettings, *, as_json: bool, memory: dict | None = N
         "ideal_speedup": round_speedup(p.ideal_speedup),
         "warnings": list(p.warnings),
         **({"memory_plan": memory} if memory is not None else {}),
+        **({"compile": compile_choice.to_json()} if compile_choice is not None else {}),
     }
     typer.echo(json.dumps(data))

@@ -33,6 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from magcache_generate.cfg_batching import summary_text as cfg_batch_summary
+from magcache_generate.compile_choice import summary_text as compile_summary
 from magcache_generate.magcache.report import format_speedup
 from magcache_generate.naming import sidecar_path
 from magcache_generate.quality import summary_line
@@ -177,6 +178,8 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         rows.append(("DiT calls", f"{sum(calls.values())}{only}"))
     if result.get("cfg_batch"):
         rows.append(("CFG batch", cfg_batch_summary(result["cfg_batch"])))
+    if result.get("compile"):
+        rows.append(("compile", compile_summary(result["compile"])))
     rows += memory_rows(result["peak_memory"])
     if result.get("attention"):
         attention = result["attention"]

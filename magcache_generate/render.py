@@ -144,7 +144,7 @@ def render_video(
     first_step.finish()  # the stage ended synchronised
     compile_s = run.dit_runtime.compile_seconds - compile_before
     timings["load_transformer"] = experts.seconds
-    if request.compile:
+    if run.compile.enabled:
         timings["compile"] = compile_s
     timings["denoise"] = meter.seconds[denoise_stage] - experts.seconds - compile_s
 

@@ -76,7 +76,7 @@ class Request:
     sidecar: bool = True
     vae_tiled: bool = False
     attention: str = "auto"  # attention kernel (wan.attention_backends.BACKENDS)
-    compile: bool = False  # torch.compile the DiT block
+    compile: str = "auto"  # --compile: torch.compile the DiT block (auto | on | off)
     gpu_memory: float | None = None  # --gpu-memory in GiB; None: auto (free device memory minus a margin)
     cfg_batch: str = "auto"  # --cfg-batch: CFG steps as one batch-2 forward (auto | on | off)
     magcache: MagCacheOptions = field(default_factory=MagCacheOptions)

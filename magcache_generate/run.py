@@ -244,7 +244,7 @@ def run_requests(
     with Reporter(console) as reporter:
         # --magcache-verify returns to the first expert for its second run: keep parked experts, as a batch
         verify = any(r.magcache.verify for r in requests)
-        run = RunPlan.build(requests, keep_inactive=batch or verify, parallel=parallel)
+        run = RunPlan.build(requests, keep_inactive=batch or verify, magcache=magcache, parallel=parallel)
         if run.memory is not None:
             reporter.log(run.memory.render())
         if run.device.type == "cpu":

@@ -2,7 +2,7 @@
 handed on to the stages that use it (nothing downstream recomputes one).
 
 `RunPlan` holds the decisions shared by a run's requests (device, parameter dtype and storage, the
-memory plan, CFG batching, where the text encoder runs, the attention kernel); `RequestPlan` holds one
+memory plan, CFG batching, where the text encoder runs, the attention kernel, whether to compile); `RequestPlan` holds one
 request's (the distilled recipe's settings are already in the request; the schedule, the MagCache
 plan, the decode tile and the memory record). Under torchrun `RunPlan.parallel` is this rank's part of
 the run (`parallel.RankRuntime`): the device is the rank's, and each rank plans within its own GPU's
@@ -19,6 +19,7 @@ import torch
 
 from magcache_generate.budget import RunMemory, plan_run
 from magcache_generate.cfg_batching import CfgBatch, decide_cfg_batch
+from magcache_generate.compile_choice import CompileChoice, decide_compile, request_work
 from magcache_generate.dit_runtime import DitRuntime
 from magcache_generate.plan_check import check_magcache_plan
 from magcache_generate.quantization import resolve_fp8_matmul
@@ -66,7 +67,8 @@ class RunPlan:
     memory: RunMemory | None  # None: a CPU run (no budget)
     cfg_batch: CfgBatch
     t5_device: torch.device
-    dit_runtime: DitRuntime  # the attention kernel (checked against the device) and --compile
+    compile: CompileChoice  # --compile auto|on|off, decided for the run's forwards
+    dit_runtime: DitRuntime  # the attention kernel (checked against the device) and the block compiler
     parallel: RankRuntime | None = None  # this rank's part of a torchrun run (None: one process)
 
     @property
@@ -76,10 +78,16 @@ class RunPlan:
 
     @classmethod
     def build(
-        cls, requests: list[Request], *, keep_inactive: bool, parallel: RankRuntime | None = None
+        cls,
+        requests: list[Request],
+        *,
+        keep_inactive: bool,
+        magcache: list[Plan | None] | None = None,
+        parallel: RankRuntime | None = None,
     ) -> RunPlan:
         """Plan the run from the first request's run-wide settings and every request's size.
-        `keep_inactive`: a batch, or --magcache-verify (which returns to the first expert)."""
+        `keep_inactive`: a batch, or --magcache-verify (which returns to the first expert). `magcache`:
+        each request's MagCache plan (their forwards decide --compile auto; planned here when not given)."""
         first = requests[0]
         task = TASKS[first.task]
         files = first.weight_paths
@@ -92,6 +100,9 @@ class RunPlan:
         # From headers and shapes only: an infeasible budget stops here, before loading.
         memory = plan_run(requests, dit_config, device, batch=keep_inactive)
         t5_cpu = first.t5_cpu or (memory is not None and memory.plan.t5_on_cpu)
+        plans = magcache_plans(requests) if magcache is None else magcache
+        work = [request_work(r, p, dit_config) for r, p in zip(requests, plans, strict=True)]
+        compile_choice = decide_compile(first.compile, device.type, work)
         return cls(
             task=task,
             files=files,
@@ -105,7 +116,8 @@ class RunPlan:
             memory=memory,
             cfg_batch=decide_cfg_batch(requests, device.type, memory),
             t5_device=torch.device("cpu") if t5_cpu else device,
-            dit_runtime=DitRuntime.for_request(first, device),
+            compile=compile_choice,
+            dit_runtime=DitRuntime.for_request(first, device, compile=compile_choice.enabled),
             parallel=parallel,
         )
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from magcache_generate.budget import check_gpu_memory
 from magcache_generate.cfg_batching import check_cfg_batch
+from magcache_generate.compile_choice import check_compile
 from magcache_generate.distilled import apply_distilled, recipe_name
 from magcache_generate.loras import resolve_loras
 from magcache_generate.magcache.policy import MagCacheConfig, MagCacheConfigError
@@ -190,7 +191,7 @@ def build_request(
         crf=options.crf,
         vae_tiled=options.vae_tiled,
         attention=options.attention,
-        compile=options.compile,
+        compile=check_compile(options.compile),
         gpu_memory=gpu_memory,
         cfg_batch=check_cfg_batch(options.cfg_batch),
         magcache=magcache,

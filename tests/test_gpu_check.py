@@ -328,3 +328,81 @@ def test_part_outputs_go_to_one_log_file(tmp_path, monkeypatch):
     text = log.read_text()
     assert text.startswith("===== loud: ok in ")
     assert "[... 34 characters left out ...]" in text and "xEND\n----- stderr\nwarn\n" in text
+
+
+def cli_output(error: str | None = None) -> dict:
+    def run(compile_s, denoise, diff):
+        return {
+            "rc": 0,
+            "process_wall_s": 30.0 + (compile_s or 0),
+            "timings_s": {"denoise": denoise},
+            "compile_s": compile_s,
+            "text_stage_s": {"tokenizer": 0.4, "encode": 0.2},
+            "time_to_first_step": {"total_s": 12.5, "parts_s": {"startup": 1.0, "first_step": 2.0}},
+            "max_abs_diff_vs_eager": diff,
+        }
+
+    runs = {
+        "eager": run(None, 4.0, None),
+        "compiled_cold": run(25.0, 3.0, 2),
+        "compiled_warm": run(6.0, 3.0, 2),
+    }
+    if error:
+        runs["compiled_cold"] = {"rc": 1, "process_wall_s": 9.0, "error": error}
+    return {"runs": runs}
+
+
+def test_rows_for_what_was_unmeasured_on_hardware():
+    """The i2v encode peak, the eager block against the previous figure, batch-2 CFG, whether --compile
+    repays itself, and the CLI runs (eager, compiled cold and warm, text stage, time to first step)."""
+    cfgbatch = gct.last_json(speed_output(0.65, 3.3))
+    cfgbatch["results"][0]["cfg_batch"] = {"batched_speedup": 1.08, "max_abs_diff": 0.002}
+    data = {
+        "probe": {"device": "NVIDIA H100 80GB HBM3"},
+        "speed_480p": gct.last_json(speed_output(0.65, 3.3)),
+        "speed_480p_compile": gct.last_json(speed_output(0.82, 2.6, compile_s=20.0)),
+        "speed_480p_cfgbatch": cfgbatch,
+        "memory_rows": [
+            memory_row("i2v-A14B:832*480:81:8", ratio=1.0, peaks={"encode_image": 7.5, "denoise": 7.3})
+        ],
+        "cli_compile": cli_output(),
+    }
+    names = ("probe", "speed_480p", "speed_480p_compile", "speed_480p_cfgbatch", "memory", "cli_compile")
+    parts = {name: {"status": "ok"} for name in names}
+    t = gct.evaluate(data, parts, small=False)
+    rope = t["eager_block_vs_previous/A14B 832x480x81"]
+    assert rope["value"] == round(0.0939 / 0.0823, 3) and not rope["met"]
+    assert t["eager_block_vs_previous/A14B 1280x720x81"]["note"] == "not measured: part speed_720p not run"
+    assert (
+        t["cfg_batch_speedup/A14B 832x480x81"]["value"] == 1.08
+        and t["cfg_batch_speedup/A14B 832x480x81"]["met"]
+    )
+    encode = t["i2v_encode_peak_reserved_gib/I2V-A14B 832x480x81 @ 8 GiB"]
+    assert encode["value"] == 7.5 and encode["met"]
+    repays = t["compile_repays_t2v_a14b_480p_40_steps_magcache_s"]
+    assert repays["value"] == pytest.approx(52 * (3.3 - 2.6) - 20.0) and repays["met"]
+    assert repays["rule_figures"]["measured_compile_s"] == 20.0
+    assert t["cli_compile_runs"]["value"] == "ok" and t["cli_compile_runs"]["met"]
+
+    report = {"parts": parts, "targets": t, "figures": {"cli": gct.cli_figures(data)}}
+    text = "\n".join(gct.summary_lines(report))
+    assert "CLI compiled_warm: 36 s process, compile 6 s" in text
+    assert "first step at 12.5 s (startup 1, first_step 2); text stage: tokenizer 0.4, encode 0.2" in text
+
+    data["speed_480p"]["device"] = "NVIDIA A100-SXM4-80GB"
+    data["cli_compile"] = cli_output(error="RuntimeError: inductor failed")
+    t = gct.evaluate(data, parts, small=False)
+    assert t["eager_block_vs_previous/A14B 832x480x81"]["note"].startswith("not comparable: the previous")
+    assert t["cli_compile_runs"]["value"] == "compiled_cold: RuntimeError: inductor failed"
+    assert not t["cli_compile_runs"]["met"]
+    assert gct.cli_figures(data)["compiled_cold"] == {"error": "RuntimeError: inductor failed"}
+
+
+def test_the_cli_part_runs_the_cli_check(tmp_path):
+    parts = {p.name: p for p in gpu_check.plan_parts(False, "cuda", tmp_path, tmp_path / "ckpt")}
+    assert (
+        parts["cli_compile"].argv[0] == "benchmarks/cli_check.py"
+        and "--small" not in parts["cli_compile"].argv
+    )
+    small = {p.name: p for p in gpu_check.plan_parts(True, "cpu", tmp_path, tmp_path / "ckpt")}
+    assert "--small" in small["cli_compile"].argv

@@ -43,8 +43,8 @@ def test_attention_and_compile_reach_the_request(workdir, captured, capsys):
     assert run_main([*T2V, "--attention", "math", "--compile", "--device", "cpu"], capsys)[0] == 0
     assert run_main([*T2V[:2], "--save-file", "two.mp4"], capsys)[0] == 0
     (first, second) = captured
-    assert (first.attention, first.compile) == ("math", True)
-    assert (second.attention, second.compile) == ("auto", False)
+    assert (first.attention, first.compile) == ("math", "on")
+    assert (second.attention, second.compile) == ("auto", "auto")
 
 
 def test_cuda_only_attention_with_auto_device_on_a_cpu_machine_fails_before_loading(
@@ -85,7 +85,8 @@ def test_sidecar_reports_attention_and_compile_time(t2v_ckpt, tmp_path, monkeypa
     assert compiled["compile_s"] > 0 and compiled["timings_s"]["compile"] == pytest.approx(
         compiled["compile_s"]
     )
-    assert compiled["request"]["compile"] is True
+    assert compiled["request"]["compile"] == "on" and compiled["compile"]["enabled"] is True
+    assert plain["compile"] == {"requested": "auto", "enabled": False, "reason": "auto: a CPU run"}
     assert (
         abs(frames(tmp_path / "plain").astype(int) - frames(tmp_path / "compiled").astype(int)) <= 1
     ).all()
