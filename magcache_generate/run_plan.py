@@ -19,10 +19,12 @@ import torch
 from magcache_generate.budget import RunMemory, plan_run
 from magcache_generate.cfg_batching import CfgBatch, decide_cfg_batch
 from magcache_generate.dit_runtime import DitRuntime
+from magcache_generate.host_memory import plan_host_run
 from magcache_generate.plan_check import check_magcache_plan
 from magcache_generate.quantization import resolve_fp8_matmul
 from magcache_generate.request import Request
 from wan.configs import TASKS, TaskConfig
+from wan.host_plan import HostPlan
 from wan.loading import read_transformer_config
 from wan.schedule import Schedule, make_schedule
 from wan.weight_storage import WeightStorage
@@ -64,6 +66,7 @@ class RunPlan:
     cfg_batch: CfgBatch
     t5_device: torch.device
     dit_runtime: DitRuntime  # the attention kernel (checked against the device) and --compile
+    host: HostPlan  # which loads overlap other work; whether a batch keeps both experts in host memory
 
     @classmethod
     def build(cls, requests: list[Request], *, keep_inactive: bool) -> RunPlan:
@@ -81,23 +84,36 @@ class RunPlan:
         # From headers and shapes only: an infeasible budget stops here, before loading.
         memory = plan_run(requests, dit_config, device, batch=keep_inactive)
         t5_cpu = first.t5_cpu or (memory is not None and memory.plan.t5_on_cpu)
+        t5_device = torch.device("cpu") if t5_cpu else device
+        weights = WeightStorage.for_run(
+            dtype, device, first.quantize, resolve_fp8_matmul(first.fp8_matmul, first.quantize, device)
+        )
+        host = plan_host_run(
+            experts=paths,
+            storage=weights,
+            device=device,
+            offload=first.offload_model,
+            t5_device=t5_device,
+            t5_file=ckpt / task.t5_checkpoint,
+            memory=memory,
+            batch=keep_inactive,
+        )
         return cls(
             task=task,
             ckpt=ckpt,
             device=device,
             dtype=dtype,
             # --quantize fp8: block Linears stored fp8; --fp8-matmul: multiplied in fp8 where the GPU can
-            weights=WeightStorage.for_run(
-                dtype, device, first.quantize, resolve_fp8_matmul(first.fp8_matmul, first.quantize, device)
-            ),
+            weights=weights,
             offload=first.offload_model,
             keep_inactive=keep_inactive,
             experts=paths,
             dit_config=dit_config,
             memory=memory,
             cfg_batch=decide_cfg_batch(requests, device.type, memory),
-            t5_device=torch.device("cpu") if t5_cpu else device,
+            t5_device=t5_device,
             dit_runtime=DitRuntime.for_request(first, device),
+            host=host,
         )
 
 
