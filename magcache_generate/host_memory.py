@@ -44,12 +44,14 @@ def plan_host_run(
     else:  # a GPU run keeps the streamed blocks in host memory
         host_part = memory.plan.streamed_blocks * memory.plan.block_bytes if memory is not None else 0
     t5_on_device = t5_device.type != "cpu"
+    room = memory is not None and memory.plan.estimates["text"] + whole - host_part <= memory.plan.budget
     t5_host = 0 if t5_on_device or not t5_file.is_file() else t5_file.stat().st_size
     facts = HostFacts(
         experts=len(experts),
         device_type=device.type,
         offload=offload,
         t5_on_device=t5_on_device,
+        device_room_for_both=room,
         batch=batch,
         expert_bytes=whole,
         expert_host_bytes=host_part,

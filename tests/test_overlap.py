@@ -23,6 +23,7 @@ def facts(**kw) -> HostFacts:
         device_type="cpu",
         offload=True,
         t5_on_device=False,
+        device_room_for_both=False,
         batch=False,
         expert_bytes=10 * GIB,
         expert_host_bytes=10 * GIB,
@@ -53,6 +54,7 @@ def test_host_plan_without_offload_and_on_the_gpu():
     offloaded = plan_host(facts(**gpu, t5_on_device=True, batch=True))
     assert not offloaded.second_background and offloaded.keep_experts
     assert not offloaded.text_overlap  # the text encoder and the expert would share the GPU
+    assert plan_host(facts(**gpu, t5_on_device=True, device_room_for_both=True)).text_overlap
     assert "--offload-model: one expert on the GPU at a time" in offloaded.render()
     assert plan_host(facts(**gpu, t5_on_device=False)).text_overlap  # --t5-cpu
     one = plan_host(facts(experts=1))

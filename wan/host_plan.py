@@ -38,6 +38,7 @@ class HostFacts:
     device_type: str  # "cpu" | "cuda"
     offload: bool
     t5_on_device: bool  # the text encoder runs on the accelerator (a GPU run without --t5-cpu)
+    device_room_for_both: bool  # the GPU budget holds the text stage and the first expert's device part
     batch: bool  # more than one video (or --magcache-verify's return to the first expert)
     expert_bytes: int
     expert_host_bytes: int
@@ -79,7 +80,8 @@ class HostPlan:
 
 def plan_host(facts: HostFacts) -> HostPlan:
     """The host decisions of one run (see the module docstring)."""
-    text_overlap = not (facts.device_type != "cpu" and facts.offload and facts.t5_on_device)
+    shared_gpu = facts.device_type != "cpu" and facts.offload and facts.t5_on_device
+    text_overlap = not shared_gpu or facts.device_room_for_both
     if facts.experts < 2:
         return HostPlan(text_overlap, False, False, facts.available, 0, "one expert")
     both = 2 * facts.expert_host_bytes + facts.t5_host_bytes + HOST_HEADROOM
