@@ -104,7 +104,7 @@ class StartupClock:
 
     def report(self, loads: Sequence[LoadSpan] = ()) -> dict[str, Any] | None:
         """The sidecar's ``time_to_first_step``; None until the first step has finished. ``loads``: the
-        expert loads so far, those that began before the first step's end counted in ``expert_load_s``."""
+        expert loads so far (`wan.experts.ExpertPool.loads`), the first of them in ``expert_load_s``."""
         if not self.complete:
             return None
         parts: dict[str, float] = {}
@@ -127,14 +127,15 @@ class StartupClock:
         }
 
     def _expert_load(self, loads: Sequence[LoadSpan]) -> dict[str, float]:
-        """The expert loads ahead of the first step: in all, alongside the text stage, before the
-        denoising (hidden behind other work), and waited for inside it (the ``load`` part)."""
+        """The load of the first step's expert (the process's first load; a second expert loading in
+        the background meanwhile is not part of it): in all, alongside the text stage, before the
+        denoising began (hidden behind other work), and waited for inside it (the ``load`` part)."""
         m = self.marks
-        ahead = [(start, end) for _, start, end in loads if start < m["first_step_done"]]
+        first = [(start, end) for _, start, end in loads[:1] if start < m["first_step_done"]]
         parts = {
-            "total": sum(end - start for start, end in ahead),
-            "with_text": sum(overlap_s(s, e, m["text_start"], m["text_done"]) for s, e in ahead),
-            "before_denoise": sum(overlap_s(s, e, self.origin, m["denoise_start"]) for s, e in ahead),
+            "total": sum(end - start for start, end in first),
+            "with_text": sum(overlap_s(s, e, m["text_start"], m["text_done"]) for s, e in first),
+            "before_denoise": sum(overlap_s(s, e, self.origin, m["denoise_start"]) for s, e in first),
             "waited": self.load_s,
         }
         return {part: round(seconds, 4) for part, seconds in parts.items()}

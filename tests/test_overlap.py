@@ -162,3 +162,18 @@ def test_a_batch_loads_each_expert_once_and_says_so(a14b, tmp_path, monkeypatch,
     loaded = first["time_to_first_step"]["expert_load_s"]
     assert loaded["total"] > 0 and loaded["waited"] <= loaded["total"]
     assert first["host_plan"]["keep_experts"] is True
+
+
+def test_time_to_first_step_splits_the_overlapped_load():
+    from magcache_generate.startup import MILESTONES, StartupClock
+
+    clock = StartupClock(origin=100.0, origin_source="test", now=101.0)
+    at = dict(zip([name for name, _ in MILESTONES], [101, 102, 103, 104, 108, 109, 112], strict=True))
+    for name, when in at.items():
+        clock.mark(name, float(when))
+    clock.load_s = 0.5  # the denoising waited half a second for the first expert
+    # the first expert loads from 105 (during the text stage, 104-108) to 109.5; the second one starts
+    # in the background with the first step and is not part of the first step's load
+    report = clock.report([("high", 105.0, 109.5), ("low", 109.5, 111.0)])
+    assert report["expert_load_s"] == {"total": 4.5, "with_text": 3.0, "before_denoise": 4.0, "waited": 0.5}
+    assert report["parts_s"]["load"] == 0.5 and sum(report["parts_s"].values()) == pytest.approx(12.0)
