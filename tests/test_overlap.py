@@ -44,6 +44,7 @@ def test_host_plan_loads_the_second_expert_in_the_background_only_with_room():
     assert "second expert: loaded when needed (25.0 GiB host needed for both" in tight.render()
     assert "experts reloaded per item" in tight.render()
     assert not plan_host(facts(available=None)).second_background  # unknown: nothing doubles the host share
+    assert "batch" not in plan_host(facts()).render()  # one video: no batch line
     assert tight.to_json()["second_expert"] == "loaded when needed"
 
 

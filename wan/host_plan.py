@@ -54,6 +54,7 @@ class HostPlan:
     available: int | None
     need_both: int  # host bytes that holding both experts' host parts needs, headroom included
     reason: str  # why the second expert is loaded when needed ("" when in the background)
+    batch: bool = False  # the run has more than one video to make
 
     def render(self) -> str:
         """The plan's host lines (short, under 100 columns)."""
@@ -87,15 +88,16 @@ def plan_host(facts: HostFacts) -> HostPlan:
     both = 2 * facts.expert_host_bytes + facts.t5_host_bytes + HOST_HEADROOM
     room = facts.available is not None and facts.available >= both
     if not facts.offload:  # both experts stay where they run once loaded: loading early costs nothing more
-        return HostPlan(text_overlap, True, facts.batch, facts.available, both, "")
+        return HostPlan(text_overlap, True, facts.batch, facts.available, both, "", facts.batch)
     if facts.device_type != "cpu":
         reason = "--offload-model: one expert on the GPU at a time"
         # a parked expert moves whole to the host, next to the active one's streamed part
         parked = facts.expert_bytes + facts.expert_host_bytes + facts.t5_host_bytes + HOST_HEADROOM
         keep = facts.batch and facts.available is not None and facts.available >= parked
-        return HostPlan(text_overlap, False, keep, facts.available, both, reason)
+        return HostPlan(text_overlap, False, keep, facts.available, both, reason, facts.batch)
     if facts.available is None:
         reason = "host memory unknown"
     else:
         reason = f"{both / GIB:.1f} GiB host needed for both, {facts.available / GIB:.1f} GiB available"
-    return HostPlan(text_overlap, room, facts.batch and room, facts.available, both, "" if room else reason)
+    keep = facts.batch and room
+    return HostPlan(text_overlap, room, keep, facts.available, both, "" if room else reason, facts.batch)
