@@ -64,9 +64,9 @@ class HostPlan:
         if self.need_both:
             second = BACKGROUND if self.second_background else f"{WHEN_NEEDED} ({self.reason})"
             lines.append(f"  second expert: {second}")
-            lines.append(
-                f"  batch: {'both experts kept' if self.keep_experts else 'experts reloaded per item'}"
-            )
+            if self.batch:
+                kept = "both experts kept" if self.keep_experts else "experts reloaded per item"
+                lines.append(f"  batch: {kept}")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
