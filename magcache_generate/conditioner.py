@@ -54,6 +54,7 @@ class Conditioner:
         if startup is not None:
             startup.device_init_s = self.models.device_init_s
             startup.mark("text_start")
+        self.models.start_first_expert(plan)  # reads while the text encoder reads and encodes
         self.models.text_parts = {}
         with meter.stage("encode_text"):
             with reporter.stage("encoding text"):

@@ -2,7 +2,9 @@
 the text encoder and the VAE, each loaded on first use and placed as the `RunPlan` decided.
 
 The loads are separate steps (`text_encoder`, `vae`, the experts' `activate`), so a caller may start
-one while another runs; the load times are summed in `load_seconds`.
+one while another runs; the load times are summed in `load_seconds`. As the run's host plan says, the
+first expert loads on a background thread while the text encoder works (`start_first_expert`), and
+the second while the first denoises (the pool's `background_next`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from magcache_generate.dit_runtime import ConfiguredModels
 from magcache_generate.loras import expert_specs
 from magcache_generate.progress import Reporter
 from magcache_generate.request import Request
-from magcache_generate.run_plan import RunPlan
+from magcache_generate.run_plan import RequestPlan, RunPlan
 from magcache_generate.text_stage import initialise_device, load_text_side
 from wan.experts import ExpertPool
 from wan.loading import locate_transformer_files, read_layout
+from wan.schedule import expert_for
 
 
 class Models:
@@ -36,7 +39,9 @@ class Models:
             storage=plan.weights,
             device=plan.device,
             offload=plan.offload,
-            keep_inactive=plan.keep_inactive,
+            # a two-expert batch keeps both in host memory only where the host plan found room
+            keep_inactive=plan.keep_inactive and (len(plan.experts) < 2 or plan.host.keep_experts),
+            background_next=plan.host.second_background,
             on_load=self._start_loading,
             on_shard=lambda shard: reporter.advance(self._loading_task, detail=shard.name),
             loras=expert_specs(first.loras, list(plan.experts)),  # merged as each expert loads
@@ -59,6 +64,12 @@ class Models:
         stored = "" if layout.identity else f"; {layout.describe()}"
         self._loading_task = self.reporter.task(f"loading {expert} transformer", total=shards)
         self.reporter.log(f"loading {expert} transformer from {path} ({shards} shard(s){stored})")
+
+    def start_first_expert(self, plan: RequestPlan) -> None:
+        """Start loading the expert of the first denoising step in the background, where the host plan
+        lets it load while the text encoder works (nothing if it is loaded already)."""
+        if self.plan.host.text_overlap:
+            self.experts.prefetch(expert_for(plan.schedule.timestep(0), self.plan.task.boundary))
 
     def dit(self) -> ConfiguredModels:
         """The experts as the sampling loop takes them, with the run's attention kernel and compiler

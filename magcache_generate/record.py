@@ -44,6 +44,7 @@ def result_record(
         "timings_s": {},
         "text_stage_s": {part: round(seconds, 4) for part, seconds in conditioned.text_parts.items()},
         "time_to_first_step": time_to_first_step,
+        "host_plan": run.host.to_json(),  # which loads overlapped other work; a batch's kept experts
         "peak_memory": meter.peak_memory(),
         "sampling": sampling_record(request, plan.schedule, rendered.dit_calls),
         "loras": lora_records(request.loras, run.task),

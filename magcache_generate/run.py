@@ -76,7 +76,7 @@ def generate_one(
         startup=startup,
     )
     timings.update(rendered.timings)
-    first_step = startup.report() if first_item and startup is not None else None
+    first_step = startup.report(models.experts.loads) if first_item and startup is not None else None
     result = result_record(plan, rendered, conditioned, meter, first_step)
     magcache_report = finish_cache(cache, request, timings["denoise"])
     if magcache_report is not None and parallel is not None:  # the other CFG half's branch too
@@ -247,6 +247,7 @@ def run_requests(
         run = RunPlan.build(requests, keep_inactive=batch or verify, magcache=magcache, parallel=parallel)
         if run.memory is not None:
             reporter.log(run.memory.render())
+        reporter.log(run.host.render())
         if run.device.type == "cpu":
             from magcache_generate.cpu_estimate import cpu_notice
 

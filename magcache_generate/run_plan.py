@@ -21,11 +21,13 @@ from magcache_generate.budget import RunMemory, plan_run
 from magcache_generate.cfg_batching import CfgBatch, decide_cfg_batch
 from magcache_generate.compile_choice import CompileChoice, decide_compile, request_work
 from magcache_generate.dit_runtime import DitRuntime
+from magcache_generate.host_memory import plan_host_run
 from magcache_generate.plan_check import check_magcache_plan
 from magcache_generate.quantization import resolve_fp8_matmul
 from magcache_generate.request import Request
 from magcache_generate.weight_paths import WeightPaths
 from wan.configs import TASKS, TaskConfig
+from wan.host_plan import HostPlan
 from wan.loading import read_transformer_config
 from wan.schedule import Schedule, make_schedule
 from wan.weight_storage import WeightStorage
@@ -69,6 +71,7 @@ class RunPlan:
     t5_device: torch.device
     compile: CompileChoice  # --compile auto|on|off, decided for the run's forwards
     dit_runtime: DitRuntime  # the attention kernel (checked against the device) and the block compiler
+    host: HostPlan  # which loads overlap other work; whether a batch keeps both experts in host memory
     parallel: RankRuntime | None = None  # this rank's part of a torchrun run (None: one process)
 
     @property
@@ -103,21 +106,34 @@ class RunPlan:
         plans = magcache_plans(requests) if magcache is None else magcache
         work = [request_work(r, p, dit_config) for r, p in zip(requests, plans, strict=True)]
         compile_choice = decide_compile(first.compile, device.type, work)
+        t5_device = torch.device("cpu") if t5_cpu else device
+        weights = weight_storage(first, files, dtype, device)
+        host = plan_host_run(
+            experts=paths,
+            storage=weights,
+            device=device,
+            offload=first.offload_model,
+            t5_device=t5_device,
+            t5_file=files.t5,
+            memory=memory,
+            batch=keep_inactive,
+        )
         return cls(
             task=task,
             files=files,
             device=device,
             dtype=dtype,
-            weights=weight_storage(first, files, dtype, device),
+            weights=weights,
             offload=first.offload_model,
             keep_inactive=keep_inactive,
             experts=paths,
             dit_config=dit_config,
             memory=memory,
             cfg_batch=decide_cfg_batch(requests, device.type, memory),
-            t5_device=torch.device("cpu") if t5_cpu else device,
+            t5_device=t5_device,
             compile=compile_choice,
             dit_runtime=DitRuntime.for_request(first, device, compile=compile_choice.enabled),
+            host=host,
             parallel=parallel,
         )
 

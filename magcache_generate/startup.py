@@ -9,6 +9,10 @@ are the intervals between them, so they add up to the total.
 On CUDA the end of the first step is read from an event recorded behind the step's kernels and resolved
 after the denoising (whose end is synchronised anyway): timing the first step makes the loop wait for
 nothing.
+
+The first expert may load on a background thread while the text stage runs: then ``load`` (the wait for
+it inside the denoising) is what the overlap left over, and ``expert_load_s`` gives the whole load and
+how much of it ran alongside the text stage and before the denoising started.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +40,14 @@ MILESTONES = (
     ("denoise_start", "conditioning"),  # noise, the image latent (i2v/ti2v), the cache policy
     ("first_step_done", "first_step"),  # the expert load(s) ahead of it counted apart, as ``load``
 )
+
+# A load of the pool: (expert, start, end) on the perf_counter clock (`wan.experts.ExpertPool.loads`).
+LoadSpan = tuple[str, float, float]
+
+
+def overlap_s(start: float, end: float, lo: float, hi: float) -> float:
+    """Seconds of [start, end] inside [lo, hi]."""
+    return max(0.0, min(end, hi) - max(start, lo))
 
 
 def seconds_since_process_start() -> float | None:
@@ -89,8 +102,9 @@ class StartupClock:
     def complete(self) -> bool:
         return all(name in self.marks for name, _ in MILESTONES)
 
-    def report(self) -> dict[str, Any] | None:
-        """The sidecar's ``time_to_first_step``; None until the first step has finished."""
+    def report(self, loads: Sequence[LoadSpan] = ()) -> dict[str, Any] | None:
+        """The sidecar's ``time_to_first_step``; None until the first step has finished. ``loads``: the
+        expert loads so far (`wan.experts.ExpertPool.loads`), the first of them in ``expert_load_s``."""
         if not self.complete:
             return None
         parts: dict[str, float] = {}
@@ -109,7 +123,22 @@ class StartupClock:
             "text_s": {part: round(seconds, 4) for part, seconds in self.text_s.items()},
             "device_init_s": None if self.device_init_s is None else round(self.device_init_s, 4),
             "torch_imported_in": self.torch_imported_in,
+            "expert_load_s": self._expert_load(loads),
         }
+
+    def _expert_load(self, loads: Sequence[LoadSpan]) -> dict[str, float]:
+        """The load of the first step's expert (the process's first load; a second expert loading in
+        the background meanwhile is not part of it): in all, alongside the text stage, before the
+        denoising began (hidden behind other work), and waited for inside it (the ``load`` part)."""
+        m = self.marks
+        first = [(start, end) for _, start, end in loads[:1] if start < m["first_step_done"]]
+        parts = {
+            "total": sum(end - start for start, end in first),
+            "with_text": sum(overlap_s(s, e, m["text_start"], m["text_done"]) for s, e in first),
+            "before_denoise": sum(overlap_s(s, e, self.origin, m["denoise_start"]) for s, e in first),
+            "waited": self.load_s,
+        }
+        return {part: round(seconds, 4) for part, seconds in parts.items()}
 
 
 class FirstStepTimer:
@@ -174,4 +203,13 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     if report:
         parts = ", ".join(f"{part} {seconds:.2f}" for part, seconds in report["parts_s"].items())
         rows.append(("time to first step", f"{report['total_s']:.2f} ({parts})"))
+        loads = report.get("expert_load_s")
+        if loads and loads["total"]:
+            rows.append(
+                (
+                    "expert load",
+                    f"{loads['total']:.2f} ({loads['with_text']:.2f} alongside the text stage, "
+                    f"{loads['waited']:.2f} waited for)",
+                )
+            )
     return rows

@@ -12,6 +12,9 @@
   the default float32 regime stores its Linears in bf16 too, so about 2 x 29 GB).
 - There is never more than one copy of a model.
 - Each expert's LoRAs (`loras[expert]`) are merged into its weights as they load (`wan.lora`).
+- `prefetch(expert)` starts an expert's load on a background thread (the caller encodes text
+  meanwhile); with `background_next` activating an expert starts the next one's load while it
+  denoises. `activate` takes a started load's model, or its error, as if it had loaded there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wan.background_load import BackgroundLoad
 from wan.loading import load_transformer
 from wan.lora import LoraSpec, build_merge, expert_label
 from wan.placement import Placement, device_of, move_resident, resident_bytes, streamed_source
@@ -59,6 +63,7 @@ class ExpertPool:
         host_available: Callable[[], int | None] = available_host_memory,
         on_warning: Callable[[str], None] | None = None,
         storage: WeightStorage | None = None,
+        background_next: bool = False,
     ):
         self.paths = paths
         self.loras = dict(loras or {})
@@ -72,6 +77,14 @@ class ExpertPool:
         self.active: str | None = None
         self.load_seconds = 0.0
         self._expert_bytes = 0  # host + device bytes of one loaded expert (the largest seen)
+        self.background_next = background_next
+        self._pending: dict[str, BackgroundLoad[nn.Module]] = {}
+        self.loads: list[tuple[str, float, float]] = []  # (expert, start, end) of each load, perf_counter
+
+    def prefetch(self, expert: str) -> None:
+        """Start loading `expert` on a background thread (nothing if it is loaded or loading)."""
+        if expert in self.paths and expert not in self.models and expert not in self._pending:
+            self._pending[expert] = BackgroundLoad(expert, lambda: self._load(expert))
 
     def activate(self, expert: str) -> nn.Module:
         if expert not in self.paths:
@@ -81,28 +94,41 @@ class ExpertPool:
         self.active = expert
         model = self.models.get(expert)
         if model is None:
-            if self.on_load:
-                self.on_load(expert, self.paths[expert])
-            start = time.perf_counter()
-            merge = build_merge(
-                self.paths[expert], self.loras.get(expert, ()), device=self.device, where=expert_label(expert)
-            )
-            model = load_transformer(
-                self.paths[expert],
-                storage=self.storage,
-                on_shard=self.on_shard,
-                placement=self.placement,
-                on_warning=self.on_warning,
-                transform=merge,
-            )
-            if merge is not None:
-                merge.finish()
-            self.load_seconds += time.perf_counter() - start
+            pending = self._pending.pop(expert, None)
+            model = pending.result() if pending is not None else self._load(expert)  # its error, once
             self.models[expert] = model
             size = sum(p.numel() * p.element_size() for p in model.parameters())
             self._expert_bytes = max(self._expert_bytes, size)
         elif device_of(model) != self.device:
             move_resident(model, self.device)
+        if self.background_next:  # the next expert, once: a freed one is reloaded only when needed
+            for other in self.paths:
+                if other not in self.models and all(other != name for name, _, _ in self.loads):
+                    self.prefetch(other)
+        return model
+
+    def _load(self, expert: str) -> nn.Module:
+        """Read, place (and LoRA-merge) one expert; safe on a background thread (touches no pool state
+        but the load records)."""
+        if self.on_load:
+            self.on_load(expert, self.paths[expert])
+        start = time.perf_counter()
+        merge = build_merge(
+            self.paths[expert], self.loras.get(expert, ()), device=self.device, where=expert_label(expert)
+        )
+        model = load_transformer(
+            self.paths[expert],
+            storage=self.storage,
+            on_shard=self.on_shard,
+            placement=self.placement,
+            on_warning=self.on_warning,
+            transform=merge,
+        )
+        if merge is not None:
+            merge.finish()
+        end = time.perf_counter()
+        self.load_seconds += end - start
+        self.loads.append((expert, start, end))
         return model
 
     def _park(self, expert: str) -> None:
@@ -125,7 +151,8 @@ class ExpertPool:
         free = self.host_available()
         if free is None:
             return True
-        pending = 0 if len(self.models) == len(self.paths) else self._expert_bytes  # a load still to come
+        loaded = len(self.models) + len(self._pending)
+        pending = 0 if loaded >= len(self.paths) else self._expert_bytes  # a load still to come
         need = resident_bytes(model) + pending + HOST_HEADROOM
         if free >= need:
             return True
@@ -143,6 +170,7 @@ class ExpertPool:
         self.active = None
 
     def release(self) -> None:
+        self._pending.clear()  # a load still running finishes on its daemon thread, unused
         for model in self.models.values():
             _drop_streaming(model)
         self.models.clear()
