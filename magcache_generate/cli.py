@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import io
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ EXIT_USAGE = 2  # bad input (found before loading: nothing was loaded or written
 EXIT_INTERRUPTED = 130
 # Errors that are the user's to fix, also when raised while running: one line, exit 2, no traceback
 # (unless --debug). FileExistsError: an output appeared while we generated.
+SILENT_RANK_GRACE_S = 30.0
 USER_ERRORS = (UserError, CheckpointError, FileExistsError, OutputPathError)
 
 app = typer.Typer(
@@ -117,7 +119,11 @@ def exit_code_for(err: BaseException, debug: bool, prog: str = PROG) -> int:
         return EXIT_USAGE if isinstance(err.original, USER_ERRORS) else EXIT_FAILURE
     if silent_error(err, (*USER_ERRORS, ClickException)):
         with contextlib.redirect_stderr(io.StringIO()):
-            return _reported_code(err, debug, prog)
+            code = _reported_code(err, debug, prog)
+        # torchrun ends every rank once one exits: let rank 0 (which says why) exit first; it then ends
+        # this one, so the wait is bounded and costs nothing when rank 0 is on time.
+        time.sleep(SILENT_RANK_GRACE_S)
+        return code
     return _reported_code(err, debug, prog)
 
 
