@@ -21,7 +21,7 @@ from torch import nn
 from wan.checkpoint_reader import T5_NAME, ReadError, identify, map_threaded, open_tensors
 from wan.errors import CheckpointError
 from wan.weight_files import official_getter
-from wan.weight_formats import FormatError, t5_layout
+from wan.weight_formats import T5_BLOCK_KEYS, T5_TOP_KEYS, FormatError, t5_layout
 
 if TYPE_CHECKING:
     from transformers import UMT5Config, UMT5EncoderModel
@@ -29,31 +29,17 @@ if TYPE_CHECKING:
 OFFICIAL_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 MAX_DISTANCE = 128  # relative-position horizon; fixed by upstream's umt5_xxl, not stored in the file
 
-# Per-block tensors: Wan name (after ``blocks.N.``) -> transformers name (after ``encoder.block.N.``).
-BLOCK_KEYS = {
-    "norm1.weight": "layer.0.layer_norm.weight",
-    "attn.q.weight": "layer.0.SelfAttention.q.weight",
-    "attn.k.weight": "layer.0.SelfAttention.k.weight",
-    "attn.v.weight": "layer.0.SelfAttention.v.weight",
-    "attn.o.weight": "layer.0.SelfAttention.o.weight",
-    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
-    "norm2.weight": "layer.1.layer_norm.weight",
-    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",  # the GELU branch
-    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",  # the linear branch
-    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
-}
-TOP_KEYS = {"token_embedding.weight": "shared.weight", "norm.weight": "encoder.final_layer_norm.weight"}
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
 def hf_key(wan_key: str) -> str:
     """The transformers name of an official Wan T5 key (``token_embedding`` -> ``shared``)."""
-    if wan_key in TOP_KEYS:
-        return TOP_KEYS[wan_key]
+    if wan_key in T5_TOP_KEYS:  # the name tables are the single-file reader's
+        return T5_TOP_KEYS[wan_key]
     match = _BLOCK_KEY.fullmatch(wan_key)
-    if match is None or match.group(2) not in BLOCK_KEYS:
+    if match is None or match.group(2) not in T5_BLOCK_KEYS:
         raise KeyError(f"{wan_key!r} is not a key of the official umT5 encoder")
-    return f"encoder.block.{match.group(1)}.{BLOCK_KEYS[match.group(2)]}"
+    return f"encoder.block.{match.group(1)}.{T5_BLOCK_KEYS[match.group(2)]}"
 
 
 @dataclass(frozen=True)
