@@ -10,6 +10,20 @@ from PIL import Image
 
 from magcache_generate import cli
 
+# A quick A14B run: the smallest size, 5 frames, the 4-step distilled recipe, a fixed seed.
+FAST_A14B = [
+    "--size",
+    "832*480",
+    "--frame-num",
+    "5",
+    "--base-seed",
+    "7",
+    "--device",
+    "cpu",
+    "--distilled",
+    "lightning",
+]
+
 
 def run_cli(argv: list[str]) -> int:
     """`magcache-generate argv` in this process; its exit code."""

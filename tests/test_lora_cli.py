@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runs import FAST_A14B as FAST
 from cli_runs import frames
 from lora_files import MODULES, lowrank_factors, write_lora
 
@@ -28,19 +29,6 @@ from wan.lora import checkpoint_shapes
 from wan.modules.transformer import WanTransformer
 from wan.testing.checkpoint import write_tiny_checkpoint
 from wan.testing.dit import tiny_transformer_config
-
-FAST = [
-    "--size",
-    "832*480",
-    "--frame-num",
-    "5",
-    "--base-seed",
-    "7",
-    "--device",
-    "cpu",
-    "--distilled",
-    "lightning",
-]
 
 
 @pytest.fixture(scope="module")

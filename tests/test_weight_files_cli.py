@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runs import FAST_A14B as FAST
 from cli_runs import frames
 from safetensors.torch import save_file
 from single_files import (
@@ -29,18 +30,6 @@ from wan.loading import read_transformer_config
 from wan.testing.checkpoint import write_tiny_checkpoint
 from wan.testing.dit import write_transformer_folder
 
-FAST = [
-    "--size",
-    "832*480",
-    "--frame-num",
-    "5",
-    "--base-seed",
-    "7",
-    "--device",
-    "cpu",
-    "--distilled",
-    "lightning",
-]
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 
 
