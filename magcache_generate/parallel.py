@@ -11,8 +11,11 @@ Torch-free at import (the checks run before anything loads); `RankRuntime.start`
   (`RankRuntime.is_writer`); the sidecar records the world size, the layout and every rank's peak memory.
 - Failure: an error on one rank ends that process with a line naming the rank; torchrun then ends the
   others. A rank blocked in a collective that a dead rank never joins raises when the process group's
-  timeout expires, so no rank waits forever even without torchrun. Outputs are written atomically, so a
-  run that ends early leaves no half-written video.
+  timeout expires, so no rank waits forever even without torchrun. A rank that only lost its peers says
+  so in a line that points to the cause. Outputs are written atomically, so a run that ends early leaves
+  no half-written video.
+- Ctrl-C: the terminal interrupts torchrun, which interrupts every rank; each ends with exit 130, rank 0
+  alone prints "error: interrupted".
 """
 
 from __future__ import annotations
@@ -101,12 +104,37 @@ def silent_error(err: BaseException, user_errors: tuple[type[BaseException], ...
     return launched_world() > 1 and not is_main_rank() and isinstance(err, user_errors)
 
 
+def silent_interrupt() -> bool:
+    """Whether this rank ends a Ctrl-C quietly: torchrun passes the interrupt to every rank, rank 0 says it."""
+    return launched_world() > 1 and not is_main_rank()
+
+
+# What gloo and NCCL say when another rank of the run has gone (it failed, or was interrupted first)
+PEER_LOST = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "remote worker crashing",
+    "remote process exited",
+    "communicator was aborted",
+)
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether `err` only says that another rank has gone (that rank reports its own cause)."""
+    text = str(err).lower()
+    return any(phrase in text for phrase in PEER_LOST)
+
+
 class RankFailed(Exception):
     """An error on one rank of a multi-process run, with the rank in its message."""
 
     def __init__(self, rank: int, world: int, err: BaseException):
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        super().__init__(f"rank {rank} of {world} failed: {type(err).__name__}: {message}")
+        if lost_peer(err):  # a consequence: the rank that went first has printed the cause
+            text = f"rank {rank} of {world} stopped: another rank ended the run first (its error says why)"
+        else:
+            text = f"rank {rank} of {world} failed: {type(err).__name__}: {message}"
+        super().__init__(text)
         self.rank, self.original = rank, err
 
 

@@ -36,7 +36,15 @@ def torchrun(
 ) -> subprocess.CompletedProcess:
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     target = [script] if script else ["-m", "magcache_generate"]
-    return subprocess.run([*launch, *target, *argv], env=env, capture_output=True, text=True, timeout=900)
+    # a session of its own, as a terminal's job: a signal meant for torchrun reaches nothing else
+    return subprocess.run(
+        [*launch, *target, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        start_new_session=True,
+    )
 
 
 def error_lines(text: str) -> list[str]:
@@ -111,8 +119,25 @@ def test_a_failing_rank_ends_the_run_and_is_named(tmp_path, env):
         2, [*BASE, "--ulysses-size", "2", "--save-file", str(out)], env, str(TESTS / "rank_failure.py")
     )
     assert done.returncode != 0
-    assert "error: rank 1 of 2 failed: RuntimeError: injected failure" in error_lines(done.stderr)
+    lines = error_lines(done.stderr)
+    assert "error: rank 1 of 2 failed: RuntimeError: injected failure" in lines
+    # rank 0 only lost its peer: it points to the cause instead of printing gloo's message as its own
+    assert [line for line in lines if "rank 0" in line] in (
+        [],
+        ["error: rank 0 of 2 stopped: another rank ended the run first (its error says why)"],
+    )
     assert not list(tmp_path.iterdir())  # nothing written, nothing half-written
+
+
+def test_ctrl_c_ends_every_rank_and_writes_nothing(tmp_path, env):
+    out, exits = tmp_path / "out", tmp_path / "exits"
+    exits.mkdir()
+    argv = [*BASE, "--ulysses-size", "2", "--save-file", str(out / "x.mp4"), "--save-frames", str(out)]
+    done = torchrun(2, argv, {**env, "RANK_EXIT_DIR": str(exits)}, str(TESTS / "rank_interrupt.py"))
+    assert done.returncode != 0
+    assert {p.name: p.read_text() for p in exits.iterdir()} == {"0": "130", "1": "130"}  # both ended by us
+    assert error_lines(done.stderr) == ["error: interrupted"]  # said once, by rank 0
+    assert not out.exists()
 
 
 def test_prompt_file_replicas_take_each_item_once(tmp_path, env):
