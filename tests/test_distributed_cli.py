@@ -75,6 +75,24 @@ def test_parallel_magcache_run_equals_one_process(tmp_path, env, layout):
     assert done.stdout.count("total:") == 1  # rank 0 prints, rank 1 is quiet
 
 
+def test_verify_under_ulysses_gives_the_single_process_comparison(tmp_path, env):
+    verify = ["--base-seed", "3", "--use-magcache", "--magcache-thresh", "0.5", "--magcache-verify"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    assert run_cli([*BASE, *verify, "--save-file", f"{one}/x.mp4"]) == 0
+    done = torchrun(2, [*BASE, *verify, "--ulysses-size", "2", "--save-file", f"{two}/x.mp4"], env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in two.iterdir()) == ["x.dense.mp4", "x.json", "x.mp4"]  # one writer
+    single, parallel = (json.loads((d / "x.json").read_text())["magcache"] for d in (one, two))
+    assert parallel["calls"] == single["calls"] and parallel["forwards"] < parallel["dense_forwards"]
+    quality = parallel["verify"]["quality_vs_dense"]
+    assert quality["psnr_db"]["video"] == pytest.approx(
+        single["verify"]["quality_vs_dense"]["psnr_db"]["video"], abs=0.05
+    )
+    assert parallel["verify"]["measured_speedup"] > 0
+    assert done.stdout.count("SSIM mean") == 1  # rank 0 prints the comparison once
+
+
 def test_calibration_under_ulysses_gives_the_single_process_ratios(tmp_path, env):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     assert (
