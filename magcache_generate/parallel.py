@@ -57,10 +57,12 @@ def check_parallel(
     uses_cfg: bool,
     prompt_file: bool,
     calibrate: bool = False,
+    offload: bool = False,
     num_heads: int | None = None,
     environ: dict[str, str] | None = None,
 ) -> ParallelLayout:
-    """The run's layout, or UserError naming the option and the fix."""
+    """The run's layout, or UserError naming the option and the fix. `offload`: --offload-model is on
+    (off by default under torchrun)."""
     layout = options.layout(environ)
     problem = layout_problem(layout, num_heads=num_heads, uses_cfg=uses_cfg, prompt_file=prompt_file)
     if problem is None and not layout.distributed:
@@ -74,6 +76,11 @@ def check_parallel(
         problem = (
             "--dit-fsdp shards the DiT over a Ulysses group, and this one has 1 rank; add "
             f"--ulysses-size N (a divisor of the world size {layout.world}), or drop --dit-fsdp"
+        )
+    if problem is None and options.dit_fsdp and offload and layout.distributed:
+        problem = (
+            "--dit-fsdp keeps every expert sharded on the GPUs, and --offload-model True would move the "
+            "shards to host memory between steps; drop --offload-model True (off by default with --dit-fsdp)"
         )
     if problem is None and calibrate and layout.cfg_parallel:
         problem = (
@@ -209,6 +216,13 @@ class RankRuntime:
                 self._sharded.add(model)
 
         return ConfiguredModels(provider, configure)
+
+    @property
+    def memory_shards(self) -> tuple[int, int]:
+        """What this rank holds of a forward, for the memory plan: 1/ulysses of the tokens, and with
+        --dit-fsdp 1/ulysses of every block's weights."""
+        ulysses = self.layout.ulysses
+        return ulysses, ulysses if self.options.dit_fsdp else 1
 
     def share(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (the requests, with any random seed drawn once)."""
