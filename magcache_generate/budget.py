@@ -76,6 +76,7 @@ class RunMemory:
     device: torch.device
     dit_config: Any
     batch: bool
+    shards: tuple[int, int] = (1, 1)  # one torchrun rank's part (`memory_request`)
 
     def placement(self) -> Placement:
         from wan.placement import Placement
@@ -92,7 +93,14 @@ class RunMemory:
         """This request's VAE tile edge in pixels (None: untiled), planned for its own size."""
         from wan.memory_plan import plan_memory
 
-        req = memory_request(request, self.dit_config, self.plan.budget, batch=self.batch, device=self.device)
+        req = memory_request(
+            request,
+            self.dit_config,
+            self.plan.budget,
+            batch=self.batch,
+            device=self.device,
+            shards=self.shards,
+        )
         req = dataclasses.replace(req, cfg_batch=self.plan.cfg_batch)  # as planned for the run
         return plan_memory(req, budget_source=self.source).vae_tile_px
 
@@ -142,11 +150,18 @@ def resolve_budget(request: Request, device: torch.device) -> tuple[int, str] | 
 
 
 def memory_request(
-    request: Request, dit_config: Any, budget: int, *, batch: bool, device: torch.device | str = "cuda"
+    request: Request,
+    dit_config: Any,
+    budget: int,
+    *,
+    batch: bool,
+    device: torch.device | str = "cuda",
+    shards: tuple[int, int] = (1, 1),
 ) -> MemoryRequest:
     """What the planner needs to know about one request (reads two file sizes, no tensor data).
     `device`: where the run goes; it decides the weight storage (`wan.weight_storage`: float32 runs on
-    CUDA store their autocast Linears in bf16, a CPU run, the simulation included, stores float32)."""
+    CUDA store their autocast Linears in bf16, a CPU run, the simulation included, stores float32).
+    `shards`: under torchrun, (Ulysses ranks sharing the tokens, --dit-fsdp ranks sharing the weights)."""
     import torch
 
     from wan.memory_plan import MemoryRequest
@@ -178,14 +193,22 @@ def memory_request(
         # fp8 DiT files hold their block Linears in fp8 (per-row scales: one float32 per row)
         fp8_linears=request.quantize == "fp8" or paths.dit_fp8 is not None,
         fp8_row_scales=paths.dit_fp8 == "row",
+        sequence_shards=shards[0],
+        weight_shards=shards[1],
     )
 
 
 def plan_run(
-    requests: list[Request], dit_config: Any, device: torch.device, *, batch: bool
+    requests: list[Request],
+    dit_config: Any,
+    device: torch.device,
+    *,
+    batch: bool,
+    shards: tuple[int, int] = (1, 1),
 ) -> RunMemory | None:
     """Plan every request within the budget, before any weight loads; the DiT placement of the run is
-    the leanest of them (fewest resident blocks, smallest chunk). None for a CPU run."""
+    the leanest of them (fewest resident blocks, smallest chunk). None for a CPU run. Under torchrun
+    the plan is one rank's (`shards`: see `memory_request`)."""
     from magcache_generate.cfg_batching import planner_policy
 
     budget = resolve_budget(requests[0], device)
@@ -193,7 +216,8 @@ def plan_run(
         return None
     budget_bytes, source = budget
     memory_requests = [
-        memory_request(request, dit_config, budget_bytes, batch=batch, device=device) for request in requests
+        memory_request(request, dit_config, budget_bytes, batch=batch, device=device, shards=shards)
+        for request in requests
     ]
     cfg_batch = planner_policy(requests, device.type)  # --cfg-batch: room for a batch-2 CFG forward?
     try:
@@ -206,7 +230,7 @@ def plan_run(
             else ""
         )
         raise UserError(f"{where}{err}") from None
-    return RunMemory(combined, source, device, dit_config, batch)
+    return RunMemory(combined, source, device, dit_config, batch, shards)
 
 
 class ItemInfeasibleError(ValueError):

@@ -24,7 +24,7 @@ from magcache_generate.argv import check_option_names, command_options, normaliz
 from magcache_generate.atomic import OutputPathError
 from magcache_generate.command import EXIT_FAILURE, run_command
 from magcache_generate.options import GenerateOptions, option_parameters
-from magcache_generate.parallel import RankFailed, silent_error
+from magcache_generate.parallel import RankFailed, silent_error, silent_interrupt
 from magcache_generate.request import OutOfMemory, UserError
 from wan.errors import CheckpointError
 
@@ -112,6 +112,8 @@ def exit_code_for(err: BaseException, debug: bool, prog: str = PROG) -> int:
 
     Under torchrun a bad input stops every rank and only rank 0 says so; a rank that fails while
     running says which rank it is."""
+    if isinstance(err, (KeyboardInterrupt, typer.Abort)) and silent_interrupt():
+        return EXIT_INTERRUPTED  # torchrun interrupts every rank at once: rank 0's line is enough
     if isinstance(err, RankFailed):
         if debug:
             traceback.print_exception(err.original)

@@ -73,7 +73,10 @@ def run_command(options: GenerateOptions) -> int:
     parallel = ParallelOptions(options.ulysses_size, options.cfg_parallel, options.dit_fsdp, options.t5_fsdp)
     uses_cfg = any(g != 1 for r in requests for g in r.guide_scale)
     calibrate = requests[0].magcache.calibrate_file is not None
-    layout = check_parallel(parallel, uses_cfg=uses_cfg, prompt_file=batch is not None, calibrate=calibrate)
+    offload = requests[0].offload_model
+    layout = check_parallel(
+        parallel, uses_cfg=uses_cfg, prompt_file=batch is not None, calibrate=calibrate, offload=offload
+    )
     for note in fast_path_notes(options, requests[0], magcache[0]):
         print_message(console, note)  # before anything loads
 
@@ -100,7 +103,12 @@ def run_command(options: GenerateOptions) -> int:
 
         heads = dit_heads(weights, cfg)
         check_parallel(
-            parallel, uses_cfg=uses_cfg, prompt_file=batch is not None, calibrate=calibrate, num_heads=heads
+            parallel,
+            uses_cfg=uses_cfg,
+            prompt_file=batch is not None,
+            calibrate=calibrate,
+            offload=offload,
+            num_heads=heads,
         )
         return run_parallel(
             layout,

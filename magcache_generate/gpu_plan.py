@@ -23,6 +23,7 @@ from magcache_generate.validate import (
     GenerateOptions,
     check_frame_num,
     check_limits,
+    default_offload,
     resolve_guide_scale,
     resolve_size,
     task_config,
@@ -87,10 +88,18 @@ class CardPlan:
             f"memory plan for a {self.budget_gib:g} GiB GPU: {self.task} {self.size}, {self.frames} frames",
             "  (the planner's estimates; nothing was loaded)",
         ]
+        if p.sequence_shards > 1:
+            fsdp = ", the DiT blocks sharded over them" if p.weight_shards > 1 else ""
+            n = p.sequence_shards
+            lines.append(f"  Ulysses group  : {n} GPUs, 1/{n} of the tokens on each{fsdp}")
         if p.streamed_blocks:
             lines.append(
                 f"  DiT blocks     : {p.resident_blocks} of {p.num_layers} resident, {p.streamed_blocks} streamed "
                 f"from host ({p.block_bytes / GIB:.2f} GiB each)"
+            )
+        elif p.weight_shards > 1:
+            lines.append(
+                f"  DiT blocks     : all {p.num_layers} resident, 1/{p.weight_shards} of each on this GPU"
             )
         else:
             lines.append(f"  DiT blocks     : all {p.num_layers} resident")
@@ -104,7 +113,8 @@ class CardPlan:
         lines.append(f"  VAE decode     : {vae}")
         for stage, value in p.estimates.items():
             lines.append(f"  peak {stage:<10s}: {value / GIB:.1f} GiB GPU")
-        lines.append(f"  host RAM       : about {self.host_ram_gib:.0f} GiB")
+        per_rank = " per rank (ranks on one machine add up)" if p.sequence_shards > 1 else ""
+        lines.append(f"  host RAM       : about {self.host_ram_gib:.0f} GiB{per_rank}")
         return "\n".join(lines)
 
 
@@ -121,8 +131,9 @@ def plan_for_card(options: GenerateOptions, budget_gib: float) -> CardPlan:
     check_limits(cfg, size=size, frame_num=frames)
     width, height = SIZES[size]
     image = options.image is not None or cfg.image == "required"
-    offload = True if options.offload_model is None else options.offload_model
+    offload = default_offload(options)
     dit = official_dit(cfg)
+    ulysses = check_card_layout(options, cfg, dit.num_heads, offload)
     req = MemoryRequest(
         task=cfg,
         dit=dit,
@@ -139,6 +150,8 @@ def plan_for_card(options: GenerateOptions, budget_gib: float) -> CardPlan:
         vae_during_denoise=image,
         autocast_linear_bytes=2,
         fp8_linears=options.quantize == "fp8",
+        sequence_shards=ulysses,
+        weight_shards=ulysses if options.dit_fsdp else 1,
     )
     # Only the fields the CFG policy reads: the mode and the guide scales.
     probe = Request(
@@ -162,6 +175,31 @@ def plan_for_card(options: GenerateOptions, budget_gib: float) -> CardPlan:
     except PlanInfeasibleError as err:
         raise UserError(str(err)) from None
     return CardPlan(cfg.name, size, frames, budget_gib, plan, host_ram_gib(req, plan, cfg))
+
+
+def check_card_layout(options: GenerateOptions, cfg: TaskConfig, num_heads: int, offload: bool) -> int:
+    """The Ulysses size of the planned rank, with the checks a torchrun run of one group would make
+    (the plan is one rank's)."""
+    from magcache_generate.parallel import ParallelOptions, check_parallel
+
+    if num_heads % options.ulysses_size:
+        divisors = [n for n in range(1, num_heads + 1) if num_heads % n == 0]
+        raise UserError(
+            f"--ulysses-size {options.ulysses_size} does not divide the {num_heads} attention heads of "
+            f"{cfg.name}; use one of {divisors}"
+        )
+    parallel = ParallelOptions(options.ulysses_size, options.cfg_parallel, options.dit_fsdp, options.t5_fsdp)
+    world = options.ulysses_size * (2 if options.cfg_parallel else 1)
+    uses_cfg = any(g != 1 for g in resolve_guide_scale(options.sample_guide_scale, cfg))
+    layout = check_parallel(
+        parallel,
+        uses_cfg=uses_cfg,
+        prompt_file=False,
+        offload=offload,
+        num_heads=num_heads,
+        environ={"WORLD_SIZE": str(world), "RANK": "0"},
+    )
+    return layout.ulysses
 
 
 def host_ram_gib(req: Any, plan: Any, cfg: TaskConfig) -> float:

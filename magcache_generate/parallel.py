@@ -11,8 +11,11 @@ Torch-free at import (the checks run before anything loads); `RankRuntime.start`
   (`RankRuntime.is_writer`); the sidecar records the world size, the layout and every rank's peak memory.
 - Failure: an error on one rank ends that process with a line naming the rank; torchrun then ends the
   others. A rank blocked in a collective that a dead rank never joins raises when the process group's
-  timeout expires, so no rank waits forever even without torchrun. Outputs are written atomically, so a
-  run that ends early leaves no half-written video.
+  timeout expires, so no rank waits forever even without torchrun. A rank that only lost its peers says
+  so in a line that points to the cause. Outputs are written atomically, so a run that ends early leaves
+  no half-written video.
+- Ctrl-C: the terminal interrupts torchrun, which interrupts every rank; each ends with exit 130, rank 0
+  alone prints "error: interrupted".
 """
 
 from __future__ import annotations
@@ -54,10 +57,12 @@ def check_parallel(
     uses_cfg: bool,
     prompt_file: bool,
     calibrate: bool = False,
+    offload: bool = False,
     num_heads: int | None = None,
     environ: dict[str, str] | None = None,
 ) -> ParallelLayout:
-    """The run's layout, or UserError naming the option and the fix."""
+    """The run's layout, or UserError naming the option and the fix. `offload`: --offload-model is on
+    (off by default under torchrun)."""
     layout = options.layout(environ)
     problem = layout_problem(layout, num_heads=num_heads, uses_cfg=uses_cfg, prompt_file=prompt_file)
     if problem is None and not layout.distributed:
@@ -71,6 +76,11 @@ def check_parallel(
         problem = (
             "--dit-fsdp shards the DiT over a Ulysses group, and this one has 1 rank; add "
             f"--ulysses-size N (a divisor of the world size {layout.world}), or drop --dit-fsdp"
+        )
+    if problem is None and options.dit_fsdp and offload and layout.distributed:
+        problem = (
+            "--dit-fsdp keeps every expert sharded on the GPUs, and --offload-model True would move the "
+            "shards to host memory between steps; drop --offload-model True (off by default with --dit-fsdp)"
         )
     if problem is None and calibrate and layout.cfg_parallel:
         problem = (
@@ -101,12 +111,37 @@ def silent_error(err: BaseException, user_errors: tuple[type[BaseException], ...
     return launched_world() > 1 and not is_main_rank() and isinstance(err, user_errors)
 
 
+def silent_interrupt() -> bool:
+    """Whether this rank ends a Ctrl-C quietly: torchrun passes the interrupt to every rank, rank 0 says it."""
+    return launched_world() > 1 and not is_main_rank()
+
+
+# What gloo and NCCL say when another rank of the run has gone (it failed, or was interrupted first)
+PEER_LOST = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "remote worker crashing",
+    "remote process exited",
+    "communicator was aborted",
+)
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether `err` only says that another rank has gone (that rank reports its own cause)."""
+    text = str(err).lower()
+    return any(phrase in text for phrase in PEER_LOST)
+
+
 class RankFailed(Exception):
     """An error on one rank of a multi-process run, with the rank in its message."""
 
     def __init__(self, rank: int, world: int, err: BaseException):
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        super().__init__(f"rank {rank} of {world} failed: {type(err).__name__}: {message}")
+        if lost_peer(err):  # a consequence: the rank that went first has printed the cause
+            text = f"rank {rank} of {world} stopped: another rank ended the run first (its error says why)"
+        else:
+            text = f"rank {rank} of {world} failed: {type(err).__name__}: {message}"
+        super().__init__(text)
         self.rank, self.original = rank, err
 
 
@@ -181,6 +216,13 @@ class RankRuntime:
                 self._sharded.add(model)
 
         return ConfiguredModels(provider, configure)
+
+    @property
+    def memory_shards(self) -> tuple[int, int]:
+        """What this rank holds of a forward, for the memory plan: 1/ulysses of the tokens, and with
+        --dit-fsdp 1/ulysses of every block's weights."""
+        ulysses = self.layout.ulysses
+        return ulysses, ulysses if self.options.dit_fsdp else 1
 
     def share(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (the requests, with any random seed drawn once)."""

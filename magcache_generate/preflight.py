@@ -114,7 +114,8 @@ def inspect_checkpoint(weights: WeightPaths | Path | None, cfg: TaskConfig) -> C
                 f"the file as --{part}"
             )
     tokenizer = weights.tokenizer
-    if not any((tokenizer / name).is_file() for name in TOKENIZER_VOCAB_FILES):
+    embedded = tokenizer.is_file()  # a --t5 / --tokenizer file with its sentencepiece model (weight_paths)
+    if not embedded and not any((tokenizer / name).is_file() for name in TOKENIZER_VOCAB_FILES):
         if weights.flag("tokenizer") == CKPT_DIR:
             raise UserError(
                 f"{incomplete}: tokenizer folder {cfg.t5_tokenizer}/ with tokenizer.json or spiece.model is "

@@ -101,7 +101,8 @@ class RunPlan:
         paths = expert_paths(task, files)
         dit_config = read_transformer_config(next(iter(paths.values())))
         # From headers and shapes only: an infeasible budget stops here, before loading.
-        memory = plan_run(requests, dit_config, device, batch=keep_inactive)
+        shards = parallel.memory_shards if parallel is not None else (1, 1)
+        memory = plan_run(requests, dit_config, device, batch=keep_inactive, shards=shards)
         t5_cpu = first.t5_cpu or (memory is not None and memory.plan.t5_on_cpu)
         plans = magcache_plans(requests) if magcache is None else magcache
         work = [request_work(r, p, dit_config) for r, p in zip(requests, plans, strict=True)]

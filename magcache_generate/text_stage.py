@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from wan.text_encoder import TextEncoder
-from wan.tokenizer import Tokenizer, load_tokenizer
+from wan.tokenizer import EmbeddedTokenizer, Tokenizer, load_tokenizer
 
 KEEP_CONTEXTS = 4  # encoded prompts kept for reuse (the negative prompt above all); a few MB at most
 
@@ -47,7 +47,7 @@ def initialise_device(device: torch.device) -> float:
 
 def load_text_side(
     t5_path: Path, tokenizer_path: Path, *, device: torch.device, parts: dict[str, float]
-) -> tuple[TextEncoder, Tokenizer]:
+) -> tuple[TextEncoder, Tokenizer | EmbeddedTokenizer]:
     """The umT5 encoder (bf16 on ``device``, as upstream, --t5-cpu included) and the tokenizer."""
     import wan
 
@@ -63,7 +63,7 @@ def load_text_side(
 
 def encode_timed(
     encoder: TextEncoder,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | EmbeddedTokenizer,
     prompts: list[str],
     text_len: int,
     parts: dict[str, float],

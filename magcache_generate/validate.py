@@ -100,6 +100,12 @@ def part_options(options: GenerateOptions) -> PartOptions:
 # Building requests
 
 
+def default_offload(options: GenerateOptions) -> bool:
+    """--offload-model when not given: on (one expert on the GPU at a time, upstream's single-GPU
+    default), except with --dit-fsdp, whose experts stay sharded on the GPUs (upstream's multi-GPU way)."""
+    return not options.dit_fsdp if options.offload_model is None else options.offload_model
+
+
 def build_request(
     options: GenerateOptions,
     *,
@@ -175,9 +181,7 @@ def build_request(
         # Upstream quirk kept: an empty negative prompt means the official one.
         negative_prompt=options.negative_prompt or None,
         image=image,
-        offload_model=True
-        if options.offload_model is None
-        else options.offload_model,  # one device: upstream's True
+        offload_model=default_offload(options),
         convert_model_dtype=options.convert_model_dtype,
         quantize=check_quantize(options.quantize),
         # fp8 DiT files count as fp8 weights; unresolved files are checked once resolved (command.py)

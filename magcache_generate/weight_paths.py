@@ -1,7 +1,8 @@
 """Where each part of a task's weights comes from: the official folder (``--ckpt-dir``) or one flag per part.
 
 ``--dit`` (ti2v-5B) or ``--dit-high`` / ``--dit-low`` (A14B), ``--t5``, ``--vae`` and ``--tokenizer`` each
-replace that part of ``--ckpt-dir``; with every part given, ``--ckpt-dir`` may be left out. Torch-free:
+replace that part of ``--ckpt-dir``; with every part given, ``--ckpt-dir`` may be left out. A ``--t5`` file
+that embeds its tokenizer (ComfyUI's umT5 files) stands in for a missing tokenizer folder. Torch-free:
 this only decides paths and checks that they exist; what the files hold is checked from their headers
 by ``checkpoint_check``.
 """
@@ -103,6 +104,11 @@ def resolve_weight_paths(ckpt_dir: Path | None, parts: PartOptions, cfg: TaskCon
     }
     flags = {**{f"dit:{folder}": flag for folder, flag in DIT_FLAGS.items()}, **PART_FLAGS}
     needed = [f"dit:{folder}" for folder in cfg.dit_folders] + ["t5", "vae", "tokenizer"]
+    official_tokenizer = Path(ckpt_dir) / cfg.t5_tokenizer if ckpt_dir is not None else None
+    no_folder = parts.tokenizer is None and not (official_tokenizer and official_tokenizer.is_dir())
+    if no_folder and parts.t5 is not None and embeds_tokenizer(Path(parts.t5)):
+        given["tokenizer"] = Path(parts.t5)
+        flags["tokenizer"] = f"{PART_FLAGS['t5']} (its embedded tokenizer)"
     if ckpt_dir is None:
         missing = [flags[p] for p in needed if given[p] is None]
         if missing:
@@ -132,11 +138,13 @@ def resolve_weight_paths(ckpt_dir: Path | None, parts: PartOptions, cfg: TaskCon
             chosen[part] = _official_part(official, part)
             continue
         path = Path(path)
-        kind_ok = path.is_dir() if part == "tokenizer" else path.exists()
+        kind_ok = (path.is_dir() or embeds_tokenizer(path)) if part == "tokenizer" else path.exists()
         if not kind_ok:
             if part == "tokenizer":
                 what = (
-                    "is a file; pass the tokenizer folder (google/umt5-xxl)" if path.exists() else "not found"
+                    "is a file without an embedded tokenizer; pass the tokenizer folder (google/umt5-xxl)"
+                    if path.exists()
+                    else "not found"
                 )
             else:
                 what = "not found; check the path"
@@ -153,6 +161,20 @@ def resolve_weight_paths(ckpt_dir: Path | None, parts: PartOptions, cfg: TaskCon
         root=ckpt_dir,
         flags=used_flags,
     )
+
+
+def embeds_tokenizer(path: Path) -> bool:
+    """Whether ``path`` is a umT5 file carrying its sentencepiece model (a ``spiece_model`` tensor), from
+    its header. A file that cannot be read says False here: its own check names the problem."""
+    from wan.checkpoint_reader import ReadError, read_table
+    from wan.weight_formats import TOKENIZER_KEY
+
+    if not path.is_file() or path.suffix != ".safetensors":
+        return False
+    try:
+        return TOKENIZER_KEY in read_table(path)
+    except (ReadError, OSError):
+        return False
 
 
 def _official_part(official: WeightPaths, part: str) -> Path:

@@ -8,6 +8,7 @@ import pickle
 import re
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from wan.checkpoint_reader import (
     ReadError,
     TensorInfo,
     UnsupportedPickle,
+    load_pool,
     open_tensors,
     read_safetensors_header,
     read_table,
@@ -303,3 +305,21 @@ def test_loader_gives_the_tensors_of_a_plain_read_and_cast(tmp_path, dtype):
             f.write(bytes(shard.stat().st_size - f.tell()))
     for key, tensor in expected.items():
         assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor), key
+
+
+def test_an_interrupted_load_drops_the_queued_tensors():
+    started, release, ran = threading.Event(), threading.Event(), []
+
+    def place(i: int) -> None:
+        ran.append(i)
+        if i == 0:
+            started.set()
+            release.wait(timeout=60)  # a guard: a pool that ran the queue would hang here
+
+    with pytest.raises(KeyboardInterrupt), load_pool(1) as pool:
+        futures = [pool.submit(place, i) for i in range(8)]
+        futures[1].add_done_callback(lambda _: release.set())  # runs when the queued work is dropped
+        started.wait()
+        raise KeyboardInterrupt
+    assert ran == [0]  # the tensor in flight finished, the queued ones never ran
+    assert all(f.cancelled() for f in futures[1:])

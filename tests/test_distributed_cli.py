@@ -36,7 +36,15 @@ def torchrun(
 ) -> subprocess.CompletedProcess:
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     target = [script] if script else ["-m", "magcache_generate"]
-    return subprocess.run([*launch, *target, *argv], env=env, capture_output=True, text=True, timeout=900)
+    # a session of its own, as a terminal's job: a signal meant for torchrun reaches nothing else
+    return subprocess.run(
+        [*launch, *target, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        start_new_session=True,
+    )
 
 
 def error_lines(text: str) -> list[str]:
@@ -65,6 +73,24 @@ def test_parallel_magcache_run_equals_one_process(tmp_path, env, layout):
     assert sorted(record["peak_memory_by_rank"]) == ["0", "1"]
     assert bool(record["dit_fsdp"]) == bool(record["t5_fsdp"]) == ("--dit_fsdp" in layout)
     assert done.stdout.count("total:") == 1  # rank 0 prints, rank 1 is quiet
+
+
+def test_verify_under_ulysses_gives_the_single_process_comparison(tmp_path, env):
+    verify = ["--base-seed", "3", "--use-magcache", "--magcache-thresh", "0.5", "--magcache-verify"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    assert run_cli([*BASE, *verify, "--save-file", f"{one}/x.mp4"]) == 0
+    done = torchrun(2, [*BASE, *verify, "--ulysses-size", "2", "--save-file", f"{two}/x.mp4"], env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in two.iterdir()) == ["x.dense.mp4", "x.json", "x.mp4"]  # one writer
+    single, parallel = (json.loads((d / "x.json").read_text())["magcache"] for d in (one, two))
+    assert parallel["calls"] == single["calls"] and parallel["forwards"] < parallel["dense_forwards"]
+    quality = parallel["verify"]["quality_vs_dense"]
+    assert quality["psnr_db"]["video"] == pytest.approx(
+        single["verify"]["quality_vs_dense"]["psnr_db"]["video"], abs=0.05
+    )
+    assert parallel["verify"]["measured_speedup"] > 0
+    assert done.stdout.count("SSIM mean") == 1  # rank 0 prints the comparison once
 
 
 def test_calibration_under_ulysses_gives_the_single_process_ratios(tmp_path, env):
@@ -111,8 +137,25 @@ def test_a_failing_rank_ends_the_run_and_is_named(tmp_path, env):
         2, [*BASE, "--ulysses-size", "2", "--save-file", str(out)], env, str(TESTS / "rank_failure.py")
     )
     assert done.returncode != 0
-    assert "error: rank 1 of 2 failed: RuntimeError: injected failure" in error_lines(done.stderr)
+    lines = error_lines(done.stderr)
+    assert "error: rank 1 of 2 failed: RuntimeError: injected failure" in lines
+    # rank 0 only lost its peer: it points to the cause instead of printing gloo's message as its own
+    assert [line for line in lines if "rank 0" in line] in (
+        [],
+        ["error: rank 0 of 2 stopped: another rank ended the run first (its error says why)"],
+    )
     assert not list(tmp_path.iterdir())  # nothing written, nothing half-written
+
+
+def test_ctrl_c_ends_every_rank_and_writes_nothing(tmp_path, env):
+    out, exits = tmp_path / "out", tmp_path / "exits"
+    exits.mkdir()
+    argv = [*BASE, "--ulysses-size", "2", "--save-file", str(out / "x.mp4"), "--save-frames", str(out)]
+    done = torchrun(2, argv, {**env, "RANK_EXIT_DIR": str(exits)}, str(TESTS / "rank_interrupt.py"))
+    assert done.returncode != 0
+    assert {p.name: p.read_text() for p in exits.iterdir()} == {"0": "130", "1": "130"}  # both ended by us
+    assert error_lines(done.stderr) == ["error: interrupted"]  # said once, by rank 0
+    assert not out.exists()
 
 
 def test_prompt_file_replicas_take_each_item_once(tmp_path, env):

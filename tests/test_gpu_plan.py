@@ -89,3 +89,33 @@ def test_plan_for_a_card_follows_the_weight_options(capsys):
         return json.loads(capsys.readouterr().out)["memory_plan"]["block_gib"]
 
     assert block_gib("--quantize", "fp8") < 0.6 * block_gib()
+
+
+def test_plan_for_a_card_is_one_ranks_under_ulysses_and_fsdp(capsys):
+    def plan(*extra: str) -> dict:
+        argv = ["--magcache-plan", "--json", "--gpu-memory", "80", "--size", "1280*720", *extra]
+        assert run_cli(argv) == 0
+        return json.loads(capsys.readouterr().out)["memory_plan"]
+
+    single, fsdp = plan(), plan("--ulysses-size", "8", "--dit-fsdp")
+    assert (single["sequence_shards"], single["weight_shards"]) == (1, 1)
+    assert (fsdp["sequence_shards"], fsdp["weight_shards"], fsdp["streamed_blocks"]) == (8, 8, 0)
+    assert "load" in fsdp["estimated_peak_gib"]
+    assert fsdp["estimated_peak_gib"]["denoise"] < single["estimated_peak_gib"]["denoise"]
+    assert (
+        run_cli(["--magcache-plan", "--gpu-memory", "80", "--ulysses-size", "8", "--size", "1280*720"]) == 0
+    )
+    assert "Ulysses group  : 8 GPUs, 1/8 of the tokens on each" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--ulysses-size", "3"], "--ulysses-size 3 does not divide the 40 attention heads of t2v-A14B"),
+        (["--ulysses-size", "4", "--dit-fsdp", "--offload-model", "True"], "drop --offload-model True"),
+        (["--dit-fsdp"], "--dit-fsdp needs several processes"),
+    ],
+)
+def test_plan_for_a_card_checks_the_layout(extra, message, capsys):
+    assert run_cli(["--magcache-plan", "--gpu-memory", "80", *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -197,3 +197,29 @@ def test_encode_formula_matches_the_measured_peak():
     req = request("i2v-A14B", I2V, (512, 256), 9, image=True)
     predicted = costs.VAE_MODELS["2.1"].encode_bytes(req)
     assert measured * 0.95 <= predicted <= measured * 1.1
+
+
+def test_a_ulysses_rank_plans_for_its_share_of_the_tokens():
+    one = plan_memory(request(size=(1280, 720), gib=24.0))
+    four = plan_memory(request(size=(1280, 720), gib=24.0, sequence_shards=4))
+    assert four.sequence_shards == 4 and request(sequence_shards=4).rank_tokens == -(-request().tokens // 4)
+    assert four.resident_blocks > one.resident_blocks  # the activations it no longer holds buy blocks
+    assert stages_fit(four)
+    full, shard = (costs.ACTIVATIONS.forward_bytes(request(sequence_shards=n), None) for n in (1, 4))
+    assert full / 4 < shard < full / 2  # a quarter of the tokens, plus the all-to-all copies
+
+
+def test_fsdp_ranks_hold_every_block_sharded_and_load_one_expert_whole():
+    sharded = plan_memory(
+        request(size=(1280, 720), gib=80.0, sequence_shards=8, weight_shards=8, offload=False)
+    )
+    assert (sharded.resident_blocks, sharded.streamed_blocks, sharded.weight_shards) == (40, 0, 8)
+    assert stages_fit(sharded)
+    req = request(size=(1280, 720), gib=80.0, sequence_shards=8, weight_shards=8, offload=False)
+    expert = costs.nonblock_bytes(req) + 40 * costs.block_bytes(req)
+    assert sharded.estimates["load"] >= expert  # loaded whole, then sharded
+    assert costs.sharded_dit_bytes(req) < expert / 6  # 1/8 of the blocks, the embeddings and head whole
+    # a budget that streams blocks without FSDP has no FSDP plan: the message says what to drop
+    with pytest.raises(PlanInfeasibleError, match="drop --dit-fsdp"):
+        plan_memory(request(size=(1280, 720), gib=24.0, sequence_shards=4, weight_shards=4, offload=False))
+    assert plan_memory(request(size=(1280, 720), gib=24.0, sequence_shards=4)).streamed_blocks > 0

@@ -137,3 +137,38 @@ def test_folder_without_vocabulary_is_one_line(tmp_path, tiny_folder):
         load_tokenizer(folder)
     message = str(err.value)
     assert "\n" not in message and str(folder) in message and "spiece.model" in message
+
+
+def embedded_tokenizer_file(path: Path, proto: bytes) -> Path:
+    """A umT5-style .safetensors file that carries its sentencepiece model as a `spiece_model` byte tensor."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        "shared.weight": torch.zeros(4, 2),
+        "spiece_model": torch.frombuffer(bytearray(proto), dtype=torch.uint8),
+    }
+    save_file(tensors, str(path))
+    return path
+
+
+def test_an_embedded_tokenizer_gives_the_ids_of_the_folder(tmp_path, tiny_folder):
+    file = embedded_tokenizer_file(tmp_path / "umt5.safetensors", train_tiny_sentencepiece())
+    embedded, folder = load_tokenizer(file), load_tokenizer(tiny_folder)
+    assert embedded.vocab_size == folder.vocab_size
+    texts = [
+        "a red fox in the snowy forest",
+        "  Summer   beach &amp;amp; a white cat\nwearing sunglasses  ",
+        "",
+        "cat " * 40,  # truncated: the EOS stays last
+    ]
+    for text_len in (8, 32):
+        for a, b in zip(embedded(texts, text_len), folder(texts, text_len), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_file_without_a_readable_tokenizer_is_one_clear_error(tmp_path):
+    file = embedded_tokenizer_file(tmp_path / "umt5.safetensors", b"not a sentencepiece model")
+    with pytest.raises(
+        CheckpointError, match=r"cannot read its embedded tokenizer .*pass the google/umt5-xxl"
+    ):
+        load_tokenizer(file)

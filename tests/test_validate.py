@@ -484,3 +484,12 @@ def test_magcache_ranges_have_one_rule_and_one_message(setting, field, value, fl
         magcache_options(GenerateOptions(use_magcache=True, **{field: value}))
     assert policy.value.setting == setting and str(policy.value).startswith(("MagCache", "unknown MagCache"))
     assert str(cli.value) == policy.value.named(flag)
+
+
+def test_offload_is_off_by_default_with_dit_fsdp(tmp_path):
+    """--dit-fsdp keeps the experts sharded on the GPUs (upstream's multi-GPU way); an explicit choice wins."""
+    assert build(tmp_path, dit_fsdp=True).offload_model is False
+    assert (
+        build(tmp_path, dit_fsdp=True, offload_model=True).offload_model is True
+    )  # refused by the layout check
+    assert build(tmp_path, offload_model=False).offload_model is False

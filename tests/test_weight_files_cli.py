@@ -14,7 +14,7 @@ import pytest
 import torch
 from cli_runs import FAST_A14B as FAST
 from cli_runs import frames
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from single_files import (
     PREFIX,
     comfy_dit_state,
@@ -27,8 +27,9 @@ from single_files import (
 from magcache_generate.argv import normalize_argv
 from magcache_generate.cli import main
 from wan.loading import read_transformer_config
-from wan.testing.checkpoint import write_tiny_checkpoint
+from wan.testing.checkpoint import TOKENIZER_VOCAB, write_tiny_checkpoint
 from wan.testing.dit import write_transformer_folder
+from wan.testing.text import train_tiny_sentencepiece
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 
@@ -89,6 +90,37 @@ def test_single_files_give_the_frames_of_an_official_folder_with_the_same_values
     code, err = run([*singles, "--save-frames", str(tmp_path / "files"), *FAST], capsys)
     assert code == 0, err
     assert np.array_equal(frames(tmp_path / "files"), frames(tmp_path / "ref"))
+
+
+def test_a_t5_file_that_embeds_its_tokenizer_needs_no_tokenizer_folder(parts, tmp_path, capsys):
+    """ComfyUI's umT5 files carry the sentencepiece model as a `spiece_model` byte tensor: with it, neither
+    --tokenizer nor --ckpt-dir is needed, and the ids (so the frames) are those of the tokenizer folder."""
+    t5 = tmp_path / "umt5_xxl_with_tokenizer.safetensors"
+    proto = train_tiny_sentencepiece(TOKENIZER_VOCAB)  # the model the tiny folder's tokenizer was built from
+    save_file(
+        {
+            **load_file(str(parts["t5"])),
+            "spiece_model": torch.frombuffer(bytearray(proto), dtype=torch.uint8),
+        },
+        str(t5),
+    )
+    reference = [
+        *part_flags(parts),
+        "--save-file",
+        str(tmp_path / "ref.mp4"),
+        "--save-frames",
+        str(tmp_path / "ref"),
+    ]
+    code, err = run([*reference, *FAST], capsys)
+    assert code == 0, err
+    argv = part_flags(parts, t5=t5)[:-2]  # no --tokenizer, no --ckpt-dir
+    code, err = run(
+        [*argv, "--save-file", str(tmp_path / "x.mp4"), "--save-frames", str(tmp_path / "x"), *FAST], capsys
+    )
+    assert code == 0, err
+    assert np.array_equal(frames(tmp_path / "x"), frames(tmp_path / "ref"))
+    given = json.loads((tmp_path / "x.json").read_text())["paths"]["weight_files"]
+    assert given["--t5 (its embedded tokenizer)"] == str(t5.resolve())
 
 
 def test_one_part_overrides_the_checkpoint_folder(parts, tmp_path, capsys):

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
 # Threads that cast tensors while loading; more than the cores buys nothing (the casts are memory-bound)
@@ -452,13 +454,26 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+@contextlib.contextmanager
+def load_pool(threads: int | None = None) -> Iterator[ThreadPoolExecutor]:
+    """A pool of load threads that, when the caller fails or is interrupted (Ctrl-C), drops the work
+    still queued instead of finishing it: an interrupted load ends after the tensors in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=threads or LOAD_THREADS, thread_name_prefix="load")
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
 def map_threaded(fn: Callable[[Any], Any], items: list[Any], threads: int | None = None) -> list[Any]:
     """``[fn(x) for x in items]`` on a few threads, in order: for per-tensor casts, which release the GIL
     (the cores share the work while the page cache feeds it). The first error propagates."""
     threads = threads or LOAD_THREADS
     if threads <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="load") as pool:
+    with load_pool(threads) as pool:
         return list(pool.map(fn, items))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from wan.checkpoint_layout import (  # noqa: F401 - re-exported
     locate_transformer_files,
     read_tensor_table,
 )
-from wan.checkpoint_reader import LOAD_THREADS, MappedSafetensors
+from wan.checkpoint_reader import MappedSafetensors, load_pool
 from wan.errors import CheckpointError
 from wan.fp8 import dequantize, granularity_of, quantize
 from wan.modules.fp8_linear import quantize_model, quantize_options
@@ -168,7 +167,7 @@ def _place_all(
     by_shard: dict[Path, list[str]] = {shard: [] for shard in files.shards}
     for key, shard in shards.items():
         by_shard[shard].append(key)
-    with ThreadPoolExecutor(max_workers=LOAD_THREADS, thread_name_prefix="load") as pool:
+    with load_pool() as pool:
         for shard in files.shards:
             with MappedSafetensors(shard) as mapped:
                 keys = sorted(by_shard[shard], key=lambda k: layout.sources[k].start or 0)  # sequential reads

@@ -110,6 +110,10 @@ class MemoryRequest:
     autocast_linear_bytes: int | None = None
     fp8_linears: bool = False  # --quantize fp8: block Linear weights 1 byte each (+ a float32 scale)
     fp8_row_scales: bool = False  # fp8 files with per-row scales: one float32 per output row
+    # Under torchrun, one rank's part: Ulysses runs 1/N of the tokens on each rank (padded up), and
+    # --dit-fsdp keeps 1/N of every block's weights on each rank (a block is gathered whole to run)
+    sequence_shards: int = 1
+    weight_shards: int = 1
 
     @property
     def linear_bytes(self) -> int:
@@ -121,6 +125,11 @@ class MemoryRequest:
         st, ss = self.task.vae_stride[0], self.task.vae_stride[1]
         _, ph, pw = self.dit.patch_size
         return ((self.frames - 1) // st + 1) * (self.height // ss // ph) * (self.width // ss // pw)
+
+    @property
+    def rank_tokens(self) -> int:
+        """The tokens of this rank's forward: all of them, or its Ulysses shard (padded up)."""
+        return -(-self.tokens // self.sequence_shards)
 
     @property
     def per_token_timesteps(self) -> bool:
@@ -181,11 +190,16 @@ class ActivationModel:
     token_modulation: float = 4096 * 4.0  # per-token timesteps: one 4096-token pass's gathered float32 rows
     fixed: int = 24 * 2**20  # RoPE rows, timestep embeddings, the head's input, small temporaries
     residual_slots: int = 2  # MagCache residuals held at once (one per CFG branch), fp32
+    # Ulysses: q, k, v and the attention output exist on both sides of their all-to-alls for a moment
+    # (bf16); read off the code, not calibrated
+    exchange: float = 8.0
 
     def forward_bytes(self, req: MemoryRequest, chunk: int | None) -> int:
-        tokens, dim, ffn, batch = req.tokens, req.dit.dim, req.dit.ffn_dim, req.forward_batch
-        rows = batch * tokens  # tokens of all samples in the forward
+        tokens, dim, ffn, batch = req.rank_tokens, req.dit.dim, req.dit.ffn_dim, req.forward_batch
+        rows = batch * tokens  # tokens of all samples in the forward (this rank's shard under Ulysses)
         total = rows * dim * self.stream + self.fixed
+        if req.sequence_shards > 1:
+            total += rows * dim * self.exchange
         if chunk is None or chunk >= tokens:
             total += rows * ffn * self.ffn_hidden
         else:
@@ -352,10 +366,30 @@ def text_stage(req: MemoryRequest, t5_on_cpu: bool) -> int:
     return _reserved("text", vae + (0 if t5_on_cpu else _t5_bytes(req) + OVERHEADS.t5_activations))
 
 
+def sharded_dit_bytes(req: MemoryRequest) -> int:
+    """One expert's weights as a --dit-fsdp rank keeps them: 1/N of every block, the rest whole."""
+    return nonblock_bytes(req) + math.ceil(req.dit.num_layers * block_bytes(req) / req.weight_shards)
+
+
+def dit_load_stage(req: MemoryRequest, t5_on_cpu: bool) -> int:
+    """--dit-fsdp: an expert is loaded whole onto the device, then sharded (the other expert, when
+    both stay, already sharded). 0 without --dit-fsdp (the denoise stage covers the load)."""
+    if req.weight_shards <= 1:
+        return 0
+    whole = nonblock_bytes(req) + req.dit.num_layers * block_bytes(req)
+    total = whole + (req.experts_on_device - 1) * sharded_dit_bytes(req)
+    if not req.offload and not t5_on_cpu:
+        total += _t5_bytes(req)
+    return _reserved("denoise", total)
+
+
 def denoise_stage(req: MemoryRequest, resident: int, chunk: int | None, t5_on_cpu: bool) -> int:
     n = req.dit.num_layers
-    weights = nonblock_bytes(req) + min(resident, n) * block_bytes(req)
-    buffers = min(2, n - resident) * block_bytes(req)
+    if req.weight_shards > 1:  # every block sharded; the running block and the next gathered whole
+        weights, buffers = sharded_dit_bytes(req), 2 * block_bytes(req)
+    else:
+        weights = nonblock_bytes(req) + min(resident, n) * block_bytes(req)
+        buffers = min(2, n - resident) * block_bytes(req)
     context = 2 * req.dit.text_len * (req.dit.text_dim + req.dit.dim) * 4
     total = req.experts_on_device * (weights + buffers) + context + _latent_bytes(req)
     total += ACTIVATIONS.forward_bytes(req, chunk)
@@ -370,7 +404,10 @@ def _held_besides_vae(req: MemoryRequest, resident: int, t5_on_cpu: bool) -> int
     """What stays on the device next to the VAE: without offloading, the DiT and the text encoder."""
     if req.offload:
         return 0
-    dit = nonblock_bytes(req) + min(resident + 2, req.dit.num_layers) * block_bytes(req)
+    if req.weight_shards > 1:
+        dit = sharded_dit_bytes(req)
+    else:
+        dit = nonblock_bytes(req) + min(resident + 2, req.dit.num_layers) * block_bytes(req)
     return req.experts_on_device * dit + (0 if t5_on_cpu else _t5_bytes(req))
 
 

@@ -24,6 +24,7 @@ from wan.memory_costs import (  # noqa: F401 - re-exported: the planner's vocabu
     block_bytes,
     decode_stage,
     denoise_stage,
+    dit_load_stage,
     encode_stage,
     text_stage,
     weights_label,
@@ -49,6 +50,8 @@ class MemoryPlan:
         False  # CFG steps run cond and uncond as one batch-2 forward (planned with 2x activations)
     )
     weights: str = ""  # how the DiT weights are stored (`memory_costs.weights_label`)
+    sequence_shards: int = 1  # Ulysses ranks sharing the tokens (the plan is one rank's)
+    weight_shards: int = 1  # --dit-fsdp ranks sharing the block weights
 
     @property
     def streamed_blocks(self) -> int:
@@ -70,6 +73,8 @@ class MemoryPlan:
             "vae_tile_px": self.vae_tile_px,
             "activation_chunk": self.activation_chunk,
             "tokens": self.tokens,
+            "sequence_shards": self.sequence_shards,
+            "weight_shards": self.weight_shards,
             "cfg_batch": self.cfg_batch,
             "estimated_peak_gib": {k: round(v / GIB, 3) for k, v in self.estimates.items()},
         }
@@ -82,8 +87,12 @@ class MemoryPlan:
                 f"DiT {self.resident_blocks} of {self.num_layers} blocks resident, {self.streamed_blocks} "
                 f"streamed from host memory ({self.block_bytes / GIB:.2f} GiB each, 2 device buffers)"
             )
+        elif self.weight_shards > 1:
+            dit = f"DiT all {self.num_layers} blocks resident, each sharded over {self.weight_shards} ranks (FSDP)"
         else:
             dit = f"DiT all {self.num_layers} blocks resident"
+        if self.sequence_shards > 1:
+            dit += f"; 1/{self.sequence_shards} of the tokens on this rank"
         weights = f"weights {self.weights}; " if self.weights else ""
         chunk = f"FFN in {self.activation_chunk}-token chunks" if self.activation_chunk else "FFN unchunked"
         t5 = "text encoder on CPU" if self.t5_on_cpu else "text encoder on GPU"
@@ -117,6 +126,8 @@ def _resident_blocks(req: MemoryRequest, chunk: int | None, t5_on_cpu: bool) -> 
     n = req.dit.num_layers
     if denoise_stage(req, n, chunk, t5_on_cpu) <= req.budget:
         return n
+    if req.weight_shards > 1:
+        return None  # FSDP holds every block (sharded): nothing streams
     for resident in range(n - 1, -1, -1):  # few dozen layers: a scan is clearer than algebra
         if denoise_stage(req, resident, chunk, t5_on_cpu) <= req.budget:
             return resident
@@ -128,7 +139,7 @@ def _try_plan(req: MemoryRequest) -> MemoryPlan | None:
     chunking, and as many resident blocks as the denoise (and, without offloading, the VAE) allow."""
     n = req.dit.num_layers
     for t5_on_cpu in (True,) if req.t5_cpu else (False, True):
-        if text_stage(req, t5_on_cpu) > req.budget:
+        if text_stage(req, t5_on_cpu) > req.budget or dit_load_stage(req, t5_on_cpu) > req.budget:
             continue
         for chunk in (None, *CHUNKS):
             top = _resident_blocks(req, chunk, t5_on_cpu)
@@ -156,6 +167,8 @@ def _plan(
     }
     if not req.image:
         del estimates["encode"]
+    if req.weight_shards > 1:
+        estimates = {"load": dit_load_stage(req, t5_on_cpu), **estimates}
     return MemoryPlan(
         budget=req.budget,
         num_layers=req.dit.num_layers,
@@ -168,6 +181,8 @@ def _plan(
         tokens=req.tokens,
         cfg_batch=req.cfg_batch,
         weights=weights_label(req),
+        sequence_shards=req.sequence_shards,
+        weight_shards=req.weight_shards,
     )
 
 
@@ -187,6 +202,7 @@ def minimum_budget(req: MemoryRequest) -> int:
     tile, text encoder on the CPU."""
     lean = max(
         text_stage(req, True),
+        dit_load_stage(req, True),
         encode_stage(req, 0, True),
         denoise_stage(req, 0, CHUNKS[-1], True),
         decode_stage(req, TILE_PIXELS[-1], 0, True),
@@ -230,6 +246,11 @@ def plan_memory(req: MemoryRequest, *, budget_source: str = "--gpu-memory") -> M
         message += f"; within {budget} use --frame-num {frames} or fewer at this size"
     elif req.linear_bytes == 4:  # with the Linears already stored in bf16, converting saves ~1%
         message += "; --convert-model-dtype (bf16 weights) halves the DiT's share"
+    elif req.weight_shards > 1:
+        message += (
+            "; --dit-fsdp loads each expert whole onto a GPU before sharding it: drop --dit-fsdp "
+            "(the blocks then stream from host memory)"
+        )
     else:
         message += "; free GPU memory or use a larger GPU"
     raise PlanInfeasibleError(message)

@@ -11,6 +11,7 @@ import regex  # upstream cleans with the `regex` module; its \s is not exactly t
 import torch
 
 from wan.errors import CheckpointError
+from wan.weight_formats import TOKENIZER_KEY
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -62,11 +63,65 @@ class Tokenizer:
         return batch["input_ids"], batch["attention_mask"]
 
 
-def load_tokenizer(folder: str | Path) -> Tokenizer:
-    """Load the tokenizer folder (``<ckpt>/google/umt5-xxl``) from disk only; never touches the network."""
+class EmbeddedTokenizer:
+    """The umT5 tokenizer of a text-encoder file that embeds its sentencepiece model (the ``spiece_model``
+    byte tensor of ComfyUI's umT5 files), run by sentencepiece itself, as ComfyUI runs it: the same
+    cleaning, EOS, truncation and padding as `Tokenizer`."""
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece as spm
+
+        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.eos_id, self.pad_id = self.processor.eos_id(), max(self.processor.pad_id(), 0)
+        if self.eos_id < 0:
+            raise ValueError("the embedded sentencepiece model has no EOS piece")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.get_piece_size()
+
+    def __call__(self, texts: list[str] | str, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, both int64 [B, text_len] (PAD after EOS)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = torch.full((len(texts), text_len), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), text_len), dtype=torch.long)
+        for row, text in enumerate(texts):
+            tokens = [*self.processor.encode(clean_text(text))[: text_len - 1], self.eos_id]  # EOS kept
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, : len(tokens)] = 1
+        return ids, mask
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | EmbeddedTokenizer:
+    """Load the tokenizer folder (``<ckpt>/google/umt5-xxl``), or the sentencepiece model embedded in a
+    umT5 ``.safetensors`` file, from disk only; never touches the network."""
+    path = Path(path)
+    if path.is_file():
+        return load_embedded_tokenizer(path)
+    return load_tokenizer_folder(path)
+
+
+def load_embedded_tokenizer(path: Path) -> EmbeddedTokenizer:
+    """The tokenizer stored as the ``spiece_model`` byte tensor of a text-encoder file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            proto = f.get_tensor(TOKENIZER_KEY).numpy().tobytes()
+        return EmbeddedTokenizer(proto)
+    except Exception as err:  # a damaged or foreign file: say which and what to pass instead
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: cannot read its embedded tokenizer ({reason}); pass the google/umt5-xxl folder as "
+            "--tokenizer"
+        ) from None
+
+
+def load_tokenizer_folder(folder: Path) -> Tokenizer:
+    """The tokenizer of a folder like ``google/umt5-xxl`` (tokenizer.json, or spiece.model)."""
     from transformers import AutoTokenizer
 
-    folder = Path(folder)
     expected = "tokenizer.json + tokenizer_config.json (or spiece.model), as in google/umt5-xxl"
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: tokenizer folder not found; expected a folder with {expected}")
