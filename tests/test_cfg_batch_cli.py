@@ -175,7 +175,7 @@ def test_bad_values_are_refused_when_building_the_request():
 
 # ------------------------------------------------------------------------------------ the CLI
 
-BASE = ["--size", "832*480", "--frame-num", "5", "--sample-steps", "6", "--base-seed", "3", "--device", "cpu"]
+BASE = ["--size", "832*480", "--frame-num", "1", "--sample-steps", "6", "--base-seed", "3", "--device", "cpu"]
 
 
 def run_cli(argv):
@@ -247,7 +247,7 @@ def test_on_that_does_not_fit_the_simulated_budget_exits_2_before_loading(
     monkeypatch.setattr(costs, "ACTIVATIONS", costs.ActivationModel(stream=200_000.0))
     monkeypatch.setattr(costs, "OVERHEADS", costs.Overheads(fixed=0, t5_activations=0))
     argv = ["--ckpt-dir", str(ckpt), "--save-file", str(tmp_path / "v.mp4"), *BASE]
-    request = build_request(cli.GenerateOptions(ckpt_dir=ckpt, size="832*480", frame_num=5, device="cpu"))
+    request = build_request(cli.GenerateOptions(ckpt_dir=ckpt, size="832*480", frame_num=1, device="cpu"))
     req = memory_request(request, read_transformer_config(ckpt / "high_noise_model"), 0, batch=False)
     between = (mp.minimum_budget(req) + mp.minimum_budget(dataclasses.replace(req, cfg_batch=True))) / 2
     assert mp.minimum_budget(req) < between < mp.minimum_budget(dataclasses.replace(req, cfg_batch=True))

@@ -18,7 +18,7 @@ from wan.configs import TASKS
 from wan.loading import read_transformer_config
 from wan.testing.checkpoint import write_tiny_checkpoint
 
-BASE = ["--size", "832*480", "--frame-num", "5", "--sample-steps", "3", "--base-seed", "3"]
+BASE = ["--size", "832*480", "--frame-num", "1", "--sample-steps", "3", "--base-seed", "3"]
 LAYERS = 6
 
 
@@ -88,7 +88,7 @@ def streaming_budget(ckpt: Path, resident: int) -> float:
         dit,
         832,
         480,
-        5,
+        1,
         budget=0,
         weight_bytes=4,
         t5_bytes=(ckpt / task.t5_checkpoint).stat().st_size,

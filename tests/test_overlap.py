@@ -120,7 +120,7 @@ def a14b(tmp_path_factory):
 
 
 # three steps: the third runs on the low-noise expert
-ARGS = ["--size", "832*480", "--frame-num", "5", "--sample-steps", "3", "--base-seed", "7", "--device", "cpu"]
+ARGS = ["--size", "832*480", "--frame-num", "1", "--sample-steps", "3", "--base-seed", "7", "--device", "cpu"]
 
 
 def counted_loads(monkeypatch, fail: str | None = None) -> list[str]:

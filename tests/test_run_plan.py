@@ -17,7 +17,7 @@ import magcache_generate.validate as validate
 from magcache_generate.batch import EXIT_PARTIAL
 from magcache_generate.budget import SIMULATE_ENV
 
-BASE = ["--size", "832*480", "--frame-num", "5", "--sample-steps", "3", "--device", "cpu"]
+BASE = ["--size", "832*480", "--frame-num", "1", "--sample-steps", "3", "--device", "cpu"]
 
 
 def spy(monkeypatch, owner, name: str) -> list:

@@ -75,7 +75,7 @@ def test_cli_batch_reports_time_to_first_step_and_text_stage(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(i) for i in items) + "\n")
     argv = ["--ckpt-dir", str(ckpt), "--prompt-file", str(prompts), "--size", "832*480"]
-    argv += ["--frame-num", "5", "--sample-steps", "2", "--base-seed", "7", "--device", "cpu"]
+    argv += ["--frame-num", "1", "--sample-steps", "2", "--base-seed", "7", "--device", "cpu"]
     proc = subprocess.run(
         [sys.executable, "-m", "magcache_generate", *argv], capture_output=True, text=True, cwd=tmp_path
     )

@@ -282,7 +282,7 @@ def test_cli_run_with_bf16_linears_equals_float32_under_autocast(tmp_path_factor
     def generate(name: str, storage: WeightStorage) -> dict:
         monkeypatch.setattr(WeightStorage, "for_run", classmethod(lambda cls, *args, **kwargs: storage))
         argv = ["--ckpt-dir", str(ckpt), "--save-file", str(out / f"{name}.mp4"), "--device", "cpu"]
-        argv += ["--save-frames", str(out / name), "--size", "832*480", "--frame-num", "5"]
+        argv += ["--save-frames", str(out / name), "--size", "832*480", "--frame-num", "1"]
         with pytest.raises(SystemExit) as exit_info:
             cli.main([*argv, "--sample-steps", "3", "--base-seed", "3"])
         assert exit_info.value.code == 0
@@ -294,7 +294,7 @@ def test_cli_run_with_bf16_linears_equals_float32_under_autocast(tmp_path_factor
         n: np.stack([np.asarray(Image.open(p)) for p in sorted((out / n).glob("*.png"))])
         for n in ("reference", "stored")
     }
-    assert frames["reference"].shape[0] == 5 and np.array_equal(frames["reference"], frames["stored"])
+    assert frames["reference"].shape[0] == 1 and np.array_equal(frames["reference"], frames["stored"])
     assert stored["weights"] == "fp32 (Linears stored bf16 for autocast)" and stored["dtype"] == "float32"
 
 
