@@ -32,10 +32,19 @@ def env(demo_cache: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 def torchrun(
-    ranks: int, argv: list[str], env: dict[str, str], script: str | None = None
+    ranks: int,
+    argv: list[str],
+    env: dict[str, str],
+    script: str | None = None,
+    *,
+    console_script: bool = False,
 ) -> subprocess.CompletedProcess:
+    """torchrun on `script`, on the console script (`--no-python magcache-generate`) or on the module."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    target = [script] if script else ["-m", "magcache_generate"]
+    if console_script:
+        target = ["--no-python", str(Path(sys.executable).parent / "magcache-generate")]
+    else:
+        target = [script] if script else ["-m", "magcache_generate"]
     # a session of its own, as a terminal's job: a signal meant for torchrun reaches nothing else
     return subprocess.run(
         [*launch, *target, *argv],
@@ -156,6 +165,15 @@ def test_ctrl_c_ends_every_rank_and_writes_nothing(tmp_path, env):
     assert {p.name: p.read_text() for p in exits.iterdir()} == {"0": "130", "1": "130"}  # both ended by us
     assert error_lines(done.stderr) == ["error: interrupted"]  # said once, by rank 0
     assert not out.exists()
+
+
+def test_the_console_script_runs_under_torchrun_no_python(tmp_path, env):
+    argv = [*BASE, "--ulysses-size", "2", "--save-file", str(tmp_path / "x.mp4")]
+    done = torchrun(2, argv, env, console_script=True)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "x.json").read_text())["parallel"]
+    assert (record["world_size"], record["ulysses_size"]) == (2, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.mp4"]
 
 
 def test_prompt_file_replicas_take_each_item_once(tmp_path, env):
