@@ -84,6 +84,28 @@ def test_parallel_magcache_run_equals_one_process(tmp_path, env, layout):
     assert done.stdout.count("total:") == 1  # rank 0 prints, rank 1 is quiet
 
 
+def test_dit_fsdp_shards_fp8_weights_and_gives_the_frames_of_one_process(tmp_path, env):
+    """fp8 Linears carry a scalar scale each, which FSDP cannot split: every rank keeps those whole."""
+    fp8 = ["--base-seed", "3", "--quantize", "fp8"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli([*BASE, *fp8, "--save-file", f"{one}.mp4", "--save-frames", str(one)]) == 0
+    argv = [
+        *BASE,
+        *fp8,
+        "--ulysses-size",
+        "2",
+        "--dit-fsdp",
+        "--save-file",
+        f"{two}.mp4",
+        "--save-frames",
+        str(two),
+    ]
+    done = torchrun(2, argv, env)
+    assert done.returncode == 0, done.stderr
+    assert (frames(one).astype(int) - frames(two).astype(int)).max() <= 1
+    assert json.loads(Path(f"{two}.json").read_text())["parallel"]["dit_fsdp"]
+
+
 def test_verify_under_ulysses_gives_the_single_process_comparison(tmp_path, env):
     verify = ["--base-seed", "3", "--use-magcache", "--magcache-thresh", "0.5", "--magcache-verify"]
     one, two = tmp_path / "one", tmp_path / "two"

@@ -15,11 +15,15 @@ from torch import nn
 
 
 def shard_weights(model: nn.Module, group: Any, device_type: str) -> None:
-    """Shard every block of `model`, then the rest (embeddings, head) as one unit, over `group`."""
+    """Shard every block of `model`, then the rest (embeddings, head) as one unit, over `group`.
+
+    Scalar parameters (the per-tensor scales of fp8 Linears) cannot be split: FSDP2 refuses them, so
+    every rank keeps them whole (a few bytes each)."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = DeviceMesh.from_group(group, device_type)
+    scalars = {p for p in model.parameters() if p.ndim == 0}
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, ignored_params=scalars)
+    fully_shard(model, mesh=mesh, ignored_params=scalars)
