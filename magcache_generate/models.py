@@ -47,6 +47,8 @@ class Models:
             loras=expert_specs(first.loras, list(plan.experts)),  # merged as each expert loads
             placement=plan.memory.placement() if plan.memory is not None else None,
             on_warning=lambda message: reporter.log(f"[yellow]warning[/]: {message}"),
+            # --dit-fsdp: each rank loads only its part of every expert
+            shard=plan.parallel.weight_sharder() if plan.parallel is not None else None,
         )
         self._loading_task = 0
         self._text_encoder = None

@@ -21,7 +21,6 @@ Torch-free at import (the checks run before anything loads); `RankRuntime.start`
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -162,7 +161,6 @@ class RankRuntime:
         self.layout = context.layout
         self._sequence: SequenceParallel | None = None
         self.cfg_exchange: CfgParallel | None = None
-        self._sharded: weakref.WeakSet = weakref.WeakSet()  # the models --dit-fsdp has sharded
         if self.layout.ulysses > 1:
             from wan.distributed.sequence import SequenceParallel
 
@@ -209,13 +207,18 @@ class RankRuntime:
 
         def configure(model: Any) -> None:
             model.sequence_parallel = self._sequence
-            if self.options.dit_fsdp and model not in self._sharded:  # once per loaded expert
-                from wan.distributed.fsdp import shard_weights
-
-                shard_weights(model, self.context.ulysses_group, self.device.type)
-                self._sharded.add(model)
 
         return ConfiguredModels(provider, configure)
+
+    def weight_sharder(self) -> Callable[[Any], None] | None:
+        """With --dit-fsdp: what splits a DiT's weights over this rank's Ulysses group as it loads (each
+        rank then reads and holds only its rows); None without."""
+        if not self.options.dit_fsdp:
+            return None
+        from wan.distributed.fsdp import shard_weights
+
+        group, device_type = self.context.ulysses_group, self.device.type
+        return lambda model: shard_weights(model, group, device_type)
 
     @property
     def memory_shards(self) -> tuple[int, int]:

@@ -88,3 +88,26 @@ def sampling_rank(
     rank: int, world: int, model_type: str, ulysses: bool, cfg_parallel: bool, fsdp: bool
 ) -> torch.Tensor:
     return run_sampling(model_type, ulysses=ulysses, cfg_parallel=cfg_parallel, fsdp=fsdp)[0]
+
+
+def sharded_load_rank(rank: int, world: int, folder: str, storage) -> tuple[list[str], int, int]:
+    """Load `folder` with its weights split over the world as they arrive (`load_transformer`'s `shard`)
+    and compare each parameter this rank holds with the same rows of a plain load: the names that
+    differ (in dtype or value), the elements this rank holds and the model's total."""
+    from wan.distributed.fsdp import is_sharded, shard_weights
+    from wan.loading import load_transformer
+
+    plain = dict(load_transformer(folder, storage=storage).named_parameters())
+    model = load_transformer(
+        folder, storage=storage, shard=lambda m: shard_weights(m, dist.group.WORLD, "cpu")
+    )
+    differ, held = [], 0
+    for key, param in model.named_parameters():
+        mine, want = param, plain[key]
+        if is_sharded(param):  # FSDP2's split: torch.chunk on dim 0, empty past the last chunk
+            chunks = torch.chunk(want, world, dim=0)
+            mine, want = param.to_local(), chunks[rank] if rank < len(chunks) else want[:0]
+        held += mine.numel()
+        if mine.dtype != want.dtype or not torch.equal(mine.float(), want.float()):
+            differ.append(key)
+    return differ, held, sum(p.numel() for p in plain.values())

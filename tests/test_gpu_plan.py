@@ -100,7 +100,6 @@ def test_plan_for_a_card_is_one_ranks_under_ulysses_and_fsdp(capsys):
     single, fsdp = plan(), plan("--ulysses-size", "8", "--dit-fsdp")
     assert (single["sequence_shards"], single["weight_shards"]) == (1, 1)
     assert (fsdp["sequence_shards"], fsdp["weight_shards"], fsdp["streamed_blocks"]) == (8, 8, 0)
-    assert "load" in fsdp["estimated_peak_gib"]
     assert fsdp["estimated_peak_gib"]["denoise"] < single["estimated_peak_gib"]["denoise"]
     assert (
         run_cli(["--magcache-plan", "--gpu-memory", "80", "--ulysses-size", "8", "--size", "1280*720"]) == 0

@@ -209,17 +209,19 @@ def test_a_ulysses_rank_plans_for_its_share_of_the_tokens():
     assert full / 4 < shard < full / 2  # a quarter of the tokens, plus the all-to-all copies
 
 
-def test_fsdp_ranks_hold_every_block_sharded_and_load_one_expert_whole():
-    sharded = plan_memory(
-        request(size=(1280, 720), gib=80.0, sequence_shards=8, weight_shards=8, offload=False)
-    )
+def test_fsdp_ranks_hold_every_block_sharded():
+    req = request(size=(1280, 720), gib=24.0, sequence_shards=8, weight_shards=8, offload=False)
+    sharded = plan_memory(req)
     assert (sharded.resident_blocks, sharded.streamed_blocks, sharded.weight_shards) == (40, 0, 8)
     assert stages_fit(sharded)
-    req = request(size=(1280, 720), gib=80.0, sequence_shards=8, weight_shards=8, offload=False)
     expert = costs.nonblock_bytes(req) + 40 * costs.block_bytes(req)
-    assert sharded.estimates["load"] >= expert  # loaded whole, then sharded
     assert costs.sharded_dit_bytes(req) < expert / 6  # 1/8 of the blocks, the embeddings and head whole
-    # a budget that streams blocks without FSDP has no FSDP plan: the message says what to drop
-    with pytest.raises(PlanInfeasibleError, match="drop --dit-fsdp"):
-        plan_memory(request(size=(1280, 720), gib=24.0, sequence_shards=4, weight_shards=4, offload=False))
+    # both experts sharded, plus the running block and the next gathered whole (once, not per expert)
+    unsharded = dataclasses.replace(req, weight_shards=1, budget=int(200 * GIB))
+    dit = costs.denoise_stage(req, 40, None, True) - costs.denoise_stage(unsharded, 40, None, True)
+    saved = 2 * (expert - costs.sharded_dit_bytes(req)) - 2 * costs.block_bytes(req)  # before the reserve
+    assert dit == pytest.approx(-saved * (1 + costs.OVERHEADS.fragmentation["denoise"]), rel=1e-3)
+    # a budget where FSDP over 4 ranks does not fit: the message says what helps
+    with pytest.raises(PlanInfeasibleError, match=r"a larger --ulysses-size .* or drop --dit-fsdp"):
+        plan_memory(dataclasses.replace(req, sequence_shards=4, weight_shards=4))
     assert plan_memory(request(size=(1280, 720), gib=24.0, sequence_shards=4)).streamed_blocks > 0

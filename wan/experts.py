@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -64,8 +65,11 @@ class ExpertPool:
         on_warning: Callable[[str], None] | None = None,
         storage: WeightStorage | None = None,
         background_next: bool = False,
+        shard: Callable[[nn.Module], None] | None = None,
     ):
+        """`shard`: splits each expert's weights over ranks as it loads (`load_transformer`'s `shard`)."""
         self.paths = paths
+        self.shard = shard
         self.loras = dict(loras or {})
         self.dtype, self.device = dtype, device
         self.storage = storage or WeightStorage(dtype)  # per-parameter dtypes (bf16 Linears under autocast)
@@ -112,6 +116,12 @@ class ExpertPool:
         but the load records)."""
         if self.on_load:
             self.on_load(expert, self.paths[expert])
+        # the current CUDA device is per thread: a background load must see this pool's (cuda:LOCAL_RANK
+        # under torchrun), not device 0
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            return self._load_here(expert)
+
+    def _load_here(self, expert: str) -> nn.Module:
         start = time.perf_counter()
         merge = build_merge(
             self.paths[expert], self.loras.get(expert, ()), device=self.device, where=expert_label(expert)
@@ -123,6 +133,7 @@ class ExpertPool:
             placement=self.placement,
             on_warning=self.on_warning,
             transform=merge,
+            shard=self.shard,
         )
         if merge is not None:
             merge.finish()

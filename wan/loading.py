@@ -159,7 +159,7 @@ def _place_all(
             return
         value = materialise(src, source, scale)  # official value: float8 dequantised
         tensor = transform(key, value) if transform is not None else value
-        if tensor is source and cpu and tensor.dtype == sink.storage.dtype_of(key):
+        if tensor is source and cpu and tensor.dtype == sink.storage.dtype_of(key) and not sink.in_place:
             tensor = tensor.clone()  # the model must own its memory, not the file's map
         sink.put(key, tensor)  # convert to its storage dtype and place (device, or a host buffer)
         mapped.release(src.key)  # drop the mapped pages from this process (they stay in the page cache)
@@ -175,6 +175,12 @@ def _place_all(
                     done.result()
             if on_shard is not None:
                 on_shard(shard)
+
+
+def _set_parameter(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    module._parameters[name] = nn.Parameter(value, requires_grad=False)
 
 
 def kept_fp8(
@@ -204,6 +210,7 @@ def load_transformer(
     placement: Placement | None = None,
     on_warning: Callable[[str], None] | None = None,
     storage: WeightStorage | None = None,
+    shard: Callable[[nn.Module], None] | None = None,
 ) -> WanTransformer:
     """Load a Wan 2.2 transformer (folder with config.json + shards, or one .safetensors file).
 
@@ -218,7 +225,9 @@ def load_transformer(
     `placement` (default: everything on `device`)
     says which blocks stream from host memory; those land straight in their host buffers, so the host
     never holds a second copy. `on_shard(path)` is called after each shard is loaded (progress
-    reporting); `on_warning` receives a one-line warning (page-locking failed).
+    reporting); `on_warning` receives a one-line warning (page-locking failed). `shard(model)` splits
+    the weights over ranks (`wan.distributed.fsdp.shard_weights`): it runs on the meta model, whose
+    parameters already have their storage dtypes, and each rank then allocates and fills only its part.
     """
     path = Path(path)
     files = locate_transformer_files(path)
@@ -234,6 +243,15 @@ def load_transformer(
         storage = storage.keeping_file_fp8(layout.block_fp8)
     if storage.quantize is not None:  # the block Linears become fp8 layers, filled as tensors arrive
         quantize_model(model, **quantize_options(storage))
-    sink = WeightSink(model, storage, placement or Placement(torch.device(device)), on_warning)
+    placement = placement or Placement(torch.device(device))
+    if shard is not None:
+        if placement.resident_blocks is not None:
+            raise ValueError("a model sharded over ranks keeps every block: it cannot stream blocks too")
+        for key, param in list(model.named_parameters()):  # the stored dtypes, before the split
+            dtype = torch.float32 if storage.widened(key) else storage.dtype_of(key)
+            _set_parameter(model, key, torch.empty_like(param, dtype=dtype))
+        shard(model)
+        model.to_empty(device=placement.device)
+    sink = WeightSink(model, storage, placement, on_warning, in_place=shard is not None)
     _place_all(files, layout, shards, sink, transform, on_shard)
     return sink.finish().eval().requires_grad_(False)

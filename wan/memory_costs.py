@@ -371,27 +371,16 @@ def sharded_dit_bytes(req: MemoryRequest) -> int:
     return nonblock_bytes(req) + math.ceil(req.dit.num_layers * block_bytes(req) / req.weight_shards)
 
 
-def dit_load_stage(req: MemoryRequest, t5_on_cpu: bool) -> int:
-    """--dit-fsdp: an expert is loaded whole onto the device, then sharded (the other expert, when
-    both stay, already sharded). 0 without --dit-fsdp (the denoise stage covers the load)."""
-    if req.weight_shards <= 1:
-        return 0
-    whole = nonblock_bytes(req) + req.dit.num_layers * block_bytes(req)
-    total = whole + (req.experts_on_device - 1) * sharded_dit_bytes(req)
-    if not req.offload and not t5_on_cpu:
-        total += _t5_bytes(req)
-    return _reserved("denoise", total)
-
-
 def denoise_stage(req: MemoryRequest, resident: int, chunk: int | None, t5_on_cpu: bool) -> int:
     n = req.dit.num_layers
-    if req.weight_shards > 1:  # every block sharded; the running block and the next gathered whole
-        weights, buffers = sharded_dit_bytes(req), 2 * block_bytes(req)
+    if req.weight_shards > 1:  # every block sharded; the running expert's block and the next gathered
+        dit = req.experts_on_device * sharded_dit_bytes(req) + 2 * block_bytes(req)
     else:
         weights = nonblock_bytes(req) + min(resident, n) * block_bytes(req)
         buffers = min(2, n - resident) * block_bytes(req)
+        dit = req.experts_on_device * (weights + buffers)
     context = 2 * req.dit.text_len * (req.dit.text_dim + req.dit.dim) * 4
-    total = req.experts_on_device * (weights + buffers) + context + _latent_bytes(req)
+    total = dit + context + _latent_bytes(req)
     total += ACTIVATIONS.forward_bytes(req, chunk)
     if req.vae_during_denoise:
         total += _vae_bytes(req)

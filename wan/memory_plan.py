@@ -24,7 +24,6 @@ from wan.memory_costs import (  # noqa: F401 - re-exported: the planner's vocabu
     block_bytes,
     decode_stage,
     denoise_stage,
-    dit_load_stage,
     encode_stage,
     text_stage,
     weights_label,
@@ -139,7 +138,7 @@ def _try_plan(req: MemoryRequest) -> MemoryPlan | None:
     chunking, and as many resident blocks as the denoise (and, without offloading, the VAE) allow."""
     n = req.dit.num_layers
     for t5_on_cpu in (True,) if req.t5_cpu else (False, True):
-        if text_stage(req, t5_on_cpu) > req.budget or dit_load_stage(req, t5_on_cpu) > req.budget:
+        if text_stage(req, t5_on_cpu) > req.budget:
             continue
         for chunk in (None, *CHUNKS):
             top = _resident_blocks(req, chunk, t5_on_cpu)
@@ -167,8 +166,6 @@ def _plan(
     }
     if not req.image:
         del estimates["encode"]
-    if req.weight_shards > 1:
-        estimates = {"load": dit_load_stage(req, t5_on_cpu), **estimates}
     return MemoryPlan(
         budget=req.budget,
         num_layers=req.dit.num_layers,
@@ -202,7 +199,6 @@ def minimum_budget(req: MemoryRequest) -> int:
     tile, text encoder on the CPU."""
     lean = max(
         text_stage(req, True),
-        dit_load_stage(req, True),
         encode_stage(req, 0, True),
         denoise_stage(req, 0, CHUNKS[-1], True),
         decode_stage(req, TILE_PIXELS[-1], 0, True),
@@ -248,8 +244,8 @@ def plan_memory(req: MemoryRequest, *, budget_source: str = "--gpu-memory") -> M
         message += "; --convert-model-dtype (bf16 weights) halves the DiT's share"
     elif req.weight_shards > 1:
         message += (
-            "; --dit-fsdp loads each expert whole onto a GPU before sharding it: drop --dit-fsdp "
-            "(the blocks then stream from host memory)"
+            "; a larger --ulysses-size shards the DiT over more GPUs, or drop --dit-fsdp (the blocks then "
+            "stream from host memory)"
         )
     else:
         message += "; free GPU memory or use a larger GPU"

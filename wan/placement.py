@@ -369,9 +369,17 @@ class WeightSink:
     """
 
     def __init__(
-        self, model: nn.Module, storage: WeightStorage, placement: Placement, on_warning: Warn | None = None
+        self,
+        model: nn.Module,
+        storage: WeightStorage,
+        placement: Placement,
+        on_warning: Warn | None = None,
+        *,
+        in_place: bool = False,
     ):
-        self.model, self.storage, self.placement = model, storage, placement
+        """`in_place`: the model's parameters are already allocated (sharded by FSDP and materialised):
+        each tensor is copied into its parameter (a sharded one receives only this rank's rows)."""
+        self.model, self.storage, self.placement, self.in_place = model, storage, placement, in_place
         num_layers = len(model.blocks)
         # every block has the same parameters and storage rule: block 0 stands for all
         self.layout = (
@@ -418,12 +426,26 @@ class WeightSink:
             view = self._host_views[index][name]
             view.copy_(tensor)  # converts to the buffer dtype on the way in
             _set_tensor(self.model, key, view)
+        elif self.in_place:
+            self._copy_into(key, tensor)
         else:
             device, dtype = self.placement.device, self.storage.dtype_of(key)
             stored = tensor.to(device=device, dtype=dtype, copy=copy).contiguous()
             if self.storage.widened(key):  # rounded to the run dtype, then widened once (exact)
                 stored = stored.float()
             _set_tensor(self.model, key, stored)
+
+    def _copy_into(self, key: str, tensor: torch.Tensor) -> None:
+        """`tensor` (the whole value) into the allocated parameter `key`: its dtype rounded as stored
+        (then widened where the storage says so), only this rank's rows of a sharded one."""
+        from wan.distributed.fsdp import is_sharded, local_rows
+
+        module_path, _, name = key.rpartition(".")
+        target = getattr(self.model.get_submodule(module_path) if module_path else self.model, name)
+        if is_sharded(target):
+            tensor, target = local_rows(tensor, target), target.to_local()
+        with torch.no_grad():
+            target.copy_(tensor.to(self.storage.dtype_of(key)))
 
     def finish(self) -> nn.Module:
         """The loaded model, its streamed blocks attached as its block source (buffers acquired)."""
