@@ -32,7 +32,7 @@ from wan.errors import CheckpointError
 from wan.fp8 import dequantize, granularity_of, quantize
 from wan.modules.fp8_linear import quantize_model, quantize_options
 from wan.modules.transformer import TransformerConfig, WanTransformer
-from wan.placement import Placement, WeightSink
+from wan.placement import Placement, WeightSink, set_tensor
 from wan.weight_files import materialise
 from wan.weight_formats import FormatError, Layout, dit_layout_of_shards
 from wan.weight_storage import WeightStorage
@@ -177,12 +177,6 @@ def _place_all(
                 on_shard(shard)
 
 
-def _set_parameter(model: nn.Module, key: str, value: torch.Tensor) -> None:
-    module_path, _, name = key.rpartition(".")
-    module = model.get_submodule(module_path) if module_path else model
-    module._parameters[name] = nn.Parameter(value, requires_grad=False)
-
-
 def kept_fp8(
     key: str, weight: torch.Tensor, scale: torch.Tensor | None, transform: TensorTransform | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,7 +243,7 @@ def load_transformer(
             raise ValueError("a model sharded over ranks keeps every block: it cannot stream blocks too")
         for key, param in list(model.named_parameters()):  # the stored dtypes, before the split
             dtype = torch.float32 if storage.widened(key) else storage.dtype_of(key)
-            _set_parameter(model, key, torch.empty_like(param, dtype=dtype))
+            set_tensor(model, key, torch.empty_like(param, dtype=dtype))
         shard(model)
         model.to_empty(device=placement.device)
     sink = WeightSink(model, storage, placement, on_warning, in_place=shard is not None)

@@ -425,7 +425,7 @@ class WeightSink:
         if index is not None and index in self.host:
             view = self._host_views[index][name]
             view.copy_(tensor)  # converts to the buffer dtype on the way in
-            _set_tensor(self.model, key, view)
+            set_tensor(self.model, key, view)
         elif self.in_place:
             self._copy_into(key, tensor)
         else:
@@ -433,7 +433,7 @@ class WeightSink:
             stored = tensor.to(device=device, dtype=dtype, copy=copy).contiguous()
             if self.storage.widened(key):  # rounded to the run dtype, then widened once (exact)
                 stored = stored.float()
-            _set_tensor(self.model, key, stored)
+            set_tensor(self.model, key, stored)
 
     def _copy_into(self, key: str, tensor: torch.Tensor) -> None:
         """`tensor` (the whole value) into the allocated parameter `key`: its dtype rounded as stored
@@ -478,7 +478,7 @@ def _block_key(key: str) -> tuple[int | None, str]:
     return None, key
 
 
-def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+def set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module_path, _, name = key.rpartition(".")
     module = model.get_submodule(module_path) if module_path else model
     if name in module._parameters:
