@@ -195,6 +195,8 @@ def memory_request(
         fp8_row_scales=paths.dit_fp8 == "row",
         sequence_shards=shards[0],
         weight_shards=shards[1],
+        # --dit-fsdp keeps the experts on the GPUs; one video frees them before its decode (`Models`)
+        dit_freed_before_decode=shards[1] > 1 and not batch,
     )
 
 

@@ -152,6 +152,7 @@ def plan_for_card(options: GenerateOptions, budget_gib: float) -> CardPlan:
         fp8_linears=options.quantize == "fp8",
         sequence_shards=ulysses,
         weight_shards=ulysses if options.dit_fsdp else 1,
+        dit_freed_before_decode=options.dit_fsdp and options.prompt_file is None,
     )
     # Only the fields the CFG policy reads: the mode and the guide scales.
     probe = Request(

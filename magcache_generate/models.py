@@ -116,6 +116,9 @@ class Models:
             torch.cuda.empty_cache()
 
     def after_denoise(self) -> None:
-        """upstream offload_model: the experts leave the accelerator before the decode."""
+        """upstream offload_model: the experts leave the accelerator before the decode. With --dit-fsdp
+        (no offloading) one video frees its sharded experts there instead: nothing uses them again."""
         if self.plan.offload:
             self.experts.offload_all()
+        elif self.plan.frees_dit_before_decode:
+            self.experts.release()

@@ -79,6 +79,12 @@ class RunPlan:
         """Whether this process decodes and writes (under torchrun: the first rank of its replica)."""
         return self.parallel is None or self.parallel.is_writer
 
+    @property
+    def frees_dit_before_decode(self) -> bool:
+        """--dit-fsdp for one video: its sharded experts (kept on the device, never offloaded) are freed
+        before the decode, as the memory plan counts them (`budget.memory_request`)."""
+        return self.parallel is not None and self.parallel.options.dit_fsdp and not self.keep_inactive
+
     @classmethod
     def build(
         cls,

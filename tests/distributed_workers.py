@@ -111,3 +111,33 @@ def sharded_load_rank(rank: int, world: int, folder: str, storage) -> tuple[list
         if mine.dtype != want.dtype or not torch.equal(mine.float(), want.float()):
             differ.append(key)
     return differ, held, sum(p.numel() for p in plain.values())
+
+
+def released_expert_rank(rank: int, world: int, folder: str) -> tuple[bool, bool]:
+    """An expert loaded sharded by `ExpertPool` and run once: is it collected after `release()` (so its
+    device memory is free before the decode)? Also whether it was alive before."""
+    import gc
+    import weakref
+    from pathlib import Path
+
+    from wan.distributed.fsdp import shard_weights
+    from wan.experts import ExpertPool
+
+    pool = ExpertPool(
+        {"": Path(folder)},
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        offload=False,
+        keep_inactive=False,
+        shard=lambda m: shard_weights(m, dist.group.WORLD, "cpu"),
+    )
+    model = pool.activate("")
+    noise, context, _, _ = inputs()
+    with torch.no_grad():
+        model(noise, torch.tensor([500.0]), context)  # FSDP's lazy state, hooks and buffers exist now
+    alive = weakref.ref(model)
+    del model
+    before = alive() is not None
+    pool.release()
+    gc.collect()
+    return before, alive() is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_workers import run_sampling, sampling_rank, sharded_load_rank
+from distributed_workers import HEADS, released_expert_rank, run_sampling, sampling_rank, sharded_load_rank
 
 from wan.testing.distributed import spawn_ranks
 from wan.testing.dit import tiny_transformer_config, write_transformer_folder
@@ -57,3 +57,11 @@ def test_a_sharded_load_holds_each_ranks_rows_of_the_plain_load(tmp_path, storag
         assert differ == [], rank
         assert held < 0.52 * total, rank  # half, plus rows that do not split (modulation tables, scales)
     assert sum(held for _, held, _ in results) >= results[0][2]  # every element is held somewhere
+
+
+@many
+def test_a_released_sharded_expert_is_freed(tmp_path):
+    """--dit-fsdp frees one video's experts before its decode (`Models.after_denoise`): nothing keeps them."""
+    cfg = tiny_transformer_config("t2v", num_heads=HEADS, dim=12 * HEADS)
+    folder = write_transformer_folder(tmp_path / "dit", cfg, seed=5, shards=1)
+    assert spawn_ranks(released_expert_rank, 2, str(folder)) == [(True, True), (True, True)]

@@ -225,3 +225,8 @@ def test_fsdp_ranks_hold_every_block_sharded():
     with pytest.raises(PlanInfeasibleError, match=r"a larger --ulysses-size .* or drop --dit-fsdp"):
         plan_memory(dataclasses.replace(req, sequence_shards=4, weight_shards=4))
     assert plan_memory(request(size=(1280, 720), gib=24.0, sequence_shards=4)).streamed_blocks > 0
+    # one video frees its sharded experts before the decode: then 4 ranks fit the same budget
+    freed = plan_memory(
+        dataclasses.replace(req, sequence_shards=4, weight_shards=4, dit_freed_before_decode=True)
+    )
+    assert (freed.streamed_blocks, freed.weight_shards) == (0, 4) and stages_fit(freed)

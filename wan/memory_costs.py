@@ -114,6 +114,7 @@ class MemoryRequest:
     # --dit-fsdp keeps 1/N of every block's weights on each rank (a block is gathered whole to run)
     sequence_shards: int = 1
     weight_shards: int = 1
+    dit_freed_before_decode: bool = False  # the experts leave the device before the VAE decode
 
     @property
     def linear_bytes(self) -> int:
@@ -389,10 +390,13 @@ def denoise_stage(req: MemoryRequest, resident: int, chunk: int | None, t5_on_cp
     return _reserved("denoise", total)
 
 
-def _held_besides_vae(req: MemoryRequest, resident: int, t5_on_cpu: bool) -> int:
-    """What stays on the device next to the VAE: without offloading, the DiT and the text encoder."""
+def _held_besides_vae(req: MemoryRequest, resident: int, t5_on_cpu: bool, decode: bool = False) -> int:
+    """What stays on the device next to the VAE: without offloading, the DiT (not at the decode when
+    it is freed first) and the text encoder."""
     if req.offload:
         return 0
+    if decode and req.dit_freed_before_decode:
+        return 0 if t5_on_cpu else _t5_bytes(req)
     if req.weight_shards > 1:
         dit = sharded_dit_bytes(req)
     else:
@@ -411,5 +415,7 @@ def encode_stage(req: MemoryRequest, resident: int, t5_on_cpu: bool) -> int:
 def decode_stage(req: MemoryRequest, tile_px: int | None, resident: int, t5_on_cpu: bool) -> int:
     model = VAE_MODELS[req.task.vae_kind]
     work = model.untiled_bytes(req) if tile_px is None else model.tiled_bytes(req, tile_px)
-    total = _vae_bytes(req) + work + _latent_bytes(req) + _held_besides_vae(req, resident, t5_on_cpu)
+    total = (
+        _vae_bytes(req) + work + _latent_bytes(req) + _held_besides_vae(req, resident, t5_on_cpu, decode=True)
+    )
     return _reserved("decode", total)
