@@ -24,6 +24,20 @@ FAST_A14B = [
     "lightning",
 ]
 
+# one frame, three steps of the task's own recipe: for CLI tests that check what a run does, not its frames
+SMALL_A14B = [
+    "--size",
+    "832*480",
+    "--frame-num",
+    "1",
+    "--sample-steps",
+    "3",
+    "--base-seed",
+    "7",
+    "--device",
+    "cpu",
+]
+
 
 def run_cli(argv: list[str]) -> int:
     """`magcache-generate argv` in this process; its exit code."""

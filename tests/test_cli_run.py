@@ -9,7 +9,7 @@ from pathlib import Path
 import imageio
 import numpy as np
 import pytest
-from cli_runs import frames, run_cli
+from cli_runs import SMALL_A14B, frames, run_cli
 
 from magcache_generate.magcache.calibration import average
 from magcache_generate.magcache.ratios import load_ratios_file
@@ -150,18 +150,7 @@ def test_readme_calibration_over_a_prompt_file_averages_the_prompts(t2v_ckpt, tm
     prompts = ["a red ball rolls on the grass", "a white cat on a surfboard"]
     Path(calibrate[calibrate.index("--prompt-file") + 1]).write_text("\n".join(prompts) + "\n")
     ckpt = calibrate[calibrate.index("--ckpt-dir") + 1]
-    small = [
-        "--size",
-        "832*480",
-        "--frame-num",
-        "1",
-        "--sample-steps",
-        "3",
-        "--base-seed",
-        "7",
-        "--device",
-        "cpu",
-    ]
+    small = SMALL_A14B
     assert run_cli([arg if arg != ckpt else str(t2v_ckpt) for arg in calibrate[1:]] + small) == 0
     data = json.loads(Path(calibrate[calibrate.index("--magcache-calibrate") + 1]).read_text())
     assert data["provenance"]["prompts"] == prompts and data["steps"] == 3

@@ -163,7 +163,7 @@ def test_cli_run_on_fp8_files_gives_the_dequantised_frames_and_says_from_file(tm
     import shutil
 
     import numpy as np
-    from cli_runs import frames, run_cli
+    from cli_runs import SMALL_A14B, frames, run_cli
 
     from wan.testing.checkpoint import write_tiny_checkpoint
 
@@ -180,18 +180,7 @@ def test_cli_run_on_fp8_files_gives_the_dequantised_frames_and_says_from_file(tm
         shutil.rmtree(same / folder)
         config = read_transformer_config(official / folder)
         write_transformer_folder(same / folder, config, state=loaded_values(file_state, prefix=PREFIX))
-    base = [
-        "--size",
-        "832*480",
-        "--frame-num",
-        "1",
-        "--sample-steps",
-        "3",
-        "--base-seed",
-        "7",
-        "--device",
-        "cpu",
-    ]
+    base = SMALL_A14B
     runs = {}
     for name, extra in (
         ("files", ["--ckpt-dir", str(official), *flags]),
